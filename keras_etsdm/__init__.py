@@ -1,0 +1,9 @@
+"""keras_etsdm: E-TSDM (Early Timestep-shared Diffusion Model) for Keras 3."""
+
+__version__ = "0.1.0"
+
+from keras_etsdm.schedules import DiscreteVPSchedule, LinearVPSDE, make_betas
+from keras_etsdm.time_sharing import TimestepSharing
+from keras_etsdm.unet import build_unet, DDPM_CIFAR10, DDPM_256
+from keras_etsdm.model import DiffusionModel
+from keras_etsdm.callbacks import StopOnNonFiniteLoss, NonFiniteLossError

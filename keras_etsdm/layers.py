@@ -1,0 +1,258 @@
+"""Building blocks of the ADM / DDPM U-Net, as serialisable Keras layers.
+
+All layers work channels-last (``[B, H, W, C]``) on every backend and use ``keras.ops`` only.
+"""
+
+import math
+
+import keras
+from keras import layers, ops
+
+PACKAGE = "keras_etsdm"
+
+
+def num_groups(channels, max_groups=32):
+    """GroupNorm group count: the largest divisor of ``channels`` that is <= ``max_groups``."""
+    for g in range(min(max_groups, channels), 0, -1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+def group_norm(channels, name=None):
+    return layers.GroupNormalization(groups=num_groups(channels), epsilon=1e-5, name=name)
+
+
+def _conv(filters, kernel_size=3, strides=1, name=None, zero_init=False):
+    kwargs = {}
+    if zero_init:
+        kwargs["kernel_initializer"] = "zeros"
+    return layers.Conv2D(filters, kernel_size, strides=strides, padding="same", name=name,
+                         **kwargs)
+
+
+def sinusoidal_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of (float) time labels.
+
+    Args:
+        t: ``[B]`` float labels (e.g. 0..999; fractional values are fine).
+        dim: embedding width (even).
+    Returns:
+        ``[B, dim]``: ``[sin(t·f_0..f_{d/2−1}), cos(...)]`` with ``f_i = max_period^(−i/(d/2−1))``
+        as in DDPM (guided-diffusion uses ``/ (d/2)``; the difference is negligible).
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) / max(half - 1, 1)
+    freqs = ops.exp(ops.arange(half, dtype="float32") * exponent)
+    args = ops.cast(ops.reshape(t, (-1, 1)), "float32") * ops.reshape(freqs, (1, -1))
+    emb = ops.concatenate([ops.sin(args), ops.cos(args)], axis=-1)
+    if dim % 2:
+        emb = ops.pad(emb, [[0, 0], [0, 1]])
+    return emb
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TimestepEmbedding(layers.Layer):
+    """Sinusoidal embedding of the (shared) time label followed by a 2-layer SiLU MLP.
+
+    Input ``[B]`` float labels → output ``[B, embed_dim]``.
+    """
+
+    def __init__(self, base_dim, embed_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.base_dim = base_dim
+        self.embed_dim = embed_dim
+        self.dense_0 = layers.Dense(embed_dim, name="dense_0")
+        self.dense_1 = layers.Dense(embed_dim, name="dense_1")
+
+    def build(self, input_shape):
+        self.dense_0.build((None, self.base_dim))
+        self.dense_1.build((None, self.embed_dim))
+
+    def call(self, t):
+        h = sinusoidal_embedding(t, self.base_dim)
+        h = self.dense_0(h)
+        return self.dense_1(ops.silu(h))
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.embed_dim)
+
+    def get_config(self):
+        return {**super().get_config(), "base_dim": self.base_dim, "embed_dim": self.embed_dim}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResBlock(layers.Layer):
+    """ADM residual block with time conditioning.
+
+    ``h = conv(SiLU(GN(x)))``; time: ``h += Dense(SiLU(emb))`` or, with ``use_scale_shift_norm``,
+    ``GN(h)·(1 + scale) + shift``; then ``conv(dropout(SiLU(GN(h))))`` (zero-initialised, so the
+    block starts as the identity) plus a 1×1 skip when the channel count changes.
+    ``resample`` = "down" / "up" halves / doubles the resolution inside the block (ADM's
+    ``resblock_updown``): average-pool / nearest-upsample applied to both paths.
+
+    Inputs ``(x [B,H,W,C], emb [B,E])`` → ``[B,H',W',out_channels]``.
+    """
+
+    def __init__(self, out_channels, dropout=0.0, use_scale_shift_norm=False, resample=None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if resample not in (None, "up", "down"):
+            raise ValueError(f"resample must be None, 'up' or 'down', got {resample!r}.")
+        self.out_channels = out_channels
+        self.dropout_rate = dropout
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resample = resample
+
+    def build(self, input_shape):
+        x_shape, emb_shape = input_shape
+        in_ch = x_shape[-1]
+        out = self.out_channels
+        self.norm_in = group_norm(in_ch, name="norm_in")
+        self.norm_in.build(x_shape)
+        self.conv_in = _conv(out, name="conv_in")
+        self.conv_in.build(tuple(x_shape[:-1]) + (in_ch,))
+        self.emb_proj = layers.Dense(2 * out if self.use_scale_shift_norm else out,
+                                     name="emb_proj")
+        self.emb_proj.build(emb_shape)
+        self.norm_out = group_norm(out, name="norm_out")
+        self.norm_out.build((None, None, None, out))
+        self.drop = layers.Dropout(self.dropout_rate)
+        self.conv_out = _conv(out, name="conv_out", zero_init=True)
+        self.conv_out.build((None, None, None, out))
+        if in_ch != out:
+            self.skip = layers.Conv2D(out, 1, name="skip")
+            self.skip.build((None, None, None, in_ch))
+        else:
+            self.skip = None
+
+    def _resample(self, x):
+        if self.resample == "down":
+            return ops.average_pool(x, 2, strides=2, padding="valid")
+        if self.resample == "up":
+            return ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
+        return x
+
+    def call(self, inputs, training=False):
+        x, emb = inputs
+        h = ops.silu(self.norm_in(x))
+        if self.resample:
+            h = self._resample(h)
+            x = self._resample(x)
+        h = self.conv_in(h)
+        e = self.emb_proj(ops.silu(emb))[:, None, None, :]
+        if self.use_scale_shift_norm:
+            scale, shift = ops.split(e, 2, axis=-1)
+            h = self.norm_out(h) * (1.0 + scale) + shift
+        else:
+            h = self.norm_out(h + e)
+        h = self.conv_out(self.drop(ops.silu(h), training=training))
+        skip = self.skip(x) if self.skip is not None else x
+        return skip + h
+
+    def compute_output_shape(self, input_shape):
+        x_shape = input_shape[0]
+        h, w = x_shape[1], x_shape[2]
+        if self.resample == "down":
+            h, w = (h // 2 if h else h), (w // 2 if w else w)
+        elif self.resample == "up":
+            h, w = (h * 2 if h else h), (w * 2 if w else w)
+        return (x_shape[0], h, w, self.out_channels)
+
+    def get_config(self):
+        return {**super().get_config(), "out_channels": self.out_channels,
+                "dropout": self.dropout_rate,
+                "use_scale_shift_norm": self.use_scale_shift_norm, "resample": self.resample}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AttentionBlock(layers.Layer):
+    """Multi-head self-attention over the spatial positions, with a residual connection.
+
+    ``x + proj(attention(qkv(GN(x))))``; the output projection is zero-initialised.
+    ``[B,H,W,C]`` → ``[B,H,W,C]``; ``C`` must be divisible by ``num_heads``.
+    """
+
+    def __init__(self, num_heads=1, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels % self.num_heads:
+            raise ValueError(f"AttentionBlock: {channels} channels are not divisible by "
+                             f"num_heads={self.num_heads}.")
+        self.norm = group_norm(channels, name="norm")
+        self.norm.build(input_shape)
+        self.qkv = layers.Dense(3 * channels, name="qkv")
+        self.qkv.build((None, channels))
+        self.proj = layers.Dense(channels, name="proj", kernel_initializer="zeros")
+        self.proj.build((None, channels))
+
+    def call(self, x):
+        shape = ops.shape(x)
+        b, h, w, c = shape[0], shape[1], shape[2], x.shape[-1]
+        heads = self.num_heads
+        qkv = self.qkv(ops.reshape(self.norm(x), (b, h * w, c)))
+        qkv = ops.reshape(qkv, (b, h * w, 3, heads, c // heads))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = ops.dot_product_attention(q, k, v)  # [B, L, heads, c/heads]
+        out = self.proj(ops.reshape(out, (b, h * w, c)))
+        return x + ops.reshape(out, (b, h, w, c))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Downsample(layers.Layer):
+    """Halve the resolution: a stride-2 3×3 conv (``with_conv``) or 2×2 average pooling."""
+
+    def __init__(self, with_conv=True, **kwargs):
+        super().__init__(**kwargs)
+        self.with_conv = with_conv
+
+    def build(self, input_shape):
+        if self.with_conv:
+            self.conv = _conv(input_shape[-1], strides=2, name="conv")
+            self.conv.build(input_shape)
+
+    def call(self, x):
+        if self.with_conv:
+            return self.conv(x)
+        return ops.average_pool(x, 2, strides=2, padding="valid")
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        return (b, h // 2 if h else h, w // 2 if w else w, c)
+
+    def get_config(self):
+        return {**super().get_config(), "with_conv": self.with_conv}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class Upsample(layers.Layer):
+    """Double the resolution: nearest-neighbour upsampling, then a 3×3 conv (``with_conv``)."""
+
+    def __init__(self, with_conv=True, **kwargs):
+        super().__init__(**kwargs)
+        self.with_conv = with_conv
+
+    def build(self, input_shape):
+        if self.with_conv:
+            self.conv = _conv(input_shape[-1], name="conv")
+            self.conv.build(input_shape)
+
+    def call(self, x):
+        x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
+        return self.conv(x) if self.with_conv else x
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        return (b, h * 2 if h else h, w * 2 if w else w, c)
+
+    def get_config(self):
+        return {**super().get_config(), "with_conv": self.with_conv}
