@@ -1,0 +1,61 @@
+"""Training data: embedded datasets (no download) and ``tf.data`` pipelines over files.
+
+``make_dataset`` is the one entry point the training driver (and gin) uses; it returns an
+infinite, deterministic ``tf.data.Dataset`` of GLOBAL batches ``[B, S, S, C]`` in [−1, 1] that
+starts at the batch of a given global step (exact resume; see ``pipeline``).
+"""
+
+from keras_etsdm.data.embedded import load_digits, load_embedded, load_mnist, load_synthetic
+from keras_etsdm.data.files import (DECODE_STATS, folder_dataset, list_image_files,
+                                    lsun_lmdb_dataset, tfds_dataset, tfrecord_dataset)
+from keras_etsdm.data.pipeline import array_dataset, indexed_dataset, stream_dataset
+
+SOURCES = ("embedded", "folder", "tfrecord", "lmdb", "tfds")
+
+
+def make_dataset(global_batch_size, image_size, channels, source="embedded", name="mnist",
+                 path=None, seed=0, start_step=0, random_flip=False, dataset_hint=None,
+                 **source_kwargs):
+    """Build the training input pipeline.
+
+    Args:
+        global_batch_size: images per training step over all replicas.
+        image_size, channels: the model's input (S, C); files are cropped/resized to S.
+        source: ``"embedded"`` (``name`` in mnist / digits / synthetic), ``"folder"`` (``path``
+            = a directory of images), ``"tfrecord"`` (``path`` = file / glob / directory),
+            ``"lmdb"`` (``path`` = an LSUN ``*_lmdb`` directory), ``"tfds"`` (``name`` = a
+            prepared TFDS dataset; ``path`` = its data_dir, optional).
+        seed: shuffle and flip seed.
+        start_step: first global step the pipeline serves (resume).
+        random_flip: random horizontal flips (off for digits, on for natural images).
+        dataset_hint: ``"lsun"``, ``"ffhq"``, ``"celebahq"``, ``"afhq"``: names how to obtain the
+            data in the missing-path error.
+        **source_kwargs: passed to the source (e.g. ``image_key``, ``shuffle_buffer``).
+
+    Returns:
+        infinite ``tf.data.Dataset`` of float32 ``[global_batch_size, S, S, C]``.
+    """
+    common = dict(global_batch_size=global_batch_size, seed=seed, start_step=start_step,
+                  random_flip=random_flip)
+    if source == "embedded":
+        images = load_embedded(name, image_size, **source_kwargs)
+        if images.shape[-1] != channels:
+            raise ValueError(f"Embedded dataset {name!r} has {images.shape[-1]} channel(s) but "
+                             f"the model expects channels={channels}.")
+        return array_dataset(images, **common)
+    if source in ("folder", "lmdb", "tfrecord") and not path:
+        raise ValueError(f"source={source!r} needs a data path (set the DATA_PATH macro / "
+                         f"make_dataset.path).")
+    if source == "folder":
+        return folder_dataset(path, image_size, channels, dataset_hint=dataset_hint, **common,
+                              **source_kwargs)
+    if source == "lmdb":
+        return lsun_lmdb_dataset(path, image_size, channels, dataset_hint=dataset_hint or "lsun",
+                                 **common, **source_kwargs)
+    if source == "tfrecord":
+        return tfrecord_dataset(path, image_size, channels, dataset_hint=dataset_hint, **common,
+                                **source_kwargs)
+    if source == "tfds":
+        return tfds_dataset(name, image_size, channels, data_dir=path, **common,
+                            **source_kwargs)
+    raise ValueError(f"Unknown data source {source!r}; expected one of {SOURCES}.")
