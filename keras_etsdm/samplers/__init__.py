@@ -1,0 +1,74 @@
+"""Samplers: DDPM, DDIM and DPM-Solver / DPM-Solver++ as compiled ``keras.ops`` loops.
+
+    sampler = get_sampler("dpm_solver", num_steps=20, order=3, schedule=model.schedule)
+    images = model.sample(sampler, num_samples=16, seed=0)      # or sampler.sample(model, noise)
+
+See ``base.py`` for the interface, the compiled loop and the pure ``build_loop`` used by export.
+The sampler classes are registered with gin under the module ``keras_etsdm`` (e.g.
+``@keras_etsdm.DPMSolverSampler()`` in a config); gin only applies bindings when it builds them.
+"""
+
+import gin
+
+from keras_etsdm.samplers.base import Sampler, seed_tensor
+from keras_etsdm.samplers.ddim import DDIM_SPACINGS, DDIMSampler, ddim_timesteps
+from keras_etsdm.samplers.ddpm import DDPM_VARIANCES, DDPMSampler, respaced_timesteps
+from keras_etsdm.samplers.dpm_solver import (ALGORITHMS, METHODS, SKIP_TYPES, DPMSolverSampler,
+                                             multistep_orders, singlestep_orders, time_grid)
+
+SAMPLERS = {
+    "ddpm": DDPMSampler,
+    "ddim": DDIMSampler,
+    "dpm_solver": DPMSolverSampler,
+}
+
+
+def get_sampler(name, **kwargs):
+    """Build a sampler by name: "ddpm", "ddim" or "dpm_solver" (keyword arguments → constructor).
+
+    Also accepts a ``{"class_name": ..., "config": ...}`` dict as written by ``serialize``.
+    """
+    if isinstance(name, dict):
+        return deserialize(name)
+    key = str(name).lower().replace("-", "_")
+    if key not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}.")
+    return SAMPLERS[key](**kwargs)
+
+
+def serialize(sampler):
+    """``{"class_name": registry name, "config": sampler.get_config()}``."""
+    for key, cls in SAMPLERS.items():
+        if type(sampler) is cls:
+            return {"class_name": key, "config": sampler.get_config()}
+    raise TypeError(f"Not a registered sampler: {type(sampler)}.")
+
+
+def deserialize(config):
+    name = config.get("class_name")
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}.")
+    return SAMPLERS[name].from_config(config.get("config", {}))
+
+
+def _register_with_gin():
+    # Idempotent: keras_etsdm.config may import this module again (or re-register).
+    for cls in (DDPMSampler, DDIMSampler, DPMSolverSampler):
+        try:
+            gin.register(cls, module="keras_etsdm")
+        except ValueError:  # already registered under this name
+            pass
+    try:
+        gin.register(get_sampler, module="keras_etsdm")
+    except ValueError:
+        pass
+
+
+_register_with_gin()
+
+__all__ = [
+    "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "get_sampler", "serialize",
+    "deserialize", "SAMPLERS", "seed_tensor", "ddim_timesteps", "respaced_timesteps",
+    "time_grid", "singlestep_orders", "multistep_orders", "DDIM_SPACINGS", "DDPM_VARIANCES",
+    "SKIP_TYPES", "METHODS", "ALGORITHMS",
+]

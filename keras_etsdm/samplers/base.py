@@ -1,0 +1,280 @@
+"""The sampler interface and the compiled loop shared by every sampler.
+
+Using a sampler
+---------------
+A sampler is configured once and then called on any denoiser::
+
+    sampler = DPMSolverSampler(num_steps=20, order=3, algorithm="dpmsolver++")
+    x0 = sampler.sample(model, noise)             # model: a DiffusionModel
+    x0 = sampler.sample(eps_fn, noise)            # eps_fn(x [B,...], t [B]) -> eps, keras.ops
+
+``denoiser(x, t)`` returns the predicted noise ε̂ (shape of ``x``) for float time labels ``t`` of
+shape ``[B]`` in ``[0, T-1]``. For a ``DiffusionModel`` the sampler calls ``model.denoise``, so
+E-TSDM time sharing is applied there and the sampler never knows whether it is on.
+
+The schedule is a constructor argument (``schedule=DiscreteVPSchedule()`` by default) because
+every coefficient is precomputed from it when the sampler is built. When the denoiser carries
+its own ``.schedule`` (a ``DiffusionModel``), ``sample`` checks that the two agree and raises
+otherwise: build the sampler with ``schedule=model.schedule``.
+
+How the loop works
+------------------
+Every sampler is a sequence of ``num_iterations`` network evaluations (NFE). All per-iteration
+coefficients (time labels, α, σ, λ, φ terms, noise scales) are computed once in numpy float64
+by ``_make_tables`` and stored as float32 tables of leading dimension ``num_iterations``. The
+loop body (``_step``) gathers row ``i`` of the tables, calls the denoiser once and combines
+tensors with those scalars; so the loop's own arithmetic is a handful of axpys per NFE and all
+the exact math is testable in numpy.
+
+The loop state ("carry") is a tuple of tensors of the sample's shape, created by
+``_init_carry(noise)`` and read out by ``_result(carry)``.
+
+Pure building block (for jit / tf.function / jax2tf export)
+-----------------------------------------------------------
+``loop = sampler.build_loop(denoise_fn)`` returns a pure function::
+
+    x0 = loop(noise, seed=None, step_noise=None)
+
+* ``denoise_fn(x, t) -> eps`` must itself be pure ``keras.ops`` code (e.g. a closure over
+  ``network.stateless_call`` with weight values, or ``model.denoise`` under ``tf.function``).
+* ``noise``: ``[B, ...]`` float32, the starting sample x_T.
+* ``seed``: int32 ``[2]`` tensor; stochastic samplers (DDPM, DDIM with η > 0) draw the noise of
+  step ``i`` statelessly from ``fold_in(seed, i)``. Ignored by deterministic samplers.
+* ``step_noise``: optional ``[num_iterations, B, ...]`` explicit per-step noise instead of
+  ``seed`` (bit-identical runs across backends, golden tests).
+The loop has no Python side effects and no variables: it can be traced by ``jax.jit``,
+``tf.function`` or ``jax2tf`` and exported whole into a SavedModel.
+
+``sample`` runs the same loop compiled once per (denoiser, backend): on JAX with ``jax.jit``
+and the network weights passed as state, on TensorFlow with ``tf.function(jit_compile=True)``
+(see ``_compiled.py``). Compiled loops are cached on the sampler, so a second call with the same
+shapes does not retrace.
+"""
+
+import collections
+import math
+import types
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_etsdm.samplers import _compiled
+from keras_etsdm.schedules import DiscreteVPSchedule
+
+_CACHE_SIZE = 8
+
+
+def _validate_num_steps(num_steps, num_timesteps, name="num_steps"):
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps:
+        raise ValueError(f"{name} must be an integer, got {num_steps!r}.")
+    num_steps = int(num_steps)
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"{name} must be between 1 and the number of diffusion timesteps "
+                         f"T={num_timesteps}, got {num_steps}.")
+    return num_steps
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; expected one of {tuple(choices)}.")
+    return value
+
+
+class Sampler:
+    """Base class: configuration, precomputed tables and the compiled sampling loop.
+
+    Subclasses implement ``_make_tables() -> dict[str, np.ndarray]`` (each of leading dimension
+    ``num_iterations``; must contain ``"label"``), ``_init_carry``, ``_step`` and ``_result``,
+    and set ``stochastic``. See the module docstring for the contract.
+
+    Args:
+        schedule: the ``DiscreteVPSchedule`` the denoiser was trained with.
+    """
+
+    stochastic = False
+
+    def __init__(self, schedule=None):
+        if schedule is None:
+            schedule = DiscreteVPSchedule()
+        if isinstance(schedule, dict):
+            schedule = DiscreteVPSchedule.from_config(schedule)
+        if not isinstance(schedule, DiscreteVPSchedule):
+            raise TypeError(f"schedule must be a DiscreteVPSchedule, got {type(schedule)}.")
+        self.schedule = schedule
+        self._compiled = collections.OrderedDict()
+
+    # ----- to implement -----------------------------------------------------------------------
+    def _make_tables(self):
+        raise NotImplementedError
+
+    def _init_carry(self, noise):
+        return (noise,)
+
+    def _step(self, denoise_fn, carry, row, step_noise):
+        raise NotImplementedError
+
+    def _result(self, carry):
+        return carry[0]
+
+    # ----- tables -----------------------------------------------------------------------------
+    def _finish_init(self):
+        """Build and check the coefficient tables (call at the end of a subclass __init__)."""
+        tables = {k: np.asarray(v, dtype=np.float64) for k, v in self._make_tables().items()}
+        lengths = {k: v.shape[0] for k, v in tables.items()}
+        if len(set(lengths.values())) != 1:
+            raise AssertionError(f"inconsistent table lengths {lengths}")
+        for key, value in tables.items():
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{type(self).__name__}: non-finite coefficient in {key!r} for "
+                                 f"this configuration ({self.get_config()}).")
+        self.tables = tables
+
+    @property
+    def num_iterations(self):
+        """Number of network evaluations (NFE) of one ``sample`` call."""
+        return int(self.tables["label"].shape[0])
+
+    @property
+    def labels(self):
+        """float64 ``[num_iterations]``: the time label of each network evaluation."""
+        return self.tables["label"].copy()
+
+    # ----- the pure loop ----------------------------------------------------------------------
+    def _segment_fn(self, denoise_fn):
+        """Pure ``(carry, extra, start, stop) -> carry`` running iterations ``start..stop-1``.
+
+        ``extra`` is None, an int ``[2]`` seed, or ``{"step_noise": [num_iterations, B, ...]}``.
+        """
+        float_tables = {k: v.astype(np.float32) for k, v in self.tables.items()}
+
+        def segment(carry, extra, start, stop):
+            tables = {k: ops.convert_to_tensor(v) for k, v in float_tables.items()}
+            carry = tuple(carry)
+            shape = tuple(carry[0].shape)
+
+            def body(i, carry):
+                row = {k: ops.take(v, i, axis=0) for k, v in tables.items()}
+                step_noise = None
+                if self.stochastic:
+                    if isinstance(extra, dict):
+                        step_noise = ops.take(extra["step_noise"], i, axis=0)
+                    else:
+                        step_noise = _compiled.stateless_normal(shape, extra, i, carry[0].dtype)
+                return tuple(self._step(denoise_fn, carry, row, step_noise))
+
+            return ops.fori_loop(start, stop, body, carry)
+
+        return segment
+
+    def _extra(self, seed, step_noise, noise_shape):
+        if not self.stochastic:
+            return None
+        if step_noise is not None:
+            step_noise = ops.convert_to_tensor(step_noise, dtype="float32")
+            expected = (self.num_iterations,) + tuple(noise_shape)
+            if tuple(step_noise.shape) != expected:
+                raise ValueError(f"step_noise must have shape {expected} ([num_iterations] + "
+                                 f"noise shape), got {tuple(step_noise.shape)}.")
+            return {"step_noise": step_noise}
+        return seed_tensor(seed)
+
+    def build_loop(self, denoise_fn):
+        """A pure ``loop(noise, seed=None, step_noise=None) -> x0`` (see the module docstring).
+
+        Args:
+            denoise_fn: pure ``keras.ops`` function ``(x [B, ...], t [B] float32) -> eps``.
+        """
+        segment = self._segment_fn(denoise_fn)
+
+        def loop(noise, seed=None, step_noise=None):
+            noise = ops.convert_to_tensor(noise, dtype="float32")
+            extra = self._extra(0 if seed is None else seed, step_noise, noise.shape)
+            carry = segment(self._init_carry(noise), extra, 0, self.num_iterations)
+            return self._result(carry)
+
+        return loop
+
+    # ----- the compiled public entry point ----------------------------------------------------
+    def _check_denoiser(self, denoiser):
+        schedule = getattr(denoiser, "schedule", None)
+        if schedule is not None and hasattr(schedule, "get_config"):
+            if schedule.get_config() != self.schedule.get_config():
+                raise ValueError(
+                    f"{type(self).__name__} was built for {self.schedule.get_config()} but the "
+                    f"denoiser uses {schedule.get_config()}; build the sampler with "
+                    f"schedule=model.schedule.")
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be a DiffusionModel or a callable (x, t) -> eps, got "
+                            f"{type(denoiser)}.")
+
+    def compiled_segment(self, denoiser):
+        """The cached ``CompiledSegment`` for ``denoiser`` (built on first use)."""
+        if isinstance(denoiser, types.MethodType):
+            key = (id(denoiser.__self__), id(denoiser.__func__))
+        else:
+            key = id(denoiser)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        compiled = _compiled.CompiledSegment(self._segment_fn, denoiser)
+        self._compiled[key] = compiled
+        while len(self._compiled) > _CACHE_SIZE:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def sample(self, denoiser, noise, seed=0, step_noise=None, progress=False):
+        """Run the sampler from ``noise`` (x_T) to x_0.
+
+        Args:
+            denoiser: a ``DiffusionModel`` (its ``denoise`` is used, E-TSDM sharing included) or
+                any callable ``(x [B, ...], t [B] float labels in [0, T-1]) -> eps`` in keras.ops.
+            noise: ``[B, ...]`` starting sample (standard normal for generation).
+            seed: int or int ``[2]`` seed of the per-step noise of stochastic samplers.
+            step_noise: optional explicit per-step noise ``[num_iterations, B, ...]``.
+            progress: show a progress bar (the loop then runs compiled in ~20 chunks).
+        Returns:
+            ``[B, ...]`` float32 samples x_0.
+        """
+        self._check_denoiser(denoiser)
+        noise = ops.convert_to_tensor(noise, dtype="float32")
+        if len(noise.shape) < 1 or noise.shape[0] is None:
+            raise ValueError(f"noise must have a static shape [B, ...], got {noise.shape}.")
+        extra = self._extra(seed, step_noise, noise.shape)
+        segment = self.compiled_segment(denoiser)
+        carry = tuple(self._init_carry(noise))
+        total = self.num_iterations
+        if not progress:
+            carry = segment(carry, extra, 0, total)
+        else:
+            bar = keras.utils.Progbar(total, unit_name="NFE")
+            chunk = max(1, math.ceil(total / 20))
+            for start in range(0, total, chunk):
+                stop = min(total, start + chunk)
+                carry = segment(carry, extra, start, stop)
+                bar.update(stop)
+        return self._result(tuple(carry))
+
+    # ----- serialisation ----------------------------------------------------------------------
+    def get_config(self):
+        return {"schedule": self.schedule.get_config()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "schedule")
+        return f"{type(self).__name__}({args})"
+
+
+def seed_tensor(seed):
+    """An int or ``[2]`` seed → int32 ``[2]`` tensor (``[seed, 0]`` for an int)."""
+    if isinstance(seed, (int, np.integer)):
+        seed = [int(seed) & 0x7FFFFFFF, 0]
+    return ops.convert_to_tensor(seed, dtype="int32")
+
+
+def broadcast_label(label, x):
+    """A scalar time label → float32 ``[B]`` for the denoiser."""
+    return ops.broadcast_to(ops.cast(label, "float32"), (ops.shape(x)[0],))

@@ -1,0 +1,134 @@
+"""DDIM (Song et al. 2021) on a subset of the discrete timesteps, deterministic for η = 0.
+
+From label t to the previous label p (ᾱ read from the schedule's tables):
+
+    x̂0 = (x_t − σ_t ε̂) / α_t
+    σ_η = η · sqrt((1 − ᾱ_p)/(1 − ᾱ_t)) · sqrt(1 − ᾱ_t/ᾱ_p)
+    x_p = sqrt(ᾱ_p) x̂0 + sqrt(1 − ᾱ_p − σ_η²) ε̂ + σ_η z
+
+The last step goes to ᾱ = 1 (returns x̂0) unless ``set_alpha_to_one=False``, in which case it
+goes to ᾱ of label 0. No noise is added on the last step.
+"""
+
+import numpy as np
+from keras import ops
+
+from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
+                                       broadcast_label)
+
+DDIM_SPACINGS = ("uniform", "quad", "trailing")
+
+
+def ddim_timesteps(num_steps, num_timesteps, spacing="uniform"):
+    """Increasing integer labels visited by DDIM (the sampler walks them from the end).
+
+    * "uniform": ``k · (T // S)`` for k = 0..S−1 (the DDIM paper's ``range(0, T, T//S)``, cut to
+      exactly S entries when S does not divide T). Never visits T−1.
+    * "quad": ``int(linspace(0, sqrt(0.8 T), S)²)`` (DDIM's CIFAR-10 spacing). For S above
+      ~sqrt(0.8 T) the first entries collide; they are pushed up one label each so that every
+      step is a real step (the DDIM code would waste NFE on no-op steps).
+    * "trailing": ``round(arange(T, 0, −T/S)) − 1`` (Lin et al. 2024; starts at T−1).
+
+    Returns:
+        int64 array ``[S]``, strictly increasing, in ``[0, T−1]``.
+    """
+    num_steps = _validate_num_steps(num_steps, num_timesteps)
+    _check_choice("spacing", spacing, DDIM_SPACINGS)
+    T = num_timesteps
+    if spacing == "uniform":
+        steps = np.arange(num_steps, dtype=np.int64) * (T // num_steps)
+    elif spacing == "quad":
+        steps = (np.linspace(0, np.sqrt(0.8 * T), num_steps) ** 2).astype(np.int64)
+        for i in range(1, num_steps):
+            steps[i] = max(steps[i], steps[i - 1] + 1)
+        if steps[-1] > T - 1:
+            raise ValueError(f"quad spacing cannot fit {num_steps} distinct steps in T={T}; use "
+                             f"fewer steps or spacing='uniform'.")
+    else:
+        steps = (np.round(T - np.arange(num_steps) * (T / num_steps)).astype(np.int64) - 1)[::-1]
+    return steps
+
+
+class DDIMSampler(Sampler):
+    """DDIM with η noise, on a named step spacing or explicit timesteps.
+
+    Args:
+        num_steps: number of steps S (= NFE), 1 ≤ S ≤ T.
+        eta: η ≥ 0; 0 is the deterministic DDIM (= DPM-Solver-1), 1 is DDPM-like.
+        spacing: "uniform" (default), "quad" or "trailing" (see ``ddim_timesteps``).
+        timesteps: optional explicit integer labels (any order, distinct, in [0, T−1]); then
+            ``num_steps`` and ``spacing`` are ignored.
+        set_alpha_to_one: the last step goes to ᾱ = 1 (x̂0, default) instead of ᾱ_0.
+        clip_x0: clip x̂0 to [−1, 1] (and re-derive ε̂ from it) at every step, as guided-diffusion
+            does for images. Off by default (exact ODE maths).
+        schedule: the ``DiscreteVPSchedule`` of the model.
+    """
+
+    def __init__(self, num_steps=50, eta=0.0, spacing="uniform", timesteps=None,
+                 set_alpha_to_one=True, clip_x0=False, schedule=None):
+        super().__init__(schedule)
+        T = self.schedule.num_timesteps
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}.")
+        self.eta = float(eta)
+        self.spacing = _check_choice("spacing", spacing, DDIM_SPACINGS)
+        if timesteps is not None:
+            steps = np.asarray(timesteps)
+            if steps.ndim != 1 or steps.size == 0 or np.any(steps != np.round(steps)):
+                raise ValueError(f"timesteps must be a non-empty list of integers, got "
+                                 f"{timesteps!r}.")
+            steps = np.unique(steps.astype(np.int64))
+            if steps.size != len(timesteps) or steps[0] < 0 or steps[-1] > T - 1:
+                raise ValueError(f"timesteps must be distinct labels in [0, {T - 1}], got "
+                                 f"{timesteps!r}.")
+            self.timesteps = [int(s) for s in steps]
+            self.num_steps = len(self.timesteps)
+        else:
+            self.num_steps = _validate_num_steps(num_steps, T)
+            self.timesteps = None
+        self.set_alpha_to_one = bool(set_alpha_to_one)
+        self.clip_x0 = bool(clip_x0)
+        self.stochastic = self.eta > 0
+        self._finish_init()
+
+    def step_labels(self):
+        """Increasing int64 labels of the grid."""
+        if self.timesteps is not None:
+            return np.asarray(self.timesteps, dtype=np.int64)
+        return ddim_timesteps(self.num_steps, self.schedule.num_timesteps, self.spacing)
+
+    def _make_tables(self):
+        sched = self.schedule
+        labels = self.step_labels()[::-1]  # walk from the noisiest label down
+        alpha_bar = sched.alphas_cumprod[labels]
+        final = 1.0 if self.set_alpha_to_one else sched.alphas_cumprod[0]
+        alpha_bar_prev = np.append(alpha_bar[1:], final)
+        noise_std = (self.eta * np.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+                     * np.sqrt(1.0 - alpha_bar / alpha_bar_prev))
+        noise_std[-1] = 0.0  # no noise on the last step
+        direction = np.sqrt(np.maximum(1.0 - alpha_bar_prev - noise_std**2, 0.0))
+        return {
+            "label": labels.astype(np.float64),
+            "alpha": np.sqrt(alpha_bar),
+            "sigma": np.sqrt(1.0 - alpha_bar),
+            "alpha_prev": np.sqrt(alpha_bar_prev),
+            "direction": direction,
+            "noise_std": noise_std,
+        }
+
+    def _step(self, denoise_fn, carry, row, step_noise):
+        (x,) = carry
+        eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
+        x0 = (x - row["sigma"] * eps) / row["alpha"]
+        if self.clip_x0:
+            x0 = ops.clip(x0, -1.0, 1.0)
+            eps = (x - row["alpha"] * x0) / row["sigma"]
+        x = row["alpha_prev"] * x0 + row["direction"] * eps
+        if step_noise is not None:
+            x = x + row["noise_std"] * step_noise
+        return (x,)
+
+    def get_config(self):
+        return {"num_steps": self.num_steps, "eta": self.eta, "spacing": self.spacing,
+                "timesteps": self.timesteps, "set_alpha_to_one": self.set_alpha_to_one,
+                "clip_x0": self.clip_x0, "schedule": self.schedule.get_config()}

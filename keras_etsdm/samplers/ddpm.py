@@ -1,0 +1,90 @@
+"""Ancestral DDPM sampling (Ho et al. 2020), optionally on a respaced subset of steps.
+
+On the (possibly respaced) chain t_S > … > t_1 with ᾱ_prev the ᾱ of the next label down (1 after
+the last), β'_t = 1 − ᾱ_t/ᾱ_prev:
+
+    x̂0 = (x_t − σ_t ε̂) / α_t
+    x_prev = β'_t sqrt(ᾱ_prev)/(1 − ᾱ_t) · x̂0 + (1 − ᾱ_prev) sqrt(1 − β'_t)/(1 − ᾱ_t) · x_t + s_t z
+
+with s_t² = β̃_t = β'_t (1 − ᾱ_prev)/(1 − ᾱ_t) ("fixed_small", the posterior variance) or
+s_t² = β'_t ("fixed_large"), and no noise on the last step. With all T steps β' = β. Respacing
+follows guided-diffusion: S labels evenly spaced over [0, T−1] (rounded), the network still sees
+the original labels.
+"""
+
+import numpy as np
+from keras import ops
+
+from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
+                                       broadcast_label)
+
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+def respaced_timesteps(num_steps, num_timesteps):
+    """Increasing int64 labels: ``round(linspace(0, T−1, S))`` (``[T−1]`` for S = 1)."""
+    num_steps = _validate_num_steps(num_steps, num_timesteps)
+    if num_steps == 1:
+        return np.array([num_timesteps - 1], dtype=np.int64)
+    return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int64)
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling.
+
+    Args:
+        num_steps: None (all T steps, the original DDPM) or S ≤ T respaced steps.
+        variance: "fixed_small" (posterior β̃, default) or "fixed_large" (β).
+        clip_x0: clip x̂0 to [−1, 1] before forming the posterior mean (guided-diffusion's
+            ``clip_denoised``). Off by default (exact maths).
+        schedule: the ``DiscreteVPSchedule`` of the model.
+    """
+
+    stochastic = True
+
+    def __init__(self, num_steps=None, variance="fixed_small", clip_x0=False, schedule=None):
+        super().__init__(schedule)
+        T = self.schedule.num_timesteps
+        self.num_steps = T if num_steps is None else _validate_num_steps(num_steps, T)
+        self.variance = _check_choice("variance", variance, DDPM_VARIANCES)
+        self.clip_x0 = bool(clip_x0)
+        self._finish_init()
+
+    def step_labels(self):
+        return respaced_timesteps(self.num_steps, self.schedule.num_timesteps)
+
+    def _make_tables(self):
+        sched = self.schedule
+        labels = self.step_labels()[::-1]
+        alpha_bar = sched.alphas_cumprod[labels]
+        alpha_bar_prev = np.append(alpha_bar[1:], 1.0)
+        betas = 1.0 - alpha_bar / alpha_bar_prev
+        if self.num_steps == sched.num_timesteps:
+            betas = sched.betas[labels]  # exact table values, no division round-off
+        one_minus = 1.0 - alpha_bar
+        if self.variance == "fixed_small":
+            var = betas * (1.0 - alpha_bar_prev) / one_minus
+        else:
+            var = betas.copy()
+        var[-1] = 0.0  # no noise on the last step
+        return {
+            "label": labels.astype(np.float64),
+            "alpha": np.sqrt(alpha_bar),
+            "sigma": np.sqrt(one_minus),
+            "coef_x0": betas * np.sqrt(alpha_bar_prev) / one_minus,
+            "coef_xt": (1.0 - alpha_bar_prev) * np.sqrt(1.0 - betas) / one_minus,
+            "noise_std": np.sqrt(var),
+        }
+
+    def _step(self, denoise_fn, carry, row, step_noise):
+        (x,) = carry
+        eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
+        x0 = (x - row["sigma"] * eps) / row["alpha"]
+        if self.clip_x0:
+            x0 = ops.clip(x0, -1.0, 1.0)
+        x = row["coef_x0"] * x0 + row["coef_xt"] * x + row["noise_std"] * step_noise
+        return (x,)
+
+    def get_config(self):
+        return {"num_steps": self.num_steps, "variance": self.variance, "clip_x0": self.clip_x0,
+                "schedule": self.schedule.get_config()}
