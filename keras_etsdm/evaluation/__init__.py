@@ -1,0 +1,11 @@
+"""Evaluation: FD / FID, KID and IS (tensorflow-gan maths), offline feature extractors, the
+Lipschitz-in-t diagnostic, and the E-TSDM vs DDPM comparison helpers."""
+
+from keras_etsdm.evaluation.fid import (ActivationStatistics, ReferenceStatistics,
+                                        classifier_score, compute_reference_statistics,
+                                        evaluate_images, frechet_distance,
+                                        frechet_distance_from_activations, kernel_distance,
+                                        make_result_record, to_uint8, write_result_json)
+from keras_etsdm.evaluation.features import (ClassifierExtractor, InceptionExtractor,
+                                             make_extractor)
+from keras_etsdm.evaluation.tfgan import load_tfgan_eval
