@@ -135,7 +135,7 @@ def frechet_distance(mean1, cov1, mean2, cov2):
                          f"{cov2.shape}.")
     tf = _tf()
     tfgan_eval = load_tfgan_eval()
-    trace_sqrt = tfgan_eval.trace_sqrt_product(tf.constant(cov1), tf.constant(cov2))
+    trace_sqrt = tfgan_eval.classifier_metrics.trace_sqrt_product(tf.constant(cov1), tf.constant(cov2))
     value = (np.sum((mean1 - mean2) ** 2) + np.trace(cov1) + np.trace(cov2)
              - 2.0 * float(trace_sqrt))
     return float(value)
