@@ -1,0 +1,85 @@
+"""The U-Net: published parameter counts, configs, serialisation, shape errors."""
+
+import numpy as np
+import pytest
+
+import keras
+from keras_etsdm import layers as etsdm_layers
+from keras_etsdm.unet import DDPM_256, DDPM_CIFAR10, build_unet
+
+
+def test_ddpm_cifar10_parameter_count():
+    # Ho et al. 2020: 35.7 M parameters (diffusers' UNet2DModel in this config: 35.75 M).
+    count = build_unet(**DDPM_CIFAR10).count_params()
+    assert count == pytest.approx(35.7e6, rel=0.01)
+
+
+def test_ddpm_256_parameter_count():
+    # Ho et al. 2020: about 114 M for the LSUN / CelebA-HQ 256 model.
+    count = build_unet(**DDPM_256).count_params()
+    assert count == pytest.approx(114e6, rel=0.01)
+
+
+def randomize(model, seed=0):
+    rng = np.random.RandomState(seed)
+    model.set_weights([rng.normal(0, 0.1, w.shape).astype("float32")
+                       if w.ndim > 1 else rng.normal(0, 0.02, w.shape).astype("float32")
+                       for w in model.get_weights()])
+    return model
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(use_scale_shift_norm=True, resblock_updown=True, num_heads=2),
+])
+def test_save_load_gives_identical_outputs(tmp_path, options):
+    net = randomize(build_unet(image_size=8, channels=3, base_channels=8, channel_mult=(1, 2),
+                               num_res_blocks=1, attention_resolutions=(4,), dropout=0.1,
+                               **options))
+    x = np.random.RandomState(1).normal(size=(2, 8, 8, 3)).astype("float32")
+    t = np.array([3.0, 512.5], np.float32)
+    out = keras.ops.convert_to_numpy(net({"x": x, "t": t}))
+    assert np.abs(out).max() > 1e-3
+    path = tmp_path / "net.keras"
+    net.save(path)
+    again = keras.saving.load_model(path)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(again({"x": x, "t": t})), out)
+    assert [l.name for l in again.layers] == [l.name for l in net.layers]
+
+
+def test_scale_shift_changes_parameter_count_as_expected():
+    kwargs = dict(image_size=8, channels=1, base_channels=8, channel_mult=(1,),
+                  num_res_blocks=1, attention_resolutions=())
+    plain = build_unet(**kwargs).count_params()
+    film = build_unet(use_scale_shift_norm=True, **kwargs).count_params()
+    emb = 32
+    # Two ResBlocks on the way down/up plus two in the middle, each with an extra Dense(emb→C).
+    n_blocks = 1 + 2 + 2
+    assert film - plain == n_blocks * (emb * 8 + 8)
+
+
+def test_image_size_must_divide():
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        build_unet(image_size=20, base_channels=8, channel_mult=(1, 2, 2, 2))
+
+
+def test_attention_heads_must_divide_channels():
+    with pytest.raises(ValueError, match="not divisible by num_heads=3"):
+        build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1,),
+                   attention_resolutions=(8,), num_heads=3)
+
+
+def test_group_count():
+    assert etsdm_layers.num_groups(128) == 32
+    assert etsdm_layers.num_groups(16) == 16
+    assert etsdm_layers.num_groups(24) == 24
+    assert etsdm_layers.num_groups(96) == 32
+    assert etsdm_layers.num_groups(48) == 24
+
+
+def test_sinusoidal_embedding_values():
+    emb = keras.ops.convert_to_numpy(etsdm_layers.sinusoidal_embedding(np.array([0.0, 2.0]), 8))
+    freqs = np.exp(-np.log(10000.0) * np.arange(4) / 3)
+    np.testing.assert_allclose(emb[1], np.concatenate([np.sin(2 * freqs), np.cos(2 * freqs)]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
