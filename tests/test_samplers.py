@@ -373,8 +373,9 @@ def test_no_nan_for_any_option(schedule_kind):
 def test_cosine_schedule_keeps_every_step():
     """No λ clip: the last labels of a cosine schedule are visited (the reference drops them)."""
     schedule = DiscreteVPSchedule("cosine")
-    sampler = DPMSolverSampler(1000, order=1, skip_type="time_uniform", schedule=schedule)
-    np.testing.assert_allclose(sampler.labels, np.arange(999, -1, -1), atol=1e-6)
+    # 999 uniform steps from label 999 to label 0 evaluate at every label 999 … 1.
+    sampler = DPMSolverSampler(999, order=1, skip_type="time_uniform", schedule=schedule)
+    np.testing.assert_allclose(sampler.labels, np.arange(999, 0, -1), atol=1e-6)
 
 
 # ----- grids, configs, gin, errors ---------------------------------------------------------------

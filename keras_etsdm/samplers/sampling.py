@@ -1,0 +1,149 @@
+"""The logic of ``bin/sample``: load a checkpoint, draw samples, write ``.npz`` + PNG grid.
+
+Reproducibility: the starting noise is drawn with numpy (``default_rng(seed)``) for all N
+samples at once, so the same seed gives the same x_T on every backend and for every batch size;
+batch ``b`` of a stochastic sampler uses the step-noise seed ``[seed, b]``.
+"""
+
+import glob
+import io
+import math
+import os
+
+import keras
+import numpy as np
+
+from keras_etsdm.samplers import SAMPLERS, get_sampler
+
+
+def load_model_for_sampling(checkpoint=None, workdir=None, use_ema=True):
+    """A ``DiffusionModel`` whose NETWORK holds the weights to sample with.
+
+    Args:
+        checkpoint: a ``.keras`` file (``DiffusionModel.save``).
+        workdir: a training work directory (``keras_etsdm.training`` checkpoints, or else the
+            newest ``*.keras`` under ``workdir/checkpoints``).
+        use_ema: sample with the EMA weights (default) instead of the raw training weights.
+    """
+    if checkpoint:
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist (expected a "
+                                    f".keras file written by DiffusionModel.save).")
+        model = keras.saving.load_model(checkpoint)
+        if use_ema:
+            model.swap_ema_weights()
+        return model
+    if not workdir:
+        raise ValueError("Give --checkpoint (a .keras file) or --workdir (a training directory).")
+    from keras_etsdm import training
+
+    if training.list_checkpoints(workdir):
+        return training.load_checkpoint(workdir, use_ema=use_ema)
+    files = sorted(glob.glob(os.path.join(workdir, "checkpoints", "*.keras")),
+                   key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, 'checkpoints')} "
+                                f"(neither training checkpoints nor *.keras files).")
+    return load_model_for_sampling(files[-1], use_ema=use_ema)
+
+
+def generate(model, sampler, num_samples, batch_size=64, seed=0, progress=False):
+    """``num_samples`` float32 images ``[N, H, W, C]`` (nominally in [−1, 1]).
+
+    The network is used as it is (``load_model_for_sampling`` already chose EMA or raw).
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+    if model.image_shape is None or None in model.image_shape:
+        raise ValueError("The model's network has no static image shape.")
+    noise = np.random.default_rng(seed).standard_normal(
+        (num_samples,) + tuple(model.image_shape)).astype(np.float32)
+    out = []
+    for b, start in enumerate(range(0, num_samples, batch_size)):
+        batch = noise[start:start + batch_size]
+        x = sampler.sample(model, batch, seed=[seed, b], progress=progress)
+        out.append(np.asarray(keras.ops.convert_to_numpy(x)))
+    return np.concatenate(out, axis=0)
+
+
+def to_uint8(images):
+    """[−1, 1] floats → uint8 [0, 255] (rounded, clipped)."""
+    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images):
+    """uint8 ``[N, H, W, C]`` → one uint8 ``[rows·H, cols·W, C]`` grid (cols = ceil √N)."""
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, c), np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
+    return grid
+
+
+def _atomic_write(path, data):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_outputs(images_uint8, output_dir, name="samples", metadata=None):
+    """Write ``<name>.npz`` (key ``images``, plus metadata) and ``<name>.png`` atomically."""
+    from PIL import Image
+
+    os.makedirs(output_dir, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, images=images_uint8, **{k: np.asarray(v) for k, v in (metadata or {}).items()})
+    npz_path = os.path.join(output_dir, f"{name}.npz")
+    _atomic_write(npz_path, buf.getvalue())
+    grid = image_grid(images_uint8)
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
+    png_path = os.path.join(output_dir, f"{name}.png")
+    _atomic_write(png_path, buf.getvalue())
+    return npz_path, png_path
+
+
+def parse_options(text):
+    """``"order=3,method=singlestep"`` or JSON ``'{"order": 3}'`` → a dict of arguments."""
+    import ast
+    import json
+
+    if text and text.strip().startswith("{"):
+        return json.loads(text)
+
+    options = {}
+    for item in filter(None, (p.strip() for p in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"Sampler option {item!r} is not of the form key=value.")
+        key, value = (s.strip() for s in item.split("=", 1))
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
+
+
+def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, workdir=None,
+               batch_size=64, seed=0, use_ema=True, options=None, progress=False):
+    """Everything ``bin/sample`` does. Returns the paths written."""
+    key = str(sampler_name).lower().replace("-", "_")
+    if key not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler_name!r}; expected one of {sorted(SAMPLERS)}.")
+    model = load_model_for_sampling(checkpoint, workdir, use_ema)
+    T = model.schedule.num_timesteps
+    if steps is not None and not 1 <= int(steps) <= T:
+        raise ValueError(f"steps must be between 1 and the model's T={T}, got {steps}.")
+    kwargs = dict(options or {})
+    if steps is not None:
+        kwargs["num_steps"] = int(steps)
+    sampler = get_sampler(key, schedule=model.schedule, **kwargs)
+    images = generate(model, sampler, num_samples, batch_size, seed, progress)
+    meta = {"sampler": key, "sampler_config": repr(sampler.get_config()), "seed": seed,
+            "use_ema": use_ema, "nfe": sampler.num_iterations}
+    return write_outputs(to_uint8(images), output_dir, metadata=meta)
