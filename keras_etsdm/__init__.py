@@ -7,3 +7,5 @@ from keras_etsdm.time_sharing import TimestepSharing
 from keras_etsdm.unet import build_unet, DDPM_CIFAR10, DDPM_256
 from keras_etsdm.model import DiffusionModel
 from keras_etsdm.callbacks import StopOnNonFiniteLoss, NonFiniteLossError
+from keras_etsdm.samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler,
+                                  get_sampler)
