@@ -26,3 +26,188 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
             raise NonFiniteLossError(
                 f"Training loss became non-finite ({loss}) at step {step}. Lower the learning "
                 f"rate, enable gradient clipping or check the data for NaN/inf values.")
+
+
+# ----- training-run callbacks (used by keras_etsdm.training) ---------------------------------
+# They count global steps themselves (``initial_step + batch + 1``) so that nothing has to read
+# model state every step: on JAX, touching ``self.model`` forces a host sync of all variables.
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm")
+class StepLoss(keras.metrics.Metric):
+    """The ε-MSE of the LAST training batch (``fit``'s ``loss`` is a running mean instead).
+
+    Both variables are summed across ``tf.distribute`` replicas, each holding its own batch
+    mean with count 1, so the result is the mean over replicas: the global-batch loss.
+    """
+
+    def __init__(self, name="step_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.total = self.add_variable((), initializer="zeros", dtype="float32",
+                                       aggregation="sum", name="total")
+        self.count = self.add_variable((), initializer="zeros", dtype="float32",
+                                       aggregation="sum", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_true = keras.ops.cast(y_true, "float32")
+        y_pred = keras.ops.cast(y_pred, "float32")
+        self.total.assign(keras.ops.mean(keras.ops.square(y_true - y_pred)))
+        self.count.assign(1.0)
+
+    def result(self):
+        return keras.ops.divide_no_nan(self.total, self.count)
+
+
+def _to_float(x):
+    return float(np.asarray(keras.ops.convert_to_numpy(x)))
+
+
+def current_learning_rate(optimizer):
+    """The optimizer's learning rate at its current iteration (python float)."""
+    lr = optimizer.learning_rate
+    return _to_float(lr)
+
+
+class TrainingLogger(keras.callbacks.Callback):
+    """Progress line, ``metrics.jsonl`` and TensorBoard scalars every ``log_every`` steps.
+
+    The progress line shows step / max_steps, the last-batch loss, learning rate, gradient norm
+    (when the optimizer records it), images per second and the ETA. Scalars: ``loss``,
+    ``learning_rate``, ``grad_norm``, ``images_per_second``.
+    """
+
+    def __init__(self, initial_step, max_steps, global_batch_size, log_every=50,
+                 metrics_path=None, summary_writer=None, stream=None, is_chief=True):
+        super().__init__()
+        self.initial_step = initial_step
+        self.max_steps = max_steps
+        self.global_batch_size = global_batch_size
+        self.log_every = max(1, int(log_every))
+        self.metrics_path = metrics_path
+        self.summary_writer = summary_writer
+        self.stream = stream or sys.stdout
+        self.is_chief = is_chief
+        self.history = []  # [(step, loss)] of every logged step
+        self._last_time = None
+        self._last_step = initial_step
+        self._start_time = None
+
+    def on_train_begin(self, logs=None):
+        self._start_time = self._last_time = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self.initial_step + batch + 1
+        if step % self.log_every and step != self.max_steps:
+            return
+        logs = logs or {}
+        loss = float(logs.get("step_loss", logs.get("loss", float("nan"))))
+        now = time.perf_counter()
+        elapsed = now - self._last_time
+        # The first interval includes compilation; report it but it inflates the ETA less
+        # than it seems because later intervals replace it.
+        images_per_second = (step - self._last_step) * self.global_batch_size / max(elapsed,
+                                                                                    1e-9)
+        seconds_per_step = elapsed / max(step - self._last_step, 1)
+        self._last_time, self._last_step = now, step
+        model = self.model  # syncs JAX state: needed for the optimizer's lr and grad norm
+        optimizer = model.optimizer
+        record = {"step": step, "loss": loss,
+                  "learning_rate": current_learning_rate(optimizer),
+                  "images_per_second": images_per_second,
+                  "seconds_per_step": seconds_per_step}
+        grad_norm = getattr(optimizer, "grad_norm", None)
+        if grad_norm is not None:
+            record["grad_norm"] = _to_float(grad_norm)
+        self.history.append((step, loss))
+        if not self.is_chief:
+            return
+        eta = (self.max_steps - step) * seconds_per_step
+        line = (f"step {step}/{self.max_steps}  loss {loss:.4f}  "
+                f"lr {record['learning_rate']:.2e}  "
+                + (f"|g| {record['grad_norm']:.3f}  " if "grad_norm" in record else "")
+                + f"{images_per_second:.1f} img/s  {seconds_per_step:.3f} s/step  "
+                f"ETA {_format_seconds(eta)}")
+        print(line, file=self.stream, flush=True)
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.summary_writer is not None:
+            self.summary_writer.scalars(step, {k: v for k, v in record.items() if k != "step"})
+
+
+def _format_seconds(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class PeriodicCheckpoint(keras.callbacks.Callback):
+    """Save a checkpoint every ``every`` steps, at the end, and when a stop signal arrived.
+
+    Args:
+        save_fn: ``save_fn(model, step)`` writes the checkpoint (atomically).
+        initial_step: the global step the run started from.
+        every: steps between checkpoints (0: only at the end / on a signal).
+        stop_flag: object with a boolean ``requested`` attribute (set by a signal handler);
+            when set, the callback saves and stops training after the current step.
+    """
+
+    def __init__(self, save_fn, initial_step, every, stop_flag=None):
+        super().__init__()
+        self.save_fn = save_fn
+        self.initial_step = initial_step
+        self.every = int(every)
+        self.stop_flag = stop_flag
+        self.last_saved_step = None
+        self.step = initial_step
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = self.initial_step + batch + 1
+        stop = self.stop_flag is not None and self.stop_flag.requested
+        if stop or (self.every and self.step % self.every == 0):
+            self.save_fn(self.model, self.step)
+            self.last_saved_step = self.step
+        if stop:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.last_saved_step != self.step and self.step != self.initial_step:
+            self.save_fn(self.model, self.step)
+            self.last_saved_step = self.step
+
+
+class SampleGrid(keras.callbacks.Callback):
+    """Every ``every`` steps (and at the end) sample a grid from the EMA weights.
+
+    Args:
+        grid_fn: ``grid_fn(model, step)`` draws, saves (PNG) and logs the grid.
+        initial_step, every: as in ``PeriodicCheckpoint``.
+    """
+
+    def __init__(self, grid_fn, initial_step, every, stop_flag=None):
+        super().__init__()
+        self.grid_fn = grid_fn
+        self.stop_flag = stop_flag
+        self.initial_step = initial_step
+        self.every = int(every)
+        self.step = initial_step
+        self.last_step = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = self.initial_step + batch + 1
+        if self.every and self.step % self.every == 0:
+            self.grid_fn(self.model, self.step)
+            self.last_step = self.step
+
+    def on_train_end(self, logs=None):
+        if self.stop_flag is not None and self.stop_flag.requested:
+            return  # stopping on a signal: exit promptly, the checkpoint is what matters
+        if self.every and self.last_step != self.step and self.step != self.initial_step:
+            self.grid_fn(self.model, self.step)
+            self.last_step = self.step

@@ -1,0 +1,652 @@
+"""The training run driver: model + data + optimizer + checkpoints + logging, resumable.
+
+``train(workdir, ...)`` trains a ``DiffusionModel`` with ``fit`` and the callbacks of
+``keras_etsdm.callbacks``; calling it again with the same ``workdir`` resumes from the latest
+checkpoint and continues exactly as an uninterrupted run would (same data batches, same
+t / ε / dropout draws, same optimizer and EMA state).
+
+Work directory layout::
+
+    workdir/
+      operative_config.gin        the gin configuration in effect (bin/train)
+      model_config.json           DiffusionModel config (keras serialisation): rebuilds the model
+      metrics.jsonl               one JSON record per logged step (loss, lr, grad norm, speed)
+      checkpoints/
+        ckpt-00001000/
+          model.weights.h5        network weights, EMA weights + EMA update count, and the
+                                  training-noise RNG state (``DiffusionModel.save_own_variables``)
+          optimizer.npz           optimizer variables (iterations, Adam moments, grad norm), in
+                                  ``optimizer.variables`` order ("v00000", ...)
+          rng.npz                 every other seed-generator state (e.g. dropout), by order
+          meta.json               step, variable paths and shapes, backend, versions, time
+      samples/grid-00001000.png   sample grids (DDIM from the EMA weights)
+      tensorboard/                scalars (loss, learning_rate, grad_norm, images_per_second),
+                                  sample grids, the operative config as text
+
+A checkpoint is written into a hidden temporary directory, every file fsync'ed, then renamed to
+``ckpt-<step>`` in one ``os.rename``: a kill mid-write leaves the previous checkpoints intact
+(stale temporary directories are removed at the next start). The last ``keep_checkpoints`` are
+kept. ``load_checkpoint(workdir)`` rebuilds a model for sampling / evaluation / export.
+"""
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+
+import keras
+import numpy as np
+
+from keras_etsdm import callbacks as etsdm_callbacks
+from keras_etsdm import distribute
+from keras_etsdm import folding  # noqa: F401  (registers the folding layers for load_checkpoint)
+from keras_etsdm.model import DiffusionModel
+from keras_etsdm.schedules import DiscreteVPSchedule
+from keras_etsdm.time_sharing import TimestepSharing
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_PREFIX = "ckpt-"
+MODEL_CONFIG = "model_config.json"
+WEIGHTS_FILE = "model.weights.h5"
+OPTIMIZER_FILE = "optimizer.npz"
+RNG_FILE = "rng.npz"
+META_FILE = "meta.json"
+_TMP_PREFIX = ".tmp-"
+
+
+# ----- model and optimizer ----------------------------------------------------------------
+def build_model(image_size=32, channels=1, network_fn=None, schedule=None, sharing=None,
+                use_etsdm=True, ema_decay=0.9999, seed=0):
+    """A ``DiffusionModel`` from its parts (the gin entry point for the model).
+
+    Args:
+        image_size, channels: the training images (S, C).
+        network_fn: ``network_fn(image_size=, channels=) -> keras.Model``; default
+            ``folding.build_network`` with its defaults.
+        schedule: ``DiscreteVPSchedule`` (default linear β, T = 1000).
+        sharing: ``TimestepSharing`` (default t̃ = 100, n = 5).
+        use_etsdm: False trains the DDPM baseline (``TimestepSharing(0, 0)``) with every other
+            setting unchanged — the one switch for E-TSDM-vs-DDPM comparisons.
+        ema_decay: EMA decay (with warm-up, see ``model.ema_decay_at``).
+        seed: seed of the training-noise generator (t and ε).
+    """
+    network_fn = network_fn or folding.build_network
+    network = network_fn(image_size=image_size, channels=channels)
+    schedule = schedule if schedule is not None else DiscreteVPSchedule()
+    if not use_etsdm:
+        sharing = TimestepSharing(0, 0)
+    elif sharing is None:
+        sharing = TimestepSharing(100, 5)
+    return DiffusionModel(network, schedule=schedule, sharing=sharing, ema_decay=ema_decay,
+                          seed=seed, name="diffusion_model")
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm")
+class WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
+    """``lr · min(1, (step + 1) / warmup_steps)``: linear warm-up, then constant.
+
+    ``step`` is the optimizer's iteration count before the update, so the first update already
+    uses ``lr / warmup_steps`` (not 0).
+    """
+
+    def __init__(self, learning_rate, warmup_steps=0):
+        self.learning_rate = float(learning_rate)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        lr = keras.ops.convert_to_tensor(self.learning_rate, "float32")
+        if self.warmup_steps <= 0:
+            return lr
+        step = keras.ops.cast(step, "float32")
+        return lr * keras.ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm")
+class ClippedAdam(keras.optimizers.Adam):
+    """Adam that records the global gradient norm and clips by it correctly under replicas.
+
+    ``grad_norm`` (an optimizer variable, checkpointed with the rest) holds the norm of the
+    full-batch gradient of the latest step, before clipping. Keras' own ``global_clipnorm``
+    clips each ``tf.distribute`` replica's partial gradient before the all-reduce, so the clip
+    would depend on the replica count; here the norm is taken of the all-reduced gradient and
+    every replica scales its part by the same factor (scaling commutes with the sum).
+
+    Args:
+        clip_norm: clip the gradient to this global norm (None or 0: no clipping).
+        **kwargs: ``keras.optimizers.Adam`` arguments.
+    """
+
+    def __init__(self, clip_norm=None, **kwargs):
+        super().__init__(**kwargs)
+        self.clip_norm = float(clip_norm) if clip_norm else None
+
+    def build(self, variables):
+        super().build(variables)
+        self.grad_norm = self.add_variable((), initializer="zeros", dtype="float32",
+                                           aggregation="only_first_replica", name="grad_norm")
+
+    def _clip_gradients(self, grads):
+        grads = super()._clip_gradients(grads)
+        present = [g for g in grads if g is not None]
+        summed = distribute.cross_replica_sum(present)
+        norm = keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(keras.ops.cast(g, "float32")))
+                                  for g in summed))
+        self.grad_norm.assign(norm)
+        if not self.clip_norm:
+            return grads
+        scale = keras.ops.minimum(1.0, self.clip_norm / keras.ops.maximum(norm, 1e-12))
+        return [None if g is None else g * keras.ops.cast(scale, g.dtype) for g in grads]
+
+    def get_config(self):
+        return {**super().get_config(), "clip_norm": self.clip_norm}
+
+
+def make_optimizer(learning_rate=2e-4, warmup_steps=0, grad_clip_norm=1.0, beta_1=0.9,
+                   beta_2=0.999, epsilon=1e-8, weight_decay=None):
+    """``ClippedAdam`` with a linear warm-up (the DDPM / ADM recipe: Adam, clip 1.0)."""
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
+    return ClippedAdam(clip_norm=grad_clip_norm,
+                       learning_rate=WarmupConstant(learning_rate, warmup_steps),
+                       beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
+
+
+# ----- atomic files -----------------------------------------------------------------------
+def _fsync_path(path):
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace``."""
+    tmp = f"{path}.{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ----- checkpoints ------------------------------------------------------------------------
+def _checkpoint_name(step):
+    return f"{CHECKPOINT_PREFIX}{int(step):08d}"
+
+
+def list_checkpoints(workdir):
+    """Complete checkpoints in ``workdir`` as ``[(step, path)]``, oldest first."""
+    root = os.path.join(workdir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        if not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        try:
+            step = int(name[len(CHECKPOINT_PREFIX):])
+        except ValueError:
+            continue
+        path = os.path.join(root, name)
+        if os.path.isfile(os.path.join(path, META_FILE)):
+            found.append((step, path))
+    return sorted(found)
+
+
+def latest_checkpoint(workdir):
+    """Path of the newest complete checkpoint in ``workdir``, or None."""
+    checkpoints = list_checkpoints(workdir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def _seed_states(model):
+    """Seed-generator states that ``save_weights`` does not store (dropout etc.)."""
+    weight_ids = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weight_ids]
+
+
+def _numpy(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable.value))
+
+
+def save_checkpoint(model, workdir, step, keep=3, extra_meta=None):
+    """Write checkpoint ``ckpt-<step>`` atomically and keep only the newest ``keep``.
+
+    Holds network weights, EMA weights, optimizer state (if compiled), the training-noise and
+    all other seed-generator states, and ``step``. Returns the checkpoint path.
+    """
+    root = os.path.join(workdir, CHECKPOINTS)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, _checkpoint_name(step))
+    tmp = os.path.join(root, f"{_TMP_PREFIX}{_checkpoint_name(step)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_vars = list(optimizer.variables) if optimizer is not None and optimizer.built \
+        else []
+    np.savez(os.path.join(tmp, OPTIMIZER_FILE),
+             **{f"v{i:05d}": _numpy(v) for i, v in enumerate(optimizer_vars)})
+    seeds = _seed_states(model)
+    np.savez(os.path.join(tmp, RNG_FILE), **{f"v{i:05d}": _numpy(v) for i, v in enumerate(seeds)})
+    meta = {
+        "step": int(step),
+        "time": time.time(),
+        "backend": keras.backend.backend(),
+        "keras_version": keras.__version__,
+        "optimizer_variables": [[v.path, list(v.shape)] for v in optimizer_vars],
+        "rng_variables": [[v.path, list(v.shape)] for v in seeds],
+        **(extra_meta or {}),
+    }
+    with open(os.path.join(tmp, META_FILE), "w") as f:
+        json.dump(meta, f, indent=1)
+    for name in os.listdir(tmp):
+        _fsync_path(os.path.join(tmp, name))
+    _fsync_path(tmp)
+    if os.path.exists(final):  # re-saving the same step (e.g. resumed and stopped at once)
+        trash = os.path.join(root, f"{_TMP_PREFIX}old-{_checkpoint_name(step)}-{os.getpid()}")
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_path(root)
+    if keep and keep > 0:
+        for _, old in list_checkpoints(workdir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _remove_stale_temporaries(workdir):
+    root = os.path.join(workdir, CHECKPOINTS)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.startswith(_TMP_PREFIX):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _assign_saved(variables, saved, what, path):
+    keys = sorted(saved.files)
+    if len(keys) != len(variables):
+        raise ValueError(f"Checkpoint {path} holds {len(keys)} {what} variables but the model "
+                         f"has {len(variables)}; was it written by a different configuration?")
+    for key, variable in zip(keys, variables):
+        value = saved[key]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise ValueError(f"Checkpoint {path}: {what} variable {variable.path} has shape "
+                             f"{tuple(variable.shape)} but the checkpoint holds "
+                             f"{tuple(value.shape)}.")
+        variable.assign(value)
+
+
+def restore_checkpoint(model, path, restore_optimizer=True):
+    """Load a checkpoint written by ``save_checkpoint`` into ``model``; returns its meta dict.
+
+    With ``restore_optimizer`` the model must be compiled; the optimizer is built if needed.
+    """
+    if not os.path.isfile(os.path.join(path, META_FILE)):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_FILE}).")
+    with open(os.path.join(path, META_FILE)) as f:
+        meta = json.load(f)
+    model.load_weights(os.path.join(path, WEIGHTS_FILE))
+    with np.load(os.path.join(path, RNG_FILE)) as saved:
+        _assign_saved(_seed_states(model), saved, "RNG", path)
+    if restore_optimizer:
+        optimizer = model.optimizer
+        if optimizer is None:
+            raise ValueError("restore_checkpoint(restore_optimizer=True) needs a compiled model.")
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        with np.load(os.path.join(path, OPTIMIZER_FILE)) as saved:
+            _assign_saved(list(optimizer.variables), saved, "optimizer", path)
+    return meta
+
+
+def model_from_workdir(workdir):
+    """Rebuild the (untrained) ``DiffusionModel`` described by ``workdir/model_config.json``."""
+    path = os.path.join(workdir, MODEL_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a keras_etsdm training "
+                                f"work directory (bin/train writes it).")
+    with open(path) as f:
+        config = json.load(f)
+    return keras.saving.deserialize_keras_object(config)
+
+
+def load_checkpoint(workdir, step=None, use_ema=True):
+    """A ``DiffusionModel`` with the weights of a checkpoint in ``workdir``.
+
+    Args:
+        workdir: a training work directory.
+        step: which checkpoint (default: the latest).
+        use_ema: copy the EMA weights into the network (what sampling and evaluation use);
+            ``model.ema_weights`` keep the EMA as well. False: the raw training weights.
+
+    Returns:
+        ``DiffusionModel`` (not compiled), with attribute ``checkpoint_step``.
+    """
+    checkpoints = dict(list_checkpoints(workdir))
+    if not checkpoints:
+        raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, CHECKPOINTS)}.")
+    if step is None:
+        step = max(checkpoints)
+    if step not in checkpoints:
+        raise ValueError(f"No checkpoint for step {step} in {workdir}; available steps: "
+                         f"{sorted(checkpoints)}.")
+    model = model_from_workdir(workdir)
+    restore_checkpoint(model, checkpoints[step], restore_optimizer=False)
+    if use_ema:
+        for ema, weight in zip(model.ema_weights, model._network_weights):
+            weight.assign(ema.value)
+    model.checkpoint_step = int(step)
+    return model
+
+
+# ----- logging helpers --------------------------------------------------------------------
+class SummaryWriter:
+    """TensorBoard event files via ``tf.summary.write`` (works whichever Keras backend trains).
+
+    ``tf.summary.scalar`` / ``image`` / ``text`` live in the ``tensorboard`` package, which is not
+    a dependency; the raw ``tf.summary.write`` with the plugin metadata those functions would
+    attach writes the same records, readable by any TensorBoard.
+    """
+
+    def __init__(self, logdir):
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        self._tf = tf
+        self._metadata = {
+            plugin: summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
+            for plugin in ("scalars", "images", "text")}
+        self._writer = tf.summary.create_file_writer(logdir)
+
+    def scalars(self, step, values):
+        tf = self._tf
+        with self._writer.as_default():
+            for name, value in values.items():
+                tf.summary.write(name, tf.constant(float(value), tf.float32), step=step,
+                                 metadata=self._metadata["scalars"])
+        self._writer.flush()
+
+    def image(self, name, image_uint8, step):
+        tf = self._tf
+        height, width = image_uint8.shape[:2]
+        png = tf.io.encode_png(tf.constant(image_uint8, tf.uint8))
+        tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height)), png])
+        with self._writer.as_default():
+            tf.summary.write(name, tensor, step=step, metadata=self._metadata["images"])
+        self._writer.flush()
+
+    def text(self, name, text, step=0):
+        tf = self._tf
+        with self._writer.as_default():
+            tf.summary.write(name, tf.constant(text), step=step, metadata=self._metadata["text"])
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+def image_grid(images, columns=None, padding=1):
+    """Images ``[N, H, W, C]`` in [−1, 1] → one uint8 grid ``[rows·(H+p)+p, …, C]``."""
+    images = np.asarray(images, dtype=np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"image_grid expects [N, H, W, C], got shape {images.shape}.")
+    n, h, w, c = images.shape
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    pixels = np.clip(np.round((np.nan_to_num(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    grid = np.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c), 255,
+                   np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = pixels[i]
+    return grid
+
+
+def save_png(path, image_uint8):
+    """Write an ``[H, W, C]`` uint8 image as PNG, atomically."""
+    import io
+
+    from PIL import Image
+
+    array = image_uint8[..., 0] if image_uint8.shape[-1] == 1 else image_uint8
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def default_grid_sampler(schedule=None, num_steps=20, spacing="uniform"):
+    """DDIM (η = 0) with ``num_steps`` steps on the model's schedule, or None if unavailable."""
+    try:
+        from keras_etsdm.samplers import DDIMSampler
+    except ImportError as error:
+        logging.warning("Sample grids disabled: keras_etsdm.samplers is unavailable (%s).", error)
+        return None
+    return DDIMSampler(num_steps, spacing=spacing, schedule=schedule)
+
+
+def make_grid_fn(workdir, sampler, num_samples, seed, writer=None):
+    """``grid_fn(model, step)``: EMA samples → ``samples/grid-<step>.png`` and TensorBoard."""
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+
+    def grid_fn(model, step):
+        images = model.sample(sampler, num_samples, seed=seed, use_ema=True)
+        grid = image_grid(keras.ops.convert_to_numpy(images))
+        save_png(os.path.join(workdir, "samples", f"grid-{int(step):08d}.png"), grid)
+        if writer is not None:
+            writer.image("samples_ema", grid, step)
+
+    return grid_fn
+
+
+class _StopFlag:
+    requested = False
+    signum = None
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag, enabled=True):
+    """SIGINT / SIGTERM set ``flag`` (the run saves and stops); a second SIGINT aborts."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.requested, flag.signum = True, signum
+        print(f"\nReceived {signal.Signals(signum).name}: saving a checkpoint after this step "
+              f"(press Ctrl-C again to abort without saving).", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _truncate_metrics(path, step):
+    """Drop records after ``step`` (a resumed run rewrites them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(kept))
+
+
+def _model_config(model):
+    """The model's serialised architecture (no compile settings: those come from gin)."""
+    config = keras.saving.serialize_keras_object(model)
+    config.pop("compile_config", None)
+    return config
+
+
+def _canonical(config):
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+class TrainResult:
+    """What ``train`` returns: final ``step``, ``interrupted`` (by a signal, with ``signum``),
+    ``history`` ([(step, last-batch loss)] of the logged steps) and ``model``."""
+
+    def __init__(self, step, interrupted, signum, history, model, start_step):
+        self.step, self.interrupted, self.signum = step, interrupted, signum
+        self.history, self.model, self.start_step = history, model, start_step
+
+
+# ----- the run ----------------------------------------------------------------------------
+def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_optimizer,
+          batch_size=64, max_steps=20_000, mixed_precision=None, checkpoint_every=1000,
+          keep_checkpoints=3, log_every=50, sample_every=1000, num_grid_samples=64,
+          grid_sampler_fn=default_grid_sampler, grid_seed=0, data_seed=0, distribution="auto",
+          seed=0, jit_compile=True, operative_config=None, handle_signals=True, stream=None):
+    """Train (or resume) a diffusion model in ``workdir``.
+
+    Args:
+        workdir: output directory; if it holds checkpoints the run resumes from the latest.
+        model_fn: ``() -> DiffusionModel`` (default ``build_model``).
+        dataset_fn: ``dataset_fn(global_batch_size=, image_size=, channels=, seed=,
+            start_step=) -> tf.data.Dataset`` of global batches (default
+            ``keras_etsdm.data.make_dataset``: the embedded MNIST).
+        optimizer_fn: ``() -> keras optimizer`` (default ``make_optimizer``: Adam 2e-4, clip 1).
+        batch_size: GLOBAL batch size (all replicas); must divide by the replica count.
+        max_steps: train until the optimizer has taken this many steps in total.
+        mixed_precision: None / "float32", or "mixed_bfloat16" (float32 variables and loss).
+        checkpoint_every, keep_checkpoints: checkpoint period in steps and how many to keep.
+        log_every: steps between progress lines / metrics records / TensorBoard scalars.
+        sample_every: steps between sample grids (0 disables); ``num_grid_samples`` images
+            from ``grid_sampler_fn(schedule)`` (DDIM, 20 steps) with noise seed ``grid_seed``.
+        data_seed: shuffling / flip seed of the input pipeline.
+        seed: global seed (``keras.utils.set_random_seed``) for the weight initialisation.
+        distribution: see ``keras_etsdm.distribute`` ("auto", "none", "mirrored", ...).
+        jit_compile: XLA-compile the train step.
+        operative_config: text written to ``operative_config.gin`` and TensorBoard (bin/train
+            passes gin's operative config).
+        handle_signals: SIGINT / SIGTERM save a checkpoint and stop (main thread only).
+        stream: where progress lines go (default stdout).
+
+    Returns:
+        ``TrainResult``.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+    os.makedirs(workdir, exist_ok=True)
+    _remove_stale_temporaries(workdir)
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(mixed_precision or "float32")
+    try:
+        return _train(**locals())
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,
+           checkpoint_every, keep_checkpoints, log_every, sample_every, num_grid_samples,
+           grid_sampler_fn, grid_seed, data_seed, distribution, seed, jit_compile,
+           operative_config, handle_signals, stream, previous_policy=None):
+    if dataset_fn is None:
+        from keras_etsdm.data import make_dataset as dataset_fn
+    dist = distribute.setup_distribution(distribution)
+    dist.check_global_batch(batch_size)
+    keras.utils.set_random_seed(seed)
+    with dist.scope():
+        model = model_fn()
+        if not isinstance(model, DiffusionModel):
+            raise TypeError(f"model_fn must return a DiffusionModel, got {type(model).__name__}.")
+        model.compile(optimizer=optimizer_fn(), metrics=[etsdm_callbacks.StepLoss()],
+                      jit_compile=jit_compile)
+        model.optimizer.build(model.trainable_variables)
+
+    config_path = os.path.join(workdir, MODEL_CONFIG)
+    config = _model_config(model)
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+        if _canonical(saved) != _canonical(json.loads(_canonical(config))):
+            raise ValueError(f"{workdir!r} holds a run of a different model configuration "
+                             f"({config_path}); use a new --workdir or the original config.")
+    elif dist.is_chief:
+        atomic_write_text(config_path, json.dumps(config, indent=1, default=str))
+
+    start_step = 0
+    checkpoint = latest_checkpoint(workdir)
+    if checkpoint is not None:
+        with dist.scope():
+            meta = restore_checkpoint(model, checkpoint)
+        start_step = int(meta["step"])
+        iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        if iterations != start_step:
+            raise ValueError(f"Checkpoint {checkpoint} is inconsistent: step {start_step} but "
+                             f"the optimizer has taken {iterations} steps.")
+        print(f"Resuming from {checkpoint} (step {start_step}).", file=stream or sys.stdout,
+              flush=True)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if dist.is_chief:
+        _truncate_metrics(metrics_path, start_step)
+    if start_step >= max_steps:
+        print(f"Nothing to do: step {start_step} >= max_steps {max_steps}.",
+              file=stream or sys.stdout, flush=True)
+        return TrainResult(start_step, False, None, [], model, start_step)
+
+    image_size, _, channels = model.image_shape
+    dataset = dataset_fn(global_batch_size=batch_size, image_size=image_size, channels=channels,
+                         seed=data_seed, start_step=start_step)
+
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if dist.is_chief else None
+    if operative_config is not None and dist.is_chief:
+        atomic_write_text(os.path.join(workdir, "operative_config.gin"), operative_config)
+        writer.text("operative_config", "```\n" + operative_config + "\n```", step=start_step)
+
+    flag = _StopFlag()
+    logger = etsdm_callbacks.TrainingLogger(start_step, max_steps, batch_size, log_every,
+                                            metrics_path if dist.is_chief else None, writer,
+                                            stream=stream, is_chief=dist.is_chief)
+
+    def save_fn(m, step):
+        if dist.is_chief:
+            save_checkpoint(m, workdir, step, keep=keep_checkpoints,
+                            extra_meta={"global_batch_size": batch_size,
+                                        "num_replicas": dist.num_replicas})
+
+    callbacks = [etsdm_callbacks.StopOnNonFiniteLoss(), logger,
+                 etsdm_callbacks.PeriodicCheckpoint(save_fn, start_step, checkpoint_every, flag)]
+    sampler = grid_sampler_fn(model.schedule) if sample_every and dist.is_chief else None
+    if sampler is not None:
+        grid_fn = make_grid_fn(workdir, sampler, num_grid_samples, grid_seed, writer)
+        callbacks.append(etsdm_callbacks.SampleGrid(grid_fn, start_step, sample_every, flag))
+
+    print(f"Training {model.network.count_params():,} parameters on {dist.num_replicas} "
+          f"replica(s), global batch {batch_size}, steps {start_step} → {max_steps}.",
+          file=stream or sys.stdout, flush=True)
+    try:
+        with _stop_on_signals(flag, handle_signals):
+            model.fit(dataset, epochs=1, steps_per_epoch=max_steps - start_step,
+                      callbacks=callbacks, verbose=0)
+    finally:
+        if writer is not None:
+            writer.close()
+    step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    return TrainResult(step, flag.requested, flag.signum, logger.history, model, start_step)
