@@ -86,10 +86,11 @@ def split_indices(labels, test_fraction=0.2, seed=0):
 
 
 def train_classifier(name, seed=0, epochs=20, batch_size=64, learning_rate=1e-3,
-                     test_fraction=0.2, verbose=0):
+                     test_fraction=0.2, max_train_images=None, verbose=0):
     """Train the classifier ``name`` ("digits8" or "mnist32") from ``seed``.
 
     Returns ``(model, info)``: info holds the held-out accuracy, split and settings.
+    ``max_train_images`` trains on a prefix of the training split (for quick tests).
     The split is seeded by ``split_seed = 0`` always (so every classifier seed is scored on
     the same held-out images) and the weights/shuffling by ``seed``.
     """
@@ -99,6 +100,8 @@ def train_classifier(name, seed=0, epochs=20, batch_size=64, learning_rate=1e-3,
     dataset, size = CLASSIFIER_DATASETS[name]
     images, labels = load_labelled_data(dataset)
     train_idx, test_idx = split_indices(labels, test_fraction, seed=0)
+    if max_train_images is not None:  # quick runs (tests): the first images of the split
+        train_idx = train_idx[:max_train_images]
     keras.utils.set_random_seed(seed)
     model = build_classifier(size, images.shape[-1], widths=CLASSIFIER_WIDTHS[name],
                              name=f"classifier_{name}")
@@ -114,6 +117,7 @@ def train_classifier(name, seed=0, epochs=20, batch_size=64, learning_rate=1e-3,
         order = rng.permutation(len(x_train))
         trainer.fit(x_train[order], y_train[order], batch_size=batch_size, epochs=1,
                     shuffle=False, verbose=verbose)
+    scale = feature_scale(model, images[train_idx])
     accuracy = classifier_accuracy(model, images[test_idx], labels[test_idx])
     train_accuracy = classifier_accuracy(model, images[train_idx], labels[train_idx])
     info = {"name": name, "dataset": dataset, "image_size": size, "seed": seed,
@@ -123,8 +127,21 @@ def train_classifier(name, seed=0, epochs=20, batch_size=64, learning_rate=1e-3,
             "test_accuracy": accuracy, "train_accuracy": train_accuracy,
             "backend": keras.backend.backend(), "keras_version": keras.__version__,
             "num_params": int(model.count_params()),
-            "widths": list(CLASSIFIER_WIDTHS[name])}
+            "widths": list(CLASSIFIER_WIDTHS[name]), "feature_scale": scale}
     return model, info
+
+
+def feature_scale(model, images_uint8, batch_size=500):
+    """1 / RMS of the penultimate features over ``images_uint8`` (a fixed per-classifier constant).
+
+    The extractor multiplies its features by it, so that each coordinate has unit mean square on
+    the training data, like the O(1) values of Inception's pool_3. KID's cubic kernel
+    ``(xᵀy / D + 1)³`` is built for that scale: with raw ReLU features of norm ~50 its estimate is
+    dominated by noise. FD scales by the constant squared; it is stored with the weights.
+    """
+    feats = model.predict(np.asarray(images_uint8, np.float32), batch_size=batch_size,
+                          verbose=0)["features"]
+    return float(1.0 / np.sqrt(np.mean(np.square(feats, dtype=np.float64))))
 
 
 def classifier_accuracy(model, images_uint8, labels, batch_size=500):

@@ -51,7 +51,8 @@ def _check_batch(images):
 
 
 class ClassifierExtractor(FeatureExtractor):
-    """Penultimate features (64-d) and logits of a project digit classifier.
+    """Penultimate features (64-d, times the classifier's fixed ``feature_scale``) and logits
+    of a project digit classifier.
 
     Args:
         name: "digits8" or "mnist32" (committed weights in keras_etsdm/assets).
@@ -69,6 +70,8 @@ class ClassifierExtractor(FeatureExtractor):
         self.image_size = int(self.info["image_size"])
         self.name = f"classifier_{name}"
         self.feature_dim = int(self.model.output["features"].shape[-1])
+        # Older weight files predate the normalisation; 1.0 keeps their raw features.
+        self.feature_scale = float(self.info.get("feature_scale", 1.0))
 
     def _fit_size(self, images):
         size = self.image_size
@@ -86,7 +89,7 @@ class ClassifierExtractor(FeatureExtractor):
     def __call__(self, images_uint8):
         images = self._fit_size(_check_batch(images_uint8))
         out = self.model.predict_on_batch(images.astype(np.float32))
-        return {"features": np.asarray(out["features"], np.float32),
+        return {"features": np.asarray(out["features"], np.float32) * self.feature_scale,
                 "logits": np.asarray(out["logits"], np.float32)}
 
 
