@@ -522,7 +522,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
           batch_size=64, max_steps=20_000, mixed_precision=None, checkpoint_every=1000,
           keep_checkpoints=3, log_every=50, sample_every=1000, num_grid_samples=64,
           grid_sampler_fn=default_grid_sampler, grid_seed=0, data_seed=0, distribution="auto",
-          seed=0, jit_compile=True, operative_config=None, handle_signals=True, stream=None):
+          seed=0, jit_compile=True, operative_config_fn=None, handle_signals=True, stream=None):
     """Train (or resume) a diffusion model in ``workdir``.
 
     Args:
@@ -543,8 +543,9 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
         seed: global seed (``keras.utils.set_random_seed``) for the weight initialisation.
         distribution: see ``keras_etsdm.distribute`` ("auto", "none", "mirrored", ...).
         jit_compile: XLA-compile the train step.
-        operative_config: text written to ``operative_config.gin`` and TensorBoard (bin/train
-            passes gin's operative config).
+        operative_config_fn: ``() -> str`` called once the model and data are built; the text is
+            written to ``operative_config.gin`` and TensorBoard (bin/train passes
+            ``gin.operative_config_str``).
         handle_signals: SIGINT / SIGTERM save a checkpoint and stop (main thread only).
         stream: where progress lines go (default stdout).
 
@@ -566,7 +567,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
 def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,
            checkpoint_every, keep_checkpoints, log_every, sample_every, num_grid_samples,
            grid_sampler_fn, grid_seed, data_seed, distribution, seed, jit_compile,
-           operative_config, handle_signals, stream, previous_policy=None):
+           operative_config_fn, handle_signals, stream, previous_policy=None):
     if dataset_fn is None:
         from keras_etsdm.data import make_dataset as dataset_fn
     dist = distribute.setup_distribution(distribution)
@@ -616,6 +617,7 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
                          seed=data_seed, start_step=start_step)
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if dist.is_chief else None
+    operative_config = operative_config_fn() if operative_config_fn is not None else None
     if operative_config is not None and dist.is_chief:
         atomic_write_text(os.path.join(workdir, "operative_config.gin"), operative_config)
         writer.text("operative_config", "```\n" + operative_config + "\n```", step=start_step)
@@ -648,5 +650,7 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
     finally:
         if writer is not None:
             writer.close()
+    if operative_config_fn is not None and dist.is_chief:  # now also lists the grid sampler
+        atomic_write_text(os.path.join(workdir, "operative_config.gin"), operative_config_fn())
     step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     return TrainResult(step, flag.requested, flag.signum, logger.history, model, start_step)
