@@ -158,34 +158,35 @@ def folder_dataset(path, image_size, channels, global_batch_size, seed=0, start_
                                     seed=seed, start_step=start_step, random_flip=random_flip)
 
 
+_LMDB_ENVS = {}
+_LMDB_LOCK = threading.Lock()
+
+
+def _lmdb_env(path):
+    """One read-only LMDB handle per (path, process): lmdb refuses to open an environment twice
+    in a process, and handles do not survive a fork."""
+    import lmdb
+
+    key = (os.path.abspath(path), os.getpid())
+    with _LMDB_LOCK:
+        if key not in _LMDB_ENVS:
+            _LMDB_ENVS[key] = lmdb.open(path, readonly=True, lock=False, readahead=False,
+                                        meminit=False, max_readers=126,
+                                        subdir=os.path.isdir(path))
+        return _LMDB_ENVS[key]
+
+
 class _LmdbReader:
-    """Per-process read-only LMDB handle with the sorted key list (LSUN layout)."""
+    """Reads LSUN-layout LMDB records (key → encoded image) by index of the sorted keys."""
 
     def __init__(self, path):
-        import lmdb
-
         self.path = path
-        self._env = None
-        self._pid = None
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False,
-                        max_readers=64, subdir=os.path.isdir(path))
-        with env.begin(write=False) as txn:
+        with _lmdb_env(path).begin(write=False) as txn:
             self.keys = [key for key, _ in txn.cursor()]
-        env.close()
-
-    def _handle(self):
-        import lmdb
-
-        if self._env is None or self._pid != os.getpid():  # LMDB handles don't survive fork
-            self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False,
-                                  meminit=False, max_readers=64,
-                                  subdir=os.path.isdir(self.path))
-            self._pid = os.getpid()
-        return self._env
 
     def read(self, index):
         key = self.keys[index]
-        with self._handle().begin(write=False) as txn:
+        with _lmdb_env(self.path).begin(write=False) as txn:
             value = txn.get(key)
         if value is None:
             raise KeyError(f"key {key!r} vanished from {self.path}")

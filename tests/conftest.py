@@ -1,0 +1,37 @@
+"""Shared pytest fixtures and session set-up (additive: append, don't rewrite)."""
+
+import os
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A persistent XLA compilation cache for JAX: tiny test models still cost one XLA compile per
+# initializer shape and per train step; identical programs across tests (and across test runs)
+# are then compiled once. Must be set before JAX is imported.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.expanduser("~"), ".cache", "keras_etsdm_tests_jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def repo_root():
+    """Absolute path of the repository (bin/, gin/ live here)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def subprocess_env():
+    """Environment for running bin/ scripts or helper processes from tests (same backend)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def python_executable():
+    return sys.executable
