@@ -114,12 +114,26 @@ def _inputs(seed=0):
     return inputs
 
 
+def _write_workdir(model, workdir, step):
+    """A training work directory as bin/train leaves it: model config + one checkpoint."""
+    from keras_etsdm import training
+
+    os.makedirs(workdir, exist_ok=True)
+    config = keras.saving.serialize_keras_object(model)
+    with open(os.path.join(workdir, training.MODEL_CONFIG), "w") as f:
+        json.dump(config, f, default=str)
+    training.save_checkpoint(model, workdir, step)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """Export through the bin/export path: train-style work dir → checkpoint → SavedModel."""
     model = _tiny_model()
     sampler = DDIMSampler(num_steps=4, schedule=model.schedule)
+    workdir = tmp_path_factory.mktemp("run")
+    _write_workdir(model, workdir, step=7)
     out_dir = tmp_path_factory.mktemp("export") / "model"
-    meta = export.export_savedmodel(model, out_dir, sampler=sampler)
+    meta = export.export_checkpoint(out_dir, workdir=workdir, sampler="ddim", steps=4)
     inputs = _inputs()
     served = _serve(out_dir, inputs, tmp_path_factory.mktemp("serve"))
     return {"model": model, "sampler": sampler, "dir": out_dir, "meta": meta,
@@ -200,6 +214,7 @@ def test_metadata(exported):
     assert meta["steps"] == 4 and meta["nfe"] == 4 and meta["stochastic"] is False
     assert meta["image_shape"] == list(IMAGE)
     assert meta["weights"] == "ema"
+    assert meta["checkpoint_step"] == 7
     assert meta["serving_default"] == "sample"
     assert set(meta["signatures"]) == {"denoise", "sample", "metadata"}
 
@@ -209,6 +224,23 @@ def test_existing_out_dir_needs_overwrite(exported):
     with pytest.raises(FileExistsError, match="overwrite"):
         export.export_savedmodel(exported["model"], exported["dir"])
     assert os.listdir(exported["dir"]) == before
+
+
+def test_overwrite_replaces_an_earlier_export(tmp_path):
+    """A denoise-only export (serving_default = denoise) replaces an earlier one in place."""
+    out_dir = tmp_path / "model"
+    out_dir.mkdir()
+    (out_dir / "saved_model.pb").write_bytes(b"an earlier export")
+    (out_dir / "stale.txt").write_text("from the earlier export")
+    meta = export.export_savedmodel(_tiny_model(), out_dir, sampler=None, use_ema=False,
+                                    overwrite=True)
+    assert not (out_dir / "stale.txt").exists()
+    assert (out_dir / "saved_model.pb").read_bytes() != b"an earlier export"
+    assert export.read_export_metadata(out_dir) == meta
+    assert meta["serving_default"] == "denoise" and meta["sampler"] is None
+    assert meta["weights"] == "raw"
+    assert set(meta["signatures"]) == {"denoise", "metadata"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left behind
 
 
 def test_overwrite_refuses_a_directory_that_is_not_an_export(tmp_path):
