@@ -646,7 +646,7 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
     try:
         with _stop_on_signals(flag, handle_signals):
             model.fit(dataset, epochs=1, steps_per_epoch=max_steps - start_step,
-                      callbacks=callbacks, verbose=0)
+                      callbacks=callbacks, verbose=0, shuffle=False)
     finally:
         if writer is not None:
             writer.close()

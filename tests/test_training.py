@@ -1,0 +1,217 @@
+"""The run driver: exact stop-and-resume, checkpoint layout and loading, logging, grids, gin."""
+
+import functools
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from keras_etsdm import distribute, folding, training
+from keras_etsdm.data import make_dataset
+
+TOTAL, SPLIT = 4, 2
+
+
+def tiny_model_fn(seed=3):
+    network = functools.partial(folding.build_network, base_channels=8, channel_mult=(1, 2),
+                                num_res_blocks=1, attention_resolutions=(), dropout=0.1)
+    return functools.partial(training.build_model, image_size=8, channels=1,
+                             network_fn=network, ema_decay=0.9, seed=seed)
+
+
+def tiny_grid_sampler(schedule):
+    return training.default_grid_sampler(schedule, num_steps=2)
+
+
+def run_kwargs(**overrides):
+    kwargs = dict(model_fn=tiny_model_fn(),
+                  dataset_fn=functools.partial(make_dataset, source="embedded", name="digits"),
+                  optimizer_fn=functools.partial(training.make_optimizer, learning_rate=1e-3,
+                                                 warmup_steps=2, grad_clip_norm=1.0),
+                  batch_size=8, log_every=1, checkpoint_every=1, keep_checkpoints=2,
+                  sample_every=0, distribution="none", handle_signals=False)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def all_state(model):
+    """Every variable that a resumed run must reproduce, as numpy arrays."""
+    values = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in model.variables]
+    values += [np.asarray(keras.ops.convert_to_numpy(v.value))
+               for v in model.optimizer.variables]
+    return values
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One uninterrupted run of TOTAL steps and one stopped at SPLIT and resumed."""
+    root = tmp_path_factory.mktemp("runs")
+    full = training.train(str(root / "full"), max_steps=TOTAL,
+                          **run_kwargs(sample_every=TOTAL, num_grid_samples=4,
+                                       grid_sampler_fn=tiny_grid_sampler,
+                                       operative_config_fn=lambda: "# operative config\n"))
+    first = training.train(str(root / "split"), max_steps=SPLIT, **run_kwargs())
+    second = training.train(str(root / "split"), max_steps=TOTAL, **run_kwargs())
+    return {"root": root, "full": full, "first": first, "second": second}
+
+
+def test_resume_reproduces_the_loss_curve(runs):
+    full = runs["full"].history
+    resumed = runs["first"].history + runs["second"].history
+    assert [s for s, _ in full] == list(range(1, TOTAL + 1))
+    assert [s for s, _ in resumed] == list(range(1, TOTAL + 1))
+    assert runs["second"].start_step == SPLIT
+    np.testing.assert_allclose([l for _, l in resumed], [l for _, l in full], rtol=1e-6)
+    # Training did something (the loss moved), so the equality is not vacuous.
+    assert len({round(l, 6) for _, l in full}) == TOTAL
+
+
+def test_resume_reproduces_weights_ema_optimizer_and_rng(runs):
+    full, resumed = all_state(runs["full"].model), all_state(runs["second"].model)
+    assert len(full) == len(resumed)
+    for a, b in zip(full, resumed):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    assert int(keras.ops.convert_to_numpy(runs["second"].model.optimizer.iterations)) == TOTAL
+
+
+def test_checkpoint_layout_keep_last_k_and_logs(runs):
+    workdir = str(runs["root"] / "full")
+    steps = [s for s, _ in training.list_checkpoints(workdir)]
+    assert steps == [TOTAL - 1, TOTAL]  # keep_checkpoints=2
+    latest = training.latest_checkpoint(workdir)
+    assert sorted(os.listdir(latest)) == sorted([training.WEIGHTS_FILE, training.OPTIMIZER_FILE,
+                                                 training.RNG_FILE, training.META_FILE])
+    with open(os.path.join(latest, training.META_FILE)) as f:
+        meta = json.load(f)
+    assert meta["step"] == TOTAL and meta["global_batch_size"] == 8
+    assert meta["rng_variables"]  # dropout seed states are saved
+    assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints"))
+                if n.startswith(".tmp")]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, TOTAL + 1))
+    assert all({"loss", "learning_rate", "grad_norm", "images_per_second"} <= set(r)
+               for r in records)
+    # Linear warm-up over 2 steps: lr(step k) is read after k updates: min(1, (k + 1) / 2).
+    np.testing.assert_allclose([r["learning_rate"] for r in records], [1e-3] * TOTAL, rtol=1e-6)
+    assert all(r["grad_norm"] > 0 for r in records)
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    with open(os.path.join(workdir, "operative_config.gin")) as f:
+        assert f.read() == "# operative config\n"
+    # The resumed run's metrics file has each step once.
+    with open(str(runs["root"] / "split" / "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, TOTAL + 1))
+
+
+def test_sample_grid_png_written(runs):
+    from PIL import Image
+
+    path = os.path.join(str(runs["root"] / "full"), "samples", f"grid-{TOTAL:08d}.png")
+    with Image.open(path) as image:
+        # 4 samples of 8x8 in a 2x2 grid with 1-pixel padding: 2*9+1 = 19.
+        assert image.size == (19, 19) and image.mode == "L"
+
+
+def test_load_checkpoint_ema_and_raw(runs):
+    workdir = str(runs["root"] / "full")
+    trained = runs["full"].model
+    ema = training.load_checkpoint(workdir)
+    raw = training.load_checkpoint(workdir, use_ema=False)
+    assert ema.checkpoint_step == TOTAL
+    for w_ema, w_raw, e, w in zip(ema.network.trainable_variables,
+                                  raw.network.trainable_variables, trained.ema_weights,
+                                  trained.network.trainable_variables):
+        np.testing.assert_allclose(np.asarray(w_ema.value), np.asarray(e.value), atol=1e-7)
+        np.testing.assert_allclose(np.asarray(w_raw.value), np.asarray(w.value), atol=1e-7)
+    older = training.load_checkpoint(workdir, step=TOTAL - 1)
+    assert older.checkpoint_step == TOTAL - 1
+    with pytest.raises(ValueError, match="No checkpoint for step 1 .*available steps"):
+        training.load_checkpoint(workdir, step=1)
+
+
+def test_resume_when_finished_is_a_no_op(runs):
+    result = training.train(str(runs["root"] / "split"), max_steps=TOTAL, **run_kwargs())
+    assert result.step == TOTAL and result.history == []
+
+
+def test_incomplete_or_temporary_checkpoints_are_ignored_and_cleaned(runs, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(str(runs["root"] / "full"), workdir)
+    root = os.path.join(workdir, "checkpoints")
+    os.makedirs(os.path.join(root, ".tmp-ckpt-00000099-123"))     # killed mid-write
+    os.makedirs(os.path.join(root, "ckpt-00000050"))              # no meta.json: incomplete
+    assert training.latest_checkpoint(workdir).endswith(f"ckpt-{TOTAL:08d}")
+    training._remove_stale_temporaries(workdir)
+    assert not os.path.exists(os.path.join(root, ".tmp-ckpt-00000099-123"))
+
+
+def test_different_model_in_same_workdir_is_a_clear_error(runs, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "changed")
+    shutil.copytree(str(runs["root"] / "split"), workdir)
+    config_path = os.path.join(workdir, training.MODEL_CONFIG)
+    with open(config_path) as f:
+        config = json.load(f)
+    config["config"]["ema_decay"] = 0.5  # as if the run had been started with another config
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="different model configuration"):
+        training.train(workdir, max_steps=TOTAL + 1, **run_kwargs())
+
+
+# ----- pieces that need no training ---------------------------------------------------------
+def test_warmup_schedule_values():
+    schedule = training.WarmupConstant(1e-3, warmup_steps=4)
+    got = [float(keras.ops.convert_to_numpy(schedule(s))) for s in range(6)]
+    np.testing.assert_allclose(got, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+    constant = training.WarmupConstant(1e-3)
+    assert float(keras.ops.convert_to_numpy(constant(0))) == pytest.approx(1e-3)
+
+
+def test_clipped_adam_records_norm_and_clips():
+    optimizer = training.ClippedAdam(clip_norm=1.0, learning_rate=0.1)
+    variables = [keras.Variable(np.zeros(2, np.float32)), keras.Variable(np.zeros((), np.float32))]
+    optimizer.build(variables)
+    grads = [keras.ops.convert_to_tensor(np.array([3.0, 0.0], np.float32)),
+             keras.ops.convert_to_tensor(np.float32(4.0))]
+    clipped = optimizer._clip_gradients(grads)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(clipped[0]), [0.6, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(clipped[1]), 0.8, rtol=1e-6)
+    assert float(keras.ops.convert_to_numpy(optimizer.grad_norm)) == pytest.approx(5.0)
+    loose = training.ClippedAdam(clip_norm=None, learning_rate=0.1)
+    loose.build(variables)
+    unclipped = loose._clip_gradients(grads)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(unclipped[0]), [3.0, 0.0])
+
+
+def test_image_grid_layout():
+    images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (-1.0, 0.0, 1.0)])
+    grid = training.image_grid(images, columns=2, padding=1)
+    assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 1) and grid.dtype == np.uint8
+    assert np.all(grid[1:3, 1:4] == 0) and np.all(grid[1:3, 5:8] == 128)
+    assert np.all(grid[4:6, 1:4] == 255) and np.all(grid[4:6, 5:8] == 255)  # empty cell: white
+    with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
+        training.image_grid(np.zeros((2, 3, 4)))
+
+
+def test_global_batch_must_divide_across_replicas():
+    dist = distribute.Distribution("mirrored", 2)
+    assert dist.check_global_batch(8) == 4
+    with pytest.raises(ValueError, match="does not divide evenly across 2 replicas"):
+        dist.check_global_batch(7)
+    with pytest.raises(ValueError, match="Unknown distribution mode"):
+        distribute.setup_distribution("everywhere")
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = str(tmp_path / "f.txt")
+    training.atomic_write_text(path, "first")
+    training.atomic_write_text(path, "second")
+    assert open(path).read() == "second"
+    assert os.listdir(str(tmp_path)) == ["f.txt"]
