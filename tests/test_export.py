@@ -289,3 +289,22 @@ def test_bin_export_missing_checkpoint_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "bin/export: error: No checkpoint in work directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_stochastic_sampler_takes_a_seed(tmp_path):
+    """DDIM η = 1: ``sample(noise, seed)`` reproduces ``sampler.sample(model, noise, seed)``."""
+    model = _tiny_model()
+    sampler = DDIMSampler(num_steps=3, eta=1.0, schedule=model.schedule)
+    meta = export.export_savedmodel(model, tmp_path / "model", sampler=sampler)
+    assert meta["stochastic"] is True and "seed" in meta["signatures"]["sample"]["inputs"]
+    inputs = _inputs(seed=3)
+    inputs["seed"] = np.array([11, 5], dtype="int32")
+    served = _serve(tmp_path / "model", inputs, tmp_path)
+    with model.ema_scope():
+        x0 = sampler.sample(model, inputs["noise4"], seed=inputs["seed"])
+        other_seed = sampler.sample(model, inputs["noise4"], seed=np.array([12, 5], "int32"))
+    expected = etsdm_backend.to_numpy(export.images_to_uint8(x0)).astype(int)
+    other = etsdm_backend.to_numpy(export.images_to_uint8(other_seed)).astype(int)
+    assert np.abs(expected - other).max() > 10  # the seed matters
+    assert np.abs(served["sample4"].astype(int) - expected).max() <= 1
