@@ -31,7 +31,10 @@ def run_kwargs(**overrides):
                   optimizer_fn=functools.partial(training.make_optimizer, learning_rate=1e-3,
                                                  warmup_steps=2, grad_clip_norm=1.0),
                   batch_size=8, log_every=1, checkpoint_every=1, keep_checkpoints=2,
-                  sample_every=0, distribution="none", handle_signals=False)
+                  sample_every=0, distribution="none", handle_signals=False,
+                  # XLA compilation of a TF train step costs minutes on 2 loaded cores; the
+                  # graph-mode tf.function exercises the same resume logic.
+                  jit_compile=keras.backend.backend() == "jax")
     kwargs.update(overrides)
     return kwargs
 
