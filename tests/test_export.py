@@ -197,6 +197,19 @@ def test_sample_matches_library(exported):
         np.testing.assert_array_equal(served[f"default{b}"], got)
 
 
+def test_weights_are_stored_once_as_variables(exported):
+    """The weights live in variables/ (shared by all signatures), not as graph constants."""
+    model, out_dir = exported["model"], exported["dir"]
+    with model.ema_scope():
+        weights = [etsdm_backend.to_numpy(w.value) for w in model.network.weights]
+    total = sum(w.nbytes for w in weights)
+    data = out_dir / "variables" / "variables.data-00000-of-00001"
+    assert total <= data.stat().st_size < 1.5 * total
+    largest = max(weights, key=lambda w: w.size).astype("<f4").tobytes()
+    assert largest in data.read_bytes()
+    assert largest not in (out_dir / "saved_model.pb").read_bytes()
+
+
 def test_metadata(exported):
     meta = json.loads(str(exported["served"]["metadata"]))
     assert meta == exported["meta"]
