@@ -19,8 +19,55 @@ def num_groups(channels, max_groups=32):
     return 1
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class GroupNorm(layers.GroupNormalization):
+    """``keras.layers.GroupNormalization`` with a faster channels-last forward and backward.
+
+    Same weights (``gamma``, ``beta``), config and math (two-pass mean and variance over
+    ``H·W·C/G`` values per group, in float32), but the sums run first over the spatial
+    positions (a reduction over major axes, vectorised along the channels) and only then over
+    the channels of each group, instead of reducing a ``[B, H, W, G, C/G]`` view over three
+    non-adjacent axes. Forward + backward is ~2.5× faster on JAX / XLA CPU and ~1.5× on
+    TensorFlow (benchmarks/profile_components.py). Inputs other than rank-4 channels-last use
+    the parent implementation.
+
+    ``[B, H, W, C]`` → ``[B, H, W, C]``.
+    """
+
+    def call(self, inputs):
+        if len(inputs.shape) != 4 or self.axis not in (-1, 3):
+            return super().call(inputs)
+        channels = inputs.shape[-1]
+        groups = self.groups
+        per_group = channels // groups
+        x = ops.cast(inputs, _statistics_dtype(inputs.dtype))
+        batch = ops.shape(x)[0]
+        x = ops.reshape(x, (batch, -1, channels))  # [B, H·W, C]
+        count = ops.cast(ops.shape(x)[1] * per_group, x.dtype)
+
+        def group_mean(per_channel_sum):  # [B, C] sums over H·W → [B, 1, C] group means
+            sums = ops.sum(ops.reshape(per_channel_sum, (batch, groups, per_group)), axis=2,
+                           keepdims=True)
+            means = ops.broadcast_to(sums / count, (batch, groups, per_group))
+            return ops.reshape(means, (batch, 1, channels))
+
+        centred = x - group_mean(ops.sum(x, axis=1))
+        inv_std = ops.rsqrt(group_mean(ops.sum(ops.square(centred), axis=1)) + self.epsilon)
+        if self.scale:
+            inv_std = inv_std * ops.cast(self.gamma, x.dtype)
+        out = centred * inv_std
+        if self.center:
+            out = out + ops.cast(self.beta, x.dtype)
+        return ops.cast(ops.reshape(out, ops.shape(inputs)), self.compute_dtype)
+
+
+def _statistics_dtype(dtype):
+    """float32 for half-precision inputs (group statistics overflow in float16), else as is."""
+    return keras.backend.result_type(dtype, "float32")
+
+
 def group_norm(channels, name=None):
-    return layers.GroupNormalization(groups=num_groups(channels), epsilon=1e-5, name=name)
+    return GroupNorm(groups=num_groups(channels), epsilon=1e-5, name=name)
 
 
 def _conv(filters, kernel_size=3, strides=1, name=None, zero_init=False):
@@ -193,11 +240,21 @@ class AttentionBlock(layers.Layer):
         shape = ops.shape(x)
         b, h, w, c = shape[0], shape[1], shape[2], x.shape[-1]
         heads = self.num_heads
-        qkv = self.qkv(ops.reshape(self.norm(x), (b, h * w, c)))
-        qkv = ops.reshape(qkv, (b, h * w, 3, heads, c // heads))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = ops.dot_product_attention(q, k, v)  # [B, L, heads, c/heads]
-        out = self.proj(ops.reshape(out, (b, h * w, c)))
+        head_dim = c // heads
+        qkv = self.qkv(ops.reshape(self.norm(x), (b, h * w, c)))  # [B, L, 3C]: q | k | v
+        # Explicit batched matmuls instead of ops.dot_product_attention: same math, but it
+        # avoids the [B, L, heads, d] ↔ [B, heads, L, d] layout shuffles (none at all with one
+        # head); fwd + bwd ~1.1× faster on JAX CPU with 1 head, 2× with 4, ~1.5× on TF.
+        q = qkv[..., :c] * (1.0 / math.sqrt(head_dim))
+        k, v = qkv[..., c:2 * c], qkv[..., 2 * c:]
+        if heads > 1:
+            q, k, v = (ops.transpose(ops.reshape(a, (b, h * w, heads, head_dim)), (0, 2, 1, 3))
+                       for a in (q, k, v))
+        weights = ops.softmax(ops.matmul(q, ops.swapaxes(k, -1, -2)), axis=-1)  # [.., L, L]
+        out = ops.matmul(weights, v)
+        if heads > 1:
+            out = ops.reshape(ops.transpose(out, (0, 2, 1, 3)), (b, h * w, c))
+        out = self.proj(out)
         return x + ops.reshape(out, (b, h, w, c))
 
     def compute_output_shape(self, input_shape):
