@@ -1,0 +1,183 @@
+"""Shared machinery of the benchmarks: worker subprocesses that take turns, statistics, matmul rates.
+
+The Keras backend is fixed when keras is imported, so every framework runs in its own worker
+process. The parent starts all workers, lets each build and warm up, and then asks them in turn
+(jax, tensorflow, torch, jax, ...) to run one timed repeat, so that slow drifts of the machine
+(other load, thermal state) hit every framework alike. Workers wait idle while another runs.
+
+Protocol: the parent writes one JSON object per line to a worker's stdin; the worker answers
+with one line ``@@BENCH <json>`` on stdout (everything else a library prints is ignored).
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+RESULT_PREFIX = "@@BENCH "
+
+
+# ----- statistics ---------------------------------------------------------------------------
+def summarize(values):
+    """Median, inter-quartile range and count of repeated measurements (seconds, rates...)."""
+    values = np.asarray(values, dtype=np.float64)
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return {"median": float(q50), "iqr": float(q75 - q25), "n": int(values.size),
+            "min": float(values.min()), "max": float(values.max())}
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine_description():
+    """One line: CPU model, core count, load average (the numbers depend on all three)."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    return (f"{model}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} "
+            f"{load[2]:.2f}")
+
+
+# ----- float32 matmul rates -----------------------------------------------------------------
+def matmul_flops(n):
+    return 2.0 * n ** 3
+
+
+def time_repeated(fn, repeats, min_time=0.0):
+    """Run ``fn`` (which must block until done) ``repeats`` times; list of seconds per call."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def numpy_matmul_gflops(n=1024, repeats=5):
+    """Median float32 GFLOP/s of an ``n×n @ n×n`` matmul in numpy (BLAS)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up
+    times = time_repeated(lambda: a @ b, repeats)
+    return matmul_flops(n) / np.median(times) / 1e9
+
+
+def framework_matmul_fn(framework, n=1024):
+    """A zero-argument blocking function doing one ``n×n`` float32 matmul in ``framework``."""
+    rng = np.random.default_rng(0)
+    a_np = rng.standard_normal((n, n), dtype=np.float32)
+    b_np = rng.standard_normal((n, n), dtype=np.float32)
+    if framework == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        a, b = jnp.asarray(a_np), jnp.asarray(b_np)
+        f = jax.jit(jnp.matmul)
+        return lambda: f(a, b).block_until_ready()
+    if framework == "tensorflow":
+        import tensorflow as tf
+
+        a, b = tf.constant(a_np), tf.constant(b_np)
+        f = tf.function(tf.matmul)
+        return lambda: f(a, b).numpy()
+    if framework == "torch":
+        import torch
+
+        a, b = torch.from_numpy(a_np), torch.from_numpy(b_np)
+        return lambda: torch.mm(a, b)
+    if framework == "numpy":
+        return lambda: a_np @ b_np
+    raise ValueError(f"Unknown framework {framework!r}; expected jax, tensorflow, torch or numpy.")
+
+
+# ----- worker side --------------------------------------------------------------------------
+def reply(payload):
+    sys.stdout.write(RESULT_PREFIX + json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+def worker_loop(handlers):
+    """Serve requests ``{"cmd": name, ...}`` from stdin with ``handlers[name](request)``.
+
+    A handler returns a JSON-able dict. ``{"cmd": "exit"}`` (or EOF) ends the loop. Errors are
+    sent back as ``{"error": "..."}`` so that the parent can report them and stop cleanly.
+    """
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["cmd"] == "exit":
+            break
+        try:
+            result = handlers[request["cmd"]](request)
+        except Exception as e:  # report to the parent instead of dying silently
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
+            result = {"error": f"{type(e).__name__}: {e}"}
+        result["peak_rss_mib"] = peak_rss_mib()
+        reply(result)
+
+
+# ----- parent side --------------------------------------------------------------------------
+class Worker:
+    """A benchmark worker subprocess (one framework / Keras backend)."""
+
+    def __init__(self, name, argv, env=None, log_path=None):
+        self.name = name
+        full_env = dict(os.environ)
+        full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        full_env.update(env or {})
+        self._log = open(log_path or os.devnull, "w")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, env=full_env, text=True, bufsize=1)
+
+    def request(self, cmd, **kwargs):
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX):])
+                if "error" in result:
+                    raise RuntimeError(f"worker {self.name}, command {cmd}: {result['error']}")
+                return result
+        raise RuntimeError(f"worker {self.name} exited (code {self.proc.wait()}) during {cmd!r}; "
+                           f"see its log.")
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self._log.close()
+
+
+def interleave(workers, cmd, repeats, **kwargs):
+    """Ask every worker in turn, ``repeats`` rounds; ``{worker name: [results...]}``."""
+    results = {w.name: [] for w in workers}
+    for _ in range(repeats):
+        for w in workers:
+            results[w.name].append(w.request(cmd, **kwargs))
+    return results
+
+
+def write_json_atomic(path, data):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,247 @@
+"""Images/s of a DiffusionModel training step on each Keras backend, and GFLOP/s vs matmul.
+
+Fixed small configuration (issue 2): 32×32×3 images, base_channels 64, channel_mult
+(1, 2, 2, 2), 2 res blocks, attention at 16×16, dropout 0.1, batch 32, Adam, EMA on; the
+step is ``DiffusionModel.fit`` (noise-prediction MSE) exactly as a user runs it.
+
+Each backend runs in its own worker process (the backend is fixed at import); the workers take
+turns, one timed repeat each, warm-up excluded; medians and inter-quartile ranges over the
+repeats are reported. Achieved GFLOP/s uses the model FLOPs of a training step, 3 × the forward
+FLOPs counted by XLA's cost analysis (forward + backward ≈ 3 × forward), against float32
+matmul rates measured at the same time in numpy and in each framework.
+
+    python benchmarks/train_step.py                      # jax and tensorflow, defaults
+    python benchmarks/train_step.py --repeats 7 --steps 4 --json /tmp/train_step.json
+    python benchmarks/train_step.py --backends jax --tf_jit_compile false,true
+
+``--tf_jit_compile`` runs one TensorFlow worker per value (``auto`` is Keras' default, which is
+no XLA on a CPU-only machine).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+SMALL_CONFIG = dict(base_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                    attention_resolutions=(16,), dropout=0.1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backends", default="jax,tensorflow",
+                   help="comma-separated Keras backends (jax, tensorflow, torch)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--base_channels", type=int, default=SMALL_CONFIG["base_channels"])
+    p.add_argument("--steps", type=int, default=3, help="training steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per backend")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    p.add_argument("--matmul_n", type=int, default=1024)
+    p.add_argument("--tf_jit_compile", default="auto",
+                   help="comma-separated values of compile(jit_compile=...) for TensorFlow")
+    p.add_argument("--jax_steps_per_execution", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write all results to this JSON file")
+    p.add_argument("--logdir", default=None, help="worker stderr logs go here")
+    # Worker mode (internal).
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--jit_compile", default="auto", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ----- worker ---------------------------------------------------------------------------------
+def _jit_value(text):
+    return {"auto": "auto", "true": True, "false": False}[text.lower()]
+
+
+def build_model(args):
+    import keras
+
+    from keras_etsdm import DiffusionModel, build_unet
+
+    keras.utils.set_random_seed(0)
+    config = dict(SMALL_CONFIG, base_channels=args.base_channels)
+    network = build_unet(image_size=args.image_size, channels=3, **config)
+    model = DiffusionModel(network, ema_decay=0.9999, seed=0)
+    kwargs = {}
+    if keras.backend.backend() == "jax":
+        kwargs["steps_per_execution"] = args.jax_steps_per_execution
+    model.compile(optimizer=keras.optimizers.Adam(2e-4),
+                  jit_compile=_jit_value(args.jit_compile), **kwargs)
+    return model
+
+
+def forward_flops_per_image(network, batch, image_size):
+    """Forward FLOPs per image counted by XLA's cost analysis (JAX backend only)."""
+    import jax
+    import jax.numpy as jnp
+
+    tv = [v.value for v in network.trainable_variables]
+    ntv = [v.value for v in network.non_trainable_variables]
+
+    def forward(tv, ntv, x, t):
+        return network.stateless_call(tv, ntv, {"x": x, "t": t}, training=False)[0]
+
+    x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+    t = jnp.zeros((batch,), jnp.float32)
+    cost = jax.jit(forward).lower(tv, ntv, x, t).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"]) / batch
+
+
+def worker_main(args):
+    import keras
+
+    backend = keras.backend.backend()
+    model = build_model(args)
+    steps = args.steps
+    rng = np.random.default_rng(0)
+    data = rng.uniform(-1, 1, size=(steps * args.batch, args.image_size, args.image_size, 3))
+    data = data.astype(np.float32)
+    state = {}
+
+    def fit(num_steps):
+        model.fit(data, batch_size=args.batch, epochs=1, steps_per_epoch=num_steps,
+                  shuffle=False, verbose=0)
+
+    def warmup(request):
+        start = time.perf_counter()
+        fit(1)
+        first = time.perf_counter() - start
+        if args.warmup > 1:
+            fit(args.warmup - 1)
+        state["matmul"] = harness.framework_matmul_fn(backend, args.matmul_n)
+        state["matmul"]()
+        result = {"first_step_s": first, "params": int(model.network.count_params()),
+                  "backend": backend, "jit_compile": str(model.jit_compile)}
+        if backend == "jax":
+            result["forward_flops_per_image"] = forward_flops_per_image(
+                model.network, args.batch, args.image_size)
+        return result
+
+    def train(request):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        fit(steps)
+        return {"seconds": time.perf_counter() - start, "steps": steps,
+                "cpu_seconds": time.process_time() - cpu_start}
+
+    def matmul(request):
+        times = harness.time_repeated(state["matmul"], 3)
+        return {"gflops": harness.matmul_flops(args.matmul_n) / float(np.median(times)) / 1e9}
+
+    harness.worker_loop({"warmup": warmup, "train": train, "matmul": matmul})
+
+
+# ----- parent ---------------------------------------------------------------------------------
+def forward_flops_via_jax(args):
+    """Start a short-lived JAX worker only to count FLOPs (when jax is not benchmarked)."""
+    worker = start_worker(args, "jax", "auto", "jax-flops")
+    try:
+        return worker.request("warmup")["forward_flops_per_image"]
+    finally:
+        worker.close()
+
+
+def start_worker(args, backend, jit_compile, name):
+    argv = [sys.executable, os.path.abspath(__file__), "--worker",
+            "--batch", str(args.batch), "--image_size", str(args.image_size),
+            "--base_channels", str(args.base_channels), "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--matmul_n", str(args.matmul_n),
+            "--jit_compile", jit_compile,
+            "--jax_steps_per_execution", str(args.jax_steps_per_execution)]
+    log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
+    return harness.Worker(name, argv, env={"KERAS_BACKEND": backend}, log_path=log)
+
+
+def main(args):
+    if args.logdir:
+        os.makedirs(args.logdir, exist_ok=True)
+    specs = []
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        if backend not in ("jax", "tensorflow", "torch"):
+            raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
+        if backend == "tensorflow":
+            for value in args.tf_jit_compile.split(","):
+                _jit_value(value)  # validate early
+                specs.append((backend, value, f"tensorflow(jit_compile={value})"))
+        else:
+            specs.append((backend, "auto", backend))
+    print(f"machine: {harness.machine_description()}", flush=True)
+    workers = []
+    try:
+        warm = {}
+        for backend, jit, name in specs:
+            worker = start_worker(args, backend, jit, name)
+            workers.append(worker)
+            warm[name] = worker.request("warmup")
+            print(f"  {name}: built and warmed up (first step {warm[name]['first_step_s']:.1f} s, "
+                  f"{warm[name]['params']:,} params)", flush=True)
+        flops = next((w["forward_flops_per_image"] for w in warm.values()
+                      if "forward_flops_per_image" in w), None)
+        if flops is None:
+            flops = forward_flops_via_jax(args)
+        train_flops = 3.0 * flops
+        train = {w.name: [] for w in workers}
+        train_cpu = {w.name: [] for w in workers}
+        matmul = {w.name: [] for w in workers}
+        numpy_rates = []
+        for r in range(args.repeats):
+            for w in workers:
+                result = w.request("train")
+                train[w.name].append(result["seconds"])
+                train_cpu[w.name].append(result["cpu_seconds"])
+            for w in workers:
+                matmul[w.name].append(w.request("matmul")["gflops"])
+            numpy_rates.append(harness.numpy_matmul_gflops(args.matmul_n, repeats=3))
+            print(f"  repeat {r + 1}/{args.repeats} done", flush=True)
+        peaks = {w.name: w.request("matmul")["peak_rss_mib"] for w in workers}
+    finally:
+        for w in workers:
+            w.close()
+
+    numpy_rate = harness.summarize(numpy_rates)
+    print(f"\nmachine after: {harness.machine_description()}")
+    print(f"config: {args.image_size}x{args.image_size}x3, base_channels {args.base_channels}, "
+          f"batch {args.batch}, {args.steps} steps x {args.repeats} repeats, "
+          f"train FLOPs/image {train_flops / 1e9:.2f} GFLOP (3 x forward)")
+    print(f"numpy float32 matmul ({args.matmul_n}^3): {numpy_rate['median']:.1f} GFLOP/s "
+          f"(IQR {numpy_rate['iqr']:.1f})\n")
+    header = (f"{'backend':<32} {'img/s':>8} {'IQR':>6} {'GFLOP/s':>8} {'fw matmul':>9} "
+              f"{'% fw mm':>7} {'% np mm':>7} {'1st step s':>10} {'peak MiB':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = {}
+    for w in workers:
+        per_step = np.asarray(train[w.name]) / args.steps
+        ips = harness.summarize(args.batch / per_step)
+        gflops = ips["median"] * train_flops / 1e9
+        mm = harness.summarize(matmul[w.name])
+        cpu_ms = 1e3 * float(np.median(train_cpu[w.name])) / (args.steps * args.batch)
+        rows[w.name] = {"images_per_s": ips, "gflops": gflops, "matmul_gflops": mm,
+                        "first_step_s": warm[w.name]["first_step_s"],
+                        "params": warm[w.name]["params"], "peak_rss_mib": peaks[w.name],
+                        "cpu_ms_per_image": cpu_ms}
+        print(f"{w.name:<32} {ips['median']:>8.2f} {ips['iqr']:>6.2f} {gflops:>8.1f} "
+              f"{mm['median']:>9.1f} {100 * gflops / mm['median']:>6.1f}% "
+              f"{100 * gflops / numpy_rate['median']:>6.1f}% "
+              f"{warm[w.name]['first_step_s']:>10.1f} {peaks[w.name]:>8.0f} {cpu_ms:>10.1f}")
+    if args.json:
+        harness.write_json_atomic(args.json, {
+            "machine": harness.machine_description(), "args": vars(args),
+            "train_flops_per_image": train_flops, "numpy_matmul_gflops": numpy_rate,
+            "results": rows, "raw_train_seconds": train})
+    return rows
+
+
+if __name__ == "__main__":
+    parsed = parse_args()
+    if parsed.worker:
+        worker_main(parsed)
+    else:
+        main(parsed)
