@@ -31,6 +31,10 @@ How each backend gets there (``_build_module``; every endpoint is traced once, b
   with a platform switch inside), so an export made on a CPU machine can be served on a GPU;
   and without the gradient function (``with_gradient=False``), which serving never uses.
 
+TF Serving expects ``<model_base_path>/<version>/saved_model.pb``: export to e.g.
+``exports/mnist/1``. The CUDA lowering of a JAX export is produced and checked by JAX at export
+time, but the tests here run the export on CPU only.
+
 The torch backend cannot export a SavedModel: load the same checkpoint with
 ``KERAS_BACKEND=jax`` or ``tensorflow`` (checkpoints are backend-independent).
 """
@@ -43,7 +47,6 @@ import uuid
 import keras
 from keras import ops
 
-import keras_etsdm
 from keras_etsdm import backend as etsdm_backend
 
 EXPORT_FORMAT = "keras_etsdm.savedmodel"
@@ -116,13 +119,15 @@ def _json_safe(value):
 
 def export_metadata(model, sampler=None, use_ema=True, platforms=None):
     """The metadata dictionary stored in the export (see the module docstring)."""
+    from keras_etsdm import __version__  # here: the package __init__ may import this module
+
     height, width, channels = model.image_shape
     sharing = model.sharing
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": FORMAT_VERSION,
         "library": "keras_etsdm",
-        "library_version": keras_etsdm.__version__,
+        "library_version": __version__,
         "keras_version": keras.__version__,
         "backend": etsdm_backend.backend_name(),
         "image_shape": [int(height), int(width), int(channels)],
