@@ -10,7 +10,7 @@ The sampler classes are registered with gin under the module ``keras_etsdm`` (e.
 
 import gin
 
-from keras_etsdm.samplers.base import Sampler, seed_tensor
+from keras_etsdm.samplers.base import Sampler, clear_compiled_cache, seed_tensor
 from keras_etsdm.samplers.ddim import DDIM_SPACINGS, DDIMSampler, ddim_timesteps
 from keras_etsdm.samplers.ddpm import DDPM_VARIANCES, DDPMSampler, respaced_timesteps
 from keras_etsdm.samplers.dpm_solver import (ALGORITHMS, METHODS, SKIP_TYPES, DPMSolverSampler,
@@ -68,7 +68,7 @@ _register_with_gin()
 
 __all__ = [
     "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "get_sampler", "serialize",
-    "deserialize", "SAMPLERS", "seed_tensor", "ddim_timesteps", "respaced_timesteps",
+    "deserialize", "SAMPLERS", "seed_tensor", "clear_compiled_cache", "ddim_timesteps", "respaced_timesteps",
     "time_grid", "singlestep_orders", "multistep_orders", "DDIM_SPACINGS", "DDPM_VARIANCES",
     "SKIP_TYPES", "METHODS", "ALGORITHMS",
 ]

@@ -55,10 +55,11 @@ def _is_diffusion_model(denoiser):
 
 
 class CompiledSegment:
-    """A compiled ``segment(carry, extra, start, stop) -> carry`` for one denoiser.
+    """A compiled ``segment(tables, carry, extra, start, stop) -> carry`` for one denoiser.
 
-    ``make_segment(denoise_fn)`` must return a pure function ``(carry, extra, start, stop) ->
-    carry`` written in ``keras.ops``; it is traced once per input shape signature. ``traces``
+    ``make_segment(denoise_fn)`` must return a pure function ``(tables, carry, extra, start,
+    stop) -> carry`` written in ``keras.ops``; it is traced once per input shape signature (the
+    coefficient tables are inputs, so other tables of the same shape reuse the trace). ``traces``
     counts the traces (used by tests to prove that a second call does not retrace).
     """
 
@@ -73,7 +74,7 @@ class CompiledSegment:
             if stateful:
                 network, sharing = denoiser.network, denoiser.sharing
 
-                def fn(trainable, non_trainable, carry, extra, start, stop):
+                def fn(trainable, non_trainable, tables, carry, extra, start, stop):
                     self.traces += 1
 
                     def denoise(x, t):
@@ -81,18 +82,18 @@ class CompiledSegment:
                             trainable, non_trainable, {"x": x, "t": sharing(t)}, training=False)
                         return out
 
-                    return make_segment(denoise)(carry, extra, start, stop)
+                    return make_segment(denoise)(tables, carry, extra, start, stop)
 
                 jitted = jax.jit(fn)
 
-                def call(carry, extra, start, stop):
+                def call(tables, carry, extra, start, stop):
                     return jitted([v.value for v in network.trainable_variables],
                                   [v.value for v in network.non_trainable_variables],
-                                  carry, extra, start, stop)
+                                  tables, carry, extra, start, stop)
             else:
-                def fn(carry, extra, start, stop):
+                def fn(tables, carry, extra, start, stop):
                     self.traces += 1
-                    return make_segment(denoiser)(carry, extra, start, stop)
+                    return make_segment(denoiser)(tables, carry, extra, start, stop)
 
                 call = jax.jit(fn)
         elif name == "tensorflow":
@@ -100,9 +101,9 @@ class CompiledSegment:
 
             denoise = denoiser.denoise if stateful else denoiser
 
-            def fn(carry, extra, start, stop):
+            def fn(tables, carry, extra, start, stop):
                 self.traces += 1
-                return make_segment(denoise)(carry, extra, start, stop)
+                return make_segment(denoise)(tables, carry, extra, start, stop)
 
             # XLA compiles the whole loop, U-Net included, on CPU and GPU (checked in the tests).
             call = tf.function(fn, jit_compile=True, reduce_retracing=False)
@@ -110,12 +111,12 @@ class CompiledSegment:
             # Other backends (torch): run eagerly; still correct, just not compiled.
             denoise = denoiser.denoise if stateful else denoiser
 
-            def call(carry, extra, start, stop):
+            def call(tables, carry, extra, start, stop):
                 self.traces += 1
-                return make_segment(denoise)(carry, extra, start, stop)
+                return make_segment(denoise)(tables, carry, extra, start, stop)
         self._call = call
 
-    def __call__(self, carry, extra, start, stop):
+    def __call__(self, tables, carry, extra, start, stop):
         start = keras.ops.convert_to_tensor(start, dtype="int32")
         stop = keras.ops.convert_to_tensor(stop, dtype="int32")
-        return self._call(carry, extra, start, stop)
+        return self._call(tables, carry, extra, start, stop)

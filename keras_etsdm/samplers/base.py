@@ -47,8 +47,13 @@ The loop has no Python side effects and no variables: it can be traced by ``jax.
 
 ``sample`` runs the same loop compiled once per (denoiser, backend): on JAX with ``jax.jit``
 and the network weights passed as state, on TensorFlow with ``tf.function(jit_compile=True)``
-(see ``_compiled.py``). Compiled loops are cached on the sampler, so a second call with the same
-shapes does not retrace.
+(see ``_compiled.py``). The coefficient tables are INPUTS of the compiled loop (zero-padded to
+``T`` rows; the trip count is an input too), not constants baked into it. Compiled loops are
+cached per (denoiser, loop structure) in a module-level LRU, where the structure is the sampler
+class plus the options that change the traced loop body (``_trace_key``: e.g. DPM-Solver's order,
+algorithm and thresholding, but not its step count, grid or method). So a second call with the
+same shapes does not retrace, and neither does a sampler that only differs in its steps or grid
+(sampling at 10, 20 and 50 steps compiles the network's loop once).
 """
 
 import collections
@@ -62,7 +67,14 @@ from keras import ops
 from keras_etsdm.samplers import _compiled
 from keras_etsdm.schedules import DiscreteVPSchedule
 
-_CACHE_SIZE = 8
+_CACHE_SIZE = 32
+# (denoiser key, sampler trace key) -> CompiledSegment, least recently used first.
+_COMPILED = collections.OrderedDict()
+
+
+def clear_compiled_cache():
+    """Drop every compiled sampling loop (and the denoisers they keep alive)."""
+    _COMPILED.clear()
 
 
 def _validate_num_steps(num_steps, num_timesteps, name="num_steps"):
@@ -93,6 +105,9 @@ class Sampler:
     """
 
     stochastic = False
+    # get_config() keys that only change the coefficient tables, never the traced loop body.
+    # Every other key is part of the compiled loop's cache key (safe default for new options).
+    _TABLE_ONLY_CONFIG = ("schedule",)
 
     def __init__(self, schedule=None):
         if schedule is None:
@@ -102,7 +117,7 @@ class Sampler:
         if not isinstance(schedule, DiscreteVPSchedule):
             raise TypeError(f"schedule must be a DiscreteVPSchedule, got {type(schedule)}.")
         self.schedule = schedule
-        self._compiled = collections.OrderedDict()
+        self._loop_tables_cache = None
 
     # ----- to implement -----------------------------------------------------------------------
     def _make_tables(self):
@@ -140,18 +155,49 @@ class Sampler:
         """float64 ``[num_iterations]``: the time label of each network evaluation."""
         return self.tables["label"].copy()
 
+    def _trace_key(self):
+        """What the traced loop body depends on: class, stochasticity, non-table options."""
+        structural = tuple(sorted((k, repr(v)) for k, v in self.get_config().items()
+                                  if k not in self._TABLE_ONLY_CONFIG))
+        return (type(self), bool(self.stochastic), structural)
+
+    def _float32_tables(self):
+        return {k: v.astype(np.float32) for k, v in self.tables.items()}
+
+    def _loop_tables(self):
+        """The float32 tables as tensors zero-padded to ``max(T, NFE)`` rows (cached): one
+        table shape per schedule, so samplers that differ in steps share a compiled loop. The
+        padding rows are never read (the loop stops at ``num_iterations``)."""
+        if self._loop_tables_cache is None:
+            rows = max(self.schedule.num_timesteps, self.num_iterations)
+            padded = {}
+            for key, value in self._float32_tables().items():
+                table = np.zeros((rows,), np.float32)
+                table[:value.shape[0]] = value
+                padded[key] = ops.convert_to_tensor(table)
+            self._loop_tables_cache = padded
+        return self._loop_tables_cache
+
     # ----- the pure loop ----------------------------------------------------------------------
     def _segment_fn(self, denoise_fn):
-        """Pure ``(carry, extra, start, stop) -> carry`` running iterations ``start..stop-1``.
+        """Pure ``(tables, carry, extra, start, stop) -> carry`` running iterations
+        ``start..stop-1``.
 
-        ``extra`` is None, an int ``[2]`` seed, or ``{"step_noise": [num_iterations, B, ...]}``.
+        ``tables``: dict of float32 ``[rows]`` coefficient tables, ``rows >= stop`` (constants or
+        inputs). ``extra`` is None, an int ``[2]`` seed, or ``{"step_noise": [num_iterations, B,
+        ...]}``. The body may only depend on the options in ``_trace_key`` (it is shared by all
+        samplers with the same key).
         """
-        float_tables = {k: v.astype(np.float32) for k, v in self.tables.items()}
 
-        def segment(carry, extra, start, stop):
-            tables = {k: ops.convert_to_tensor(v) for k, v in float_tables.items()}
+        def segment(tables, carry, extra, start, stop):
+            tables = {k: ops.convert_to_tensor(v) for k, v in tables.items()}
             carry = tuple(carry)
             shape = tuple(carry[0].shape)
+            if any(d is None for d in shape):
+                # Unknown batch under tf.function (a SavedModel signature with batch None):
+                # the step noise needs the dynamic shape. (JAX shapes are always concrete or
+                # symbolic, never None.)
+                shape = ops.shape(carry[0])
 
             def body(i, carry):
                 row = {k: ops.take(v, i, axis=0) for k, v in tables.items()}
@@ -186,11 +232,12 @@ class Sampler:
             denoise_fn: pure ``keras.ops`` function ``(x [B, ...], t [B] float32) -> eps``.
         """
         segment = self._segment_fn(denoise_fn)
+        tables = self._float32_tables()  # constants of the exported function
 
         def loop(noise, seed=None, step_noise=None):
             noise = ops.convert_to_tensor(noise, dtype="float32")
             extra = self._extra(0 if seed is None else seed, step_noise, noise.shape)
-            carry = segment(self._init_carry(noise), extra, 0, self.num_iterations)
+            carry = segment(tables, self._init_carry(noise), extra, 0, self.num_iterations)
             return self._result(carry)
 
         return loop
@@ -209,18 +256,23 @@ class Sampler:
                             f"{type(denoiser)}.")
 
     def compiled_segment(self, denoiser):
-        """The cached ``CompiledSegment`` for ``denoiser`` (built on first use)."""
+        """The cached ``CompiledSegment`` for ``denoiser`` and this sampler's loop structure
+        (built on first use; shared with every sampler of the same ``_trace_key``).
+
+        Call it as ``segment(sampler._loop_tables(), carry, extra, start, stop)``.
+        """
         if isinstance(denoiser, types.MethodType):
-            key = (id(denoiser.__self__), id(denoiser.__func__))
+            denoiser_key = (id(denoiser.__self__), id(denoiser.__func__))
         else:
-            key = id(denoiser)
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
+            denoiser_key = id(denoiser)
+        key = (denoiser_key, self._trace_key())
+        if key in _COMPILED:
+            _COMPILED.move_to_end(key)
+            return _COMPILED[key]
         compiled = _compiled.CompiledSegment(self._segment_fn, denoiser)
-        self._compiled[key] = compiled
-        while len(self._compiled) > _CACHE_SIZE:
-            self._compiled.popitem(last=False)
+        _COMPILED[key] = compiled
+        while len(_COMPILED) > _CACHE_SIZE:
+            _COMPILED.popitem(last=False)
         return compiled
 
     def sample(self, denoiser, noise, seed=0, step_noise=None, progress=False):
@@ -242,16 +294,17 @@ class Sampler:
             raise ValueError(f"noise must have a static shape [B, ...], got {noise.shape}.")
         extra = self._extra(seed, step_noise, noise.shape)
         segment = self.compiled_segment(denoiser)
+        tables = self._loop_tables()
         carry = tuple(self._init_carry(noise))
         total = self.num_iterations
         if not progress:
-            carry = segment(carry, extra, 0, total)
+            carry = segment(tables, carry, extra, 0, total)
         else:
             bar = keras.utils.Progbar(total, unit_name="NFE")
             chunk = max(1, math.ceil(total / 20))
             for start in range(0, total, chunk):
                 stop = min(total, start + chunk)
-                carry = segment(carry, extra, start, stop)
+                carry = segment(tables, carry, extra, start, stop)
                 bar.update(stop)
         return self._result(tuple(carry))
 

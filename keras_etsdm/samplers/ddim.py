@@ -64,6 +64,10 @@ class DDIMSampler(Sampler):
         schedule: the ``DiscreteVPSchedule`` of the model.
     """
 
+    # Options that only change the coefficient tables (see Sampler._trace_key).
+    _TABLE_ONLY_CONFIG = ("num_steps", "eta", "spacing", "timesteps", "set_alpha_to_one",
+                          "schedule")
+
     def __init__(self, num_steps=50, eta=0.0, spacing="uniform", timesteps=None,
                  set_alpha_to_one=True, clip_x0=False, schedule=None):
         super().__init__(schedule)

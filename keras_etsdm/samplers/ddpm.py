@@ -41,6 +41,8 @@ class DDPMSampler(Sampler):
     """
 
     stochastic = True
+    # Options that only change the coefficient tables (see Sampler._trace_key).
+    _TABLE_ONLY_CONFIG = ("num_steps", "variance", "schedule")
 
     def __init__(self, num_steps=None, variance="fixed_small", clip_x0=False, schedule=None):
         super().__init__(schedule)

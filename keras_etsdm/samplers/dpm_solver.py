@@ -99,6 +99,9 @@ class DPMSolverSampler(Sampler):
     local error is never damped); singlestep order 3 shows order ≈ 3 on a logSNR grid.
     """
 
+    # Options that only change the coefficient tables (see Sampler._trace_key).
+    _TABLE_ONLY_CONFIG = ("num_steps", "method", "skip_type", "lower_order_final", "schedule")
+
     def __init__(self, num_steps=20, order=2, method="multistep", algorithm="dpmsolver++",
                  skip_type="time_uniform", lower_order_final=True, thresholding=False,
                  dynamic_thresholding_ratio=0.995, thresholding_max_val=1.0, schedule=None):
