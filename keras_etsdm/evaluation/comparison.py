@@ -7,14 +7,15 @@ Two testbeds that converge in minutes on 2 CPU cores (see ``shared/reference/exp
   the Lipschitz plot also shows the exact curve and the report gives the ε error near t = 0.
   Metrics: sliced Wasserstein-1, energy distance and FD of the raw 2-D points, against fresh
   data.
-* ``digits8``: scikit-learn's 1,797 8×8 digits with a small ADM U-Net. Metrics: FD and KID
+* ``digits8``: scikit-learn's 1,797 8×8 digits with a small ADM U-Net (base 16, mult (1, 2)). Metrics: FD and KID
   with the project's ``classifier_digits8`` features (not FID) and its classifier score.
 
 For each testbed both arms (DDPM: ``TimestepSharing(0, 0)``; E-TSDM: t̃ = 100, n = 5) are
 trained with identical seeds, data order and budgets — two training seeds per arm, so the
 seed-to-seed spread can be read next to the difference — then sampled with DDPM (1000 steps),
 DDIM 10/20/50 (uniform spacing) and 10 (trailing), DPM-Solver++(2M) and DPM-Solver-3S at 10/20
-NFE from the EMA weights. Every row reports which labels the sampler's network evaluations visit
+NFE from the EMA weights (DDPM-1000 on fewer samples: it costs 1000 NFE; both arms always get
+the same count). Every row reports which labels the sampler's network evaluations visit
 inside [0, t̃): that decides how much E-TSDM's piecewise-constant condition matters.
 """
 
@@ -42,10 +43,12 @@ class Settings:
     gauss_batch: int = 512
     gauss_lr: float = 1e-3
     gauss_eval_samples: int = 20000
-    digits_steps: int = 6000
-    digits_batch: int = 128
+    gauss_ddpm_samples: int = 5000     # DDPM-1000 costs 1000 NFE: fewer samples (same per arm)
+    digits_steps: int = 4000
+    digits_batch: int = 64
     digits_lr: float = 2e-3
-    digits_eval_samples: int = 2000
+    digits_eval_samples: int = 1000
+    digits_ddpm_samples: int = 500
     ema_decay: float = 0.999
     samplers: tuple = ("ddpm-1000", "ddim-10", "ddim-20", "ddim-50", "ddim-10-trailing",
                        "dpm++2m-10", "dpm++2m-20", "dpm3s-10", "dpm3s-20")
@@ -60,7 +63,8 @@ def full_settings():
 def quick_settings():
     """CI smoke: a few training steps, one seed per arm, two samplers, small evaluation."""
     return Settings(seeds=(0,), gauss_steps=40, gauss_batch=256, gauss_eval_samples=256,
-                    digits_steps=10, digits_batch=32, digits_eval_samples=64,
+                    gauss_ddpm_samples=256, digits_steps=10, digits_batch=32,
+                    digits_eval_samples=64, digits_ddpm_samples=64,
                     samplers=("ddim-10", "dpm++2m-10"), lipschitz_images=8,
                     lipschitz_stride=7)
 
@@ -118,7 +122,7 @@ def build_mlp_denoiser(dim=2, width=256, depth=3, embed_dim=64, name="mlp_denois
 def build_digits_unet():
     from keras_etsdm import build_unet
 
-    return build_unet(image_size=8, channels=1, base_channels=32, channel_mult=(1, 2),
+    return build_unet(image_size=8, channels=1, base_channels=16, channel_mult=(1, 2),
                       num_res_blocks=1, attention_resolutions=(), dropout=0.0, num_heads=1,
                       resblock_updown=False, use_scale_shift_norm=True)
 
@@ -163,7 +167,7 @@ def train(model, data, steps, batch_size, learning_rate, seed):
     model.compile(optimizer=make_optimizer(learning_rate, warmup_steps=min(500, steps // 10),
                                            grad_clip_norm=1.0))
     start = time.perf_counter()
-    history = model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+    history = model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
     return time.perf_counter() - start, float(history.history["loss"][-1])
 
 
@@ -216,6 +220,7 @@ def evaluate_samples(testbed, samples, reference):
     """Metrics of one sampler run. ``reference``: 2-D points or ``(extractor, stats)``."""
     if testbed == "gauss2d":
         points = samples.reshape(len(samples), -1)
+        reference = reference[:len(points)]  # equal sizes: FD / energy biases match per row
         if not np.all(np.isfinite(points)):
             return {"sliced_w1": float("nan"), "energy": float("nan"), "fd_raw2d": float("nan")}
         return {"sliced_w1": sliced_wasserstein_1(points, reference),
@@ -260,6 +265,7 @@ def _run_testbed(testbed, settings, output_dir, log):
     batch = settings.gauss_batch if gauss else settings.digits_batch
     lr = settings.gauss_lr if gauss else settings.digits_lr
     num_eval = settings.gauss_eval_samples if gauss else settings.digits_eval_samples
+    num_ddpm = settings.gauss_ddpm_samples if gauss else settings.digits_ddpm_samples
     schedule = DiscreteVPSchedule()
     means, std = eight_gaussians()
     eps_star = GaussianMixtureEpsStar(means, std, schedule)
@@ -275,8 +281,10 @@ def _run_testbed(testbed, settings, output_dir, log):
         pick = np.random.default_rng(777).choice(len(real), settings.lipschitz_images, False)
         lipschitz_x0 = real[np.sort(pick)].astype(np.float32) / 127.5 - 1.0
     samplers = {name: make_sampler(name, schedule) for name in settings.samplers}
+    num_samples = {name: min(num_ddpm, num_eval) if name.startswith("ddpm") else num_eval
+                   for name in samplers}
     out = {"train_steps": steps, "batch_size": batch, "learning_rate": lr,
-           "num_eval_samples": num_eval, "runs": [],
+           "num_eval_samples": num_eval, "num_samples": num_samples, "runs": [],
            "labels_below_t_tilde": {n: labels_below(s) for n, s in samplers.items()},
            "nfe": {n: s.num_iterations for n, s in samplers.items()}}
     timesteps = np.arange(0, schedule.num_timesteps - 1, settings.lipschitz_stride)
@@ -298,8 +306,8 @@ def _run_testbed(testbed, settings, output_dir, log):
                         model, eps_star, eps_star.sample(512, seed=99).reshape(-1, 1, 1, 2))
                 for name, sampler in samplers.items():
                     t0 = time.perf_counter()
-                    samples = draw(model, sampler, num_eval, seed=10_000 + seed,
-                                   batch_size=num_eval if gauss else 500)
+                    samples = draw(model, sampler, num_samples[name], seed=10_000 + seed,
+                                   batch_size=num_samples[name] if gauss else 500)
                     run["sample_seconds"][name] = time.perf_counter() - t0
                     run["metrics"][name] = evaluate_samples(testbed, samples, reference)
                     if name == settings.samplers[0] or name == "dpm++2m-20":
@@ -378,8 +386,9 @@ def format_markdown(results):
             lines.append(f"**{METRIC_LABELS[metric]}** (mean ± half-range over seeds; lower is "
                          f"better{' except classifier score' if metric == 'classifier_score' else ''})")
             lines.append("")
-            lines.append("| sampler | NFE | DDPM | E-TSDM | change | labels visited in [0, 100) |")
-            lines.append("|---|---|---|---|---|---|")
+            lines.append("| sampler | NFE | samples | DDPM | E-TSDM | change | "
+                         "labels visited in [0, 100) |")
+            lines.append("|---|---|---|---|---|---|---|")
             for name, row in summarise(res, metric).items():
                 cells = []
                 for arm in ("ddpm", "etsdm"):
@@ -393,7 +402,8 @@ def format_markdown(results):
                 visited = res["labels_below_t_tilde"][name]
                 shown = (", ".join(f"{v:g}" for v in visited) if len(visited) <= 12
                          else f"{len(visited)} labels: {visited[0]:g} … {visited[-1]:g}")
-                lines.append(f"| {name} | {res['nfe'][name]} | {cells[0]} | {cells[1]} | "
+                lines.append(f"| {name} | {res['nfe'][name]} | {res['num_samples'][name]} | "
+                             f"{cells[0]} | {cells[1]} | "
                              f"{change} | {shown} |")
             lines.append("")
         train = {arm: np.mean([r["train_seconds"] for r in res["runs"] if r["arm"] == arm])
