@@ -10,7 +10,7 @@ import pytest
 from keras import ops
 
 from keras_etsdm import DiffusionModel, TimestepSharing, build_unet
-from keras_etsdm.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
+from keras_etsdm.samplers import DDPMSampler, DPMSolverSampler
 from keras_etsdm.samplers import sampling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,24 +35,34 @@ NOISE = np.random.default_rng(1).standard_normal((2, 8, 8, 1)).astype(np.float32
 
 def test_compiled_model_loop_matches_eager_and_does_not_retrace(model):
     sampler = DPMSolverSampler(4, order=2)
+    segment = sampler.compiled_segment(model)
+    traces = segment.traces
     compiled = ops.convert_to_numpy(sampler.sample(model, NOISE))
     eager = ops.convert_to_numpy(sampler.build_loop(model.denoise)(NOISE))
-    np.testing.assert_allclose(compiled, eager, atol=1e-4)
+    # An untrained network's x̂0 = (x − σ ε̂)/α at α_T ≈ 0.006 reaches |x| ~ 500: XLA's fusion
+    # and eager op order then differ by a few float32 ulps OF THAT SCALE (~16 ulps allowed).
+    np.testing.assert_allclose(compiled, eager, rtol=0,
+                               atol=16 * np.finfo(np.float32).eps * np.max(np.abs(eager)))
     sampler.sample(model, NOISE)
-    segment = sampler.compiled_segment(model)
-    assert segment.traces == 1
+    assert segment.traces == traces + 1
     # Weights are state, not constants: swapping in the EMA changes the result, no retrace.
     with model.ema_scope():
         ema_out = ops.convert_to_numpy(sampler.sample(model, NOISE))
-    assert segment.traces == 1
+    assert segment.traces == traces + 1
     assert np.max(np.abs(ema_out - compiled)) > 1e-4
     np.testing.assert_array_equal(ops.convert_to_numpy(sampler.sample(model, NOISE)), compiled)
 
 
-def test_model_sample_and_stochastic_samplers(model):
-    for sampler in (DDPMSampler(5), DDIMSampler(3, eta=1.0)):
-        x = ops.convert_to_numpy(model.sample(sampler, 3, seed=1))
-        assert x.shape == (3, 8, 8, 1) and np.all(np.isfinite(x))
+def test_model_sample_is_seeded_and_uses_ema(model):
+    """``model.sample`` with a stochastic sampler (the DDIM η=1 loop body is covered by the
+    closed-form tests): same seed → same images, another seed → others, EMA by default."""
+    sampler = DDPMSampler(5)
+    a = ops.convert_to_numpy(model.sample(sampler, 2, seed=1))
+    assert a.shape == (2, 8, 8, 1) and np.all(np.isfinite(a))
+    np.testing.assert_array_equal(ops.convert_to_numpy(model.sample(sampler, 2, seed=1)), a)
+    assert np.max(np.abs(ops.convert_to_numpy(model.sample(sampler, 2, seed=2)) - a)) > 1e-3
+    raw = ops.convert_to_numpy(model.sample(sampler, 2, seed=1, use_ema=False))
+    assert np.max(np.abs(raw - a)) > 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +74,32 @@ def checkpoint(model, tmp_path_factory):
 
 def test_run_sample_end_to_end(checkpoint, tmp_path):
     out = str(tmp_path / "a")
-    npz, png = sampling.run_sample("dpm_solver", 3, 5, out, checkpoint=checkpoint, batch_size=2,
+    npz, png = sampling.run_sample("dpm_solver", 3, 4, out, checkpoint=checkpoint, batch_size=2,
                                    seed=7, options=sampling.parse_options("order=3"))
     images = np.load(npz)["images"]
-    assert images.dtype == np.uint8 and images.shape == (5, 8, 8, 1)
+    assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 1)
     assert os.path.getsize(png) > 0
-    npz2, _ = sampling.run_sample("dpm_solver", 3, 5, str(tmp_path / "b"), checkpoint=checkpoint,
-                                  batch_size=5, seed=7, options={"order": 3})
+    npz2, _ = sampling.run_sample("dpm_solver", 3, 4, str(tmp_path / "b"), checkpoint=checkpoint,
+                                  batch_size=4, seed=7, options={"order": 3})
     np.testing.assert_array_equal(np.load(npz2)["images"], images)  # seed, not batching, decides
+
+
+def test_load_for_sampling_from_workdir_uses_newest_checkpoint_and_ema(model, checkpoint,
+                                                                       tmp_path):
+    """``--workdir`` resolves to the newest ``checkpoints/*.keras``; EMA weights by default."""
     workdir = tmp_path / "work"
     os.makedirs(workdir / "checkpoints")
+    old = workdir / "checkpoints" / "old.keras"
+    with open(old, "wb") as f:  # not a loadable model: must not be the one picked
+        f.write(b"older")
+    os.utime(old, (1, 1))
     os.link(checkpoint, workdir / "checkpoints" / "m.keras")
-    npz3, _ = sampling.run_sample("ddim", 2, 2, str(tmp_path / "c"), workdir=str(workdir))
-    assert np.load(npz3)["images"].shape == (2, 8, 8, 1)
+    ema = [ops.convert_to_numpy(w) for w in model.ema_weights]
+    raw = [ops.convert_to_numpy(w) for w in model.network.trainable_variables]
+    for use_ema, expected in ((True, ema), (False, raw)):
+        loaded = sampling.load_model_for_sampling(workdir=str(workdir), use_ema=use_ema)
+        for got, want in zip(loaded.network.trainable_variables, expected):
+            np.testing.assert_array_equal(ops.convert_to_numpy(got), want)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
