@@ -87,7 +87,8 @@ def test_gin_configs_parse_and_switch(repo_root):
                 config.parse([name], [], search_paths=[gin_dir])
             gin.clear_config()
             config.parse([name], ["DATA_PATH = '/data/x'"], search_paths=[gin_dir])
-            assert gin.query_parameter("make_dataset.path") == "/data/x"
+            assert gin.query_parameter("DATA_PATH/macro.value") == "/data/x"
+            assert str(gin.query_parameter("make_dataset.path")) == "%DATA_PATH"
             assert gin.query_parameter("TimestepSharing.t_tilde") == 100
         assert gin.query_parameter("build_network.base_channels") == 128
         gin.clear_config()
