@@ -1,4 +1,4 @@
-"""Shared machinery of the benchmarks: worker subprocesses that take turns, statistics, matmul rates.
+"""Shared machinery of the benchmarks: worker subprocesses taking turns, statistics, matmul rates.
 
 The Keras backend is fixed when keras is imported, so every framework runs in its own worker
 process. The parent starts all workers, lets each build and warm up, and then asks them in turn

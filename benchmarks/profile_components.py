@@ -84,8 +84,9 @@ def variants(batch, only):
             gn[f"keras GN {h}x{h}x{c}"] = (build(keras.layers.GroupNormalization(
                 groups=L.num_groups(c), epsilon=1e-5), (None, h, h, c)), x_of(h, c))
             if hasattr(L, "GroupNorm"):
-                gn[f"etsdm GN {h}x{h}x{c}"] = (build(L.GroupNorm(L.num_groups(c)),
-                                                     (None, h, h, c)), gn[f"keras GN {h}x{h}x{c}"][1])
+                layer = L.GroupNorm(L.num_groups(c), epsilon=1e-5)
+                gn[f"etsdm GN {h}x{h}x{c}"] = (build(layer, (None, h, h, c)),
+                                               gn[f"keras GN {h}x{h}x{c}"][1])
         groups["groupnorm"] = gn
     if "attn" in only:
         groups["attention"] = {"AttentionBlock 16x16x128": (

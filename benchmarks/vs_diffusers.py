@@ -302,9 +302,9 @@ def main(args):
         warm, times, cpu_times = {}, {}, {}
         for task in tasks:
             for w in workers:
-                warm[(w.name, task)] = w.request("warmup", task=task)
-                print(f"  {w.name:<18} {task:<12} first call {warm[(w.name, task)]['first_call_s']:7.1f} s,"
-                      f" second {warm[(w.name, task)]['second_call_s']:6.2f} s", flush=True)
+                first = warm[(w.name, task)] = w.request("warmup", task=task)
+                print(f"  {w.name:<18} {task:<12} first call {first['first_call_s']:7.1f} s,"
+                      f" second {first['second_call_s']:6.2f} s", flush=True)
             for _ in range(args.repeats):
                 for w in workers:
                     result = w.request("run", task=task)
