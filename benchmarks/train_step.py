@@ -213,7 +213,7 @@ def main(args):
     print(f"numpy float32 matmul ({args.matmul_n}^3): {numpy_rate['median']:.1f} GFLOP/s "
           f"(IQR {numpy_rate['iqr']:.1f})\n")
     header = (f"{'backend':<32} {'img/s':>8} {'IQR':>6} {'GFLOP/s':>8} {'fw matmul':>9} "
-              f"{'% fw mm':>7} {'% np mm':>7} {'1st step s':>10} {'peak MiB':>8}")
+              f"{'% fw mm':>7} {'% np mm':>7} {'1st step s':>10} {'peak MiB':>8} {'CPU ms/img':>10}")
     print(header)
     print("-" * len(header))
     rows = {}
