@@ -11,9 +11,17 @@ from keras import layers, ops
 PACKAGE = "keras_etsdm"
 
 
-def num_groups(channels, max_groups=32):
-    """GroupNorm group count: the largest divisor of ``channels`` that is <= ``max_groups``."""
-    for g in range(min(max_groups, channels), 0, -1):
+def num_groups(channels, max_groups=32, min_group_size=4):
+    """GroupNorm group count: the largest divisor of ``channels`` that is <= ``max_groups`` and
+    leaves at least ``min_group_size`` channels per group.
+
+    Why the minimum: DDPM adds the time embedding as a per-channel offset right before a
+    GroupNorm. With one channel per group (e.g. 32 channels in 32 groups) the norm subtracts
+    each channel's mean and so removes that offset entirely: the network would ignore t. The
+    published configurations (>= 128 channels) keep their 32 groups.
+    """
+    limit = max(1, min(max_groups, channels // min_group_size))
+    for g in range(limit, 0, -1):
         if channels % g == 0:
             return g
     return 1

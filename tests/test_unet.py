@@ -71,10 +71,23 @@ def test_attention_heads_must_divide_channels():
 
 def test_group_count():
     assert etsdm_layers.num_groups(128) == 32
-    assert etsdm_layers.num_groups(16) == 16
-    assert etsdm_layers.num_groups(24) == 24
-    assert etsdm_layers.num_groups(96) == 32
-    assert etsdm_layers.num_groups(48) == 24
+    assert etsdm_layers.num_groups(256) == 32
+    assert etsdm_layers.num_groups(96) == 24
+    assert etsdm_layers.num_groups(64) == 16
+    assert etsdm_layers.num_groups(32) == 8
+    assert etsdm_layers.num_groups(8) == 2
+    assert etsdm_layers.num_groups(3) == 1
+
+
+def test_small_unet_depends_on_t_without_scale_shift():
+    # Regression: with one channel per GroupNorm group the additive time embedding was
+    # normalised away and a 32-channel U-Net ignored t entirely.
+    net = randomize(build_unet(image_size=8, channels=1, base_channels=32, channel_mult=(1,),
+                               num_res_blocks=1, attention_resolutions=(), dropout=0.0))
+    x = np.random.RandomState(2).normal(size=(2, 8, 8, 1)).astype("float32")
+    out_a = keras.ops.convert_to_numpy(net({"x": x, "t": np.array([60.0, 60.0], "float32")}))
+    out_b = keras.ops.convert_to_numpy(net({"x": x, "t": np.array([120.0, 120.0], "float32")}))
+    assert np.abs(out_a - out_b).max() > 1e-2 * np.abs(out_a).max()
 
 
 def test_sinusoidal_embedding_values():
