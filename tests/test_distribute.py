@@ -12,6 +12,9 @@ import keras
 import numpy as np
 import pytest
 
+# A fresh process that imports the backend and compiles two runs: minutes on 2 loaded cores.
+pytestmark = pytest.mark.slow
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distribute_worker.py")
 
 
