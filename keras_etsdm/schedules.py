@@ -47,7 +47,22 @@ def make_betas(kind="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02
     raise ValueError(f"Unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}.")
 
 
-class DiscreteVPSchedule:
+class _VPMarginals:
+    """α(t), σ(t), λ(t) of a VP process from its ``marginal_log_mean_coeff`` (numpy float64)."""
+
+    def marginal_alpha(self, t):
+        return np.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_std(self, t):
+        # σ = sqrt(1 − α²) via expm1: exact near t = 0, where α ≈ 1.
+        return np.sqrt(-np.expm1(2.0 * self.marginal_log_mean_coeff(t)))
+
+    def marginal_lambda(self, t):
+        log_mean = self.marginal_log_mean_coeff(t)
+        return log_mean - 0.5 * np.log(-np.expm1(2.0 * log_mean))
+
+
+class DiscreteVPSchedule(_VPMarginals):
     """A discrete VP schedule with ``T`` integer labels 0..T-1 and its continuous-time view.
 
     Tables (numpy float64, shape ``[T]``): ``betas``, ``alphas_cumprod`` (ᾱ), ``alphas``
@@ -129,17 +144,6 @@ class DiscreteVPSchedule:
         v0, v1 = values[idx], values[idx + 1]
         return v0 + (t - t0) * (v1 - v0) / (t1 - t0)
 
-    def marginal_alpha(self, t):
-        return np.exp(self.marginal_log_mean_coeff(t))
-
-    def marginal_std(self, t):
-        return np.sqrt(-np.expm1(2.0 * self.marginal_log_mean_coeff(t)))
-
-    def marginal_lambda(self, t):
-        log_mean = self.marginal_log_mean_coeff(t)
-        log_std = 0.5 * np.log(-np.expm1(2.0 * log_mean))
-        return log_mean - log_std
-
     def inverse_lambda(self, lamb):
         """The continuous time t with ``marginal_lambda(t) == lamb`` (inverse interpolation)."""
         lamb = np.asarray(lamb, dtype=np.float64)
@@ -171,7 +175,7 @@ class DiscreteVPSchedule:
         return (f"DiscreteVPSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps})")
 
 
-class LinearVPSDE:
+class LinearVPSDE(_VPMarginals):
     """The continuous linear VP-SDE: ``β(t) = β0 + t (β1 − β0)``, t ∈ [eps, 1].
 
     ``log α(t) = −¼ t² (β1 − β0) − ½ t β0`` (score_sde / DPM-Solver "linear" continuous schedule).
@@ -191,16 +195,6 @@ class LinearVPSDE:
     def marginal_log_mean_coeff(self, t):
         t = np.asarray(t, dtype=np.float64)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-
-    def marginal_alpha(self, t):
-        return np.exp(self.marginal_log_mean_coeff(t))
-
-    def marginal_std(self, t):
-        return np.sqrt(-np.expm1(2.0 * self.marginal_log_mean_coeff(t)))
-
-    def marginal_lambda(self, t):
-        log_mean = self.marginal_log_mean_coeff(t)
-        return log_mean - 0.5 * np.log(-np.expm1(2.0 * log_mean))
 
     def inverse_lambda(self, lamb):
         lamb = np.asarray(lamb, dtype=np.float64)

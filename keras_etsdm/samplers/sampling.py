@@ -84,12 +84,9 @@ def image_grid(images):
 
 
 def _atomic_write(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from keras_etsdm.training import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def write_outputs(images_uint8, output_dir, name="samples", metadata=None):
