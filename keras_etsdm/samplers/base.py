@@ -331,3 +331,17 @@ def seed_tensor(seed):
 def broadcast_label(label, x):
     """A scalar time label → float32 ``[B]`` for the denoiser."""
     return ops.broadcast_to(ops.cast(label, "float32"), (ops.shape(x)[0],))
+
+
+def predict_eps_and_x0(denoise_fn, x, row, clip_x0=False):
+    """One network call at ``row["label"]`` → ``(ε̂, x̂0)`` with ``x̂0 = (x − σ ε̂) / α``.
+
+    With ``clip_x0``, x̂0 is clipped to [−1, 1] and ε̂ recomputed to match it. Shared by the
+    DDPM and DDIM steps (``row`` holds the step's ``label``, ``alpha`` and ``sigma``).
+    """
+    eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
+    x0 = (x - row["sigma"] * eps) / row["alpha"]
+    if clip_x0:
+        x0 = ops.clip(x0, -1.0, 1.0)
+        eps = (x - row["alpha"] * x0) / row["sigma"]
+    return eps, x0

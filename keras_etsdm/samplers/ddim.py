@@ -11,10 +11,9 @@ goes to ᾱ of label 0. No noise is added on the last step.
 """
 
 import numpy as np
-from keras import ops
 
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
-                                       broadcast_label)
+                                       predict_eps_and_x0)
 
 DDIM_SPACINGS = ("uniform", "quad", "trailing")
 
@@ -122,11 +121,7 @@ class DDIMSampler(Sampler):
 
     def _step(self, denoise_fn, carry, row, step_noise):
         (x,) = carry
-        eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
-        x0 = (x - row["sigma"] * eps) / row["alpha"]
-        if self.clip_x0:
-            x0 = ops.clip(x0, -1.0, 1.0)
-            eps = (x - row["alpha"] * x0) / row["sigma"]
+        eps, x0 = predict_eps_and_x0(denoise_fn, x, row, self.clip_x0)
         x = row["alpha_prev"] * x0 + row["direction"] * eps
         if step_noise is not None:
             x = x + row["noise_std"] * step_noise

@@ -13,10 +13,9 @@ the original labels.
 """
 
 import numpy as np
-from keras import ops
 
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
-                                       broadcast_label)
+                                       predict_eps_and_x0)
 
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 
@@ -80,10 +79,7 @@ class DDPMSampler(Sampler):
 
     def _step(self, denoise_fn, carry, row, step_noise):
         (x,) = carry
-        eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
-        x0 = (x - row["sigma"] * eps) / row["alpha"]
-        if self.clip_x0:
-            x0 = ops.clip(x0, -1.0, 1.0)
+        _, x0 = predict_eps_and_x0(denoise_fn, x, row, self.clip_x0)
         x = row["coef_x0"] * x0 + row["coef_xt"] * x + row["noise_std"] * step_noise
         return (x,)
 
