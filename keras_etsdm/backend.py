@@ -47,6 +47,81 @@ class ReplicaSeedGenerator(keras.random.SeedGenerator):
         return seed + offset
 
 
+def default_jit_compile():
+    """``True`` on TensorFlow outside a ``tf.distribute`` strategy, else ``"auto"`` (Keras'
+    choice: XLA on JAX, never on torch)."""
+    if backend_name() != "tensorflow":
+        return "auto"
+    import tensorflow as tf
+
+    return "auto" if tf.distribute.has_strategy() else True
+
+
 def to_numpy(x):
     """Any backend tensor (or nested python numbers) → numpy array."""
     return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+# ----- stride-1 "same" convolution with a fast kernel gradient on JAX ------------------------
+# XLA's CPU emitter computes the kernel gradient of a convolution (a convolution over the
+# batch and spatial axes) 2–10× slower than the forward pass; e.g. 8×32×32, 256 → 256 channels:
+# forward 183 ms, XLA kernel gradient 1767 ms, the same gradient as one matmul per tap 270 ms
+# (benchmarks/RESULTS.md). The forward pass and the input gradient stay XLA convolutions.
+# Module flag so benchmarks can A/B the two gradients in one process (read at trace time).
+FAST_CONV_KERNEL_GRAD = True
+
+
+def conv2d_same(x, kernel):
+    """Stride-1, dilation-1, "same"-padded 2-D convolution, channels last.
+
+    Args:
+        x: ``[B, H, W, C_in]``.
+        kernel: ``[kh, kw, C_in, C_out]`` with odd ``kh`` and ``kw``.
+    Returns:
+        ``[B, H, W, C_out]``, the same values as ``keras.ops.conv(x, kernel, padding="same")``.
+        On JAX the kernel gradient is computed as one ``[B·H·W, C_in]ᵀ × [B·H·W, C_out]`` matmul
+        per kernel tap (same maths, different summation order).
+    """
+    if backend_name() != "jax" or not FAST_CONV_KERNEL_GRAD:
+        return keras.ops.conv(x, kernel, strides=1, padding="same")
+    return _jax_conv2d_same()(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(kernel))
+
+
+_JAX_CONV2D_SAME = []
+
+
+def _jax_conv2d_same():
+    if _JAX_CONV2D_SAME:
+        return _JAX_CONV2D_SAME[0]
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    def conv(x, kernel):
+        return lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    @jax.custom_vjp
+    def conv_same(x, kernel):
+        return conv(x, kernel)
+
+    def forward(x, kernel):
+        return conv(x, kernel), (x, kernel)
+
+    def backward(residuals, grad):
+        x, kernel = residuals
+        kh, kw, c_in, c_out = kernel.shape
+        _, height, width, _ = x.shape
+        (grad_x,) = jax.vjp(lambda x_: conv(x_, kernel), x)[1](grad)
+        padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+        grad_2d = grad.reshape(-1, c_out)
+        taps = [lax.dot_general(padded[:, i:i + height, j:j + width, :].reshape(-1, c_in),
+                                grad_2d, (((0,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+                for i in range(kh) for j in range(kw)]
+        grad_kernel = jnp.stack(taps).reshape(kh, kw, c_in, c_out).astype(kernel.dtype)
+        return grad_x, grad_kernel
+
+    conv_same.defvjp(forward, backward)
+    _JAX_CONV2D_SAME.append(conv_same)
+    return conv_same

@@ -96,3 +96,45 @@ def test_sinusoidal_embedding_values():
     np.testing.assert_allclose(emb[1], np.concatenate([np.sin(2 * freqs), np.cos(2 * freqs)]),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("kernel_size,c_in,c_out", [(3, 6, 8), (1, 8, 4), (3, 8, 8)])
+def test_conv_layer_matches_keras_conv_in_value_and_gradient(kernel_size, c_in, c_out):
+    # etsdm_layers.Conv2D has its own kernel gradient on JAX (one matmul per tap); it must be
+    # the gradient of keras' convolution, for the input and the kernel.
+    from keras_etsdm import backend as etsdm_backend
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 7, c_in)).astype("float32")
+    kernel = rng.standard_normal((kernel_size, kernel_size, c_in, c_out)).astype("float32")
+    cotangent = rng.standard_normal((2, 5, 7, c_out)).astype("float32")
+
+    def value_and_grads(fn):
+        x_var, k_var = keras.Variable(x), keras.Variable(kernel)
+        loss = lambda: keras.ops.sum(fn(x_var, k_var) * cotangent)  # noqa: E731
+        if keras.backend.backend() == "jax":
+            import jax
+
+            value, (gx, gk) = jax.value_and_grad(
+                lambda a, b: keras.ops.sum(fn(a, b) * cotangent), argnums=(0, 1))(
+                    x_var.value, k_var.value)
+        else:
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                value = loss()
+            gx, gk = tape.gradient(value, [x_var.value, k_var.value])
+        return [np.asarray(keras.ops.convert_to_numpy(v)) for v in (value, gx, gk)]
+
+    ours = value_and_grads(etsdm_backend.conv2d_same)
+    reference = value_and_grads(lambda a, b: keras.ops.conv(a, b, padding="same"))
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+    layer = etsdm_layers.Conv2D(c_out, kernel_size, padding="same")
+    plain = keras.layers.Conv2D(c_out, kernel_size, padding="same")
+    layer.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights(layer.get_weights())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)),
+                               keras.ops.convert_to_numpy(plain(x)), rtol=1e-5, atol=1e-5)
