@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--train_steps", type=int, default=2, help="training steps per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--matmul_n", type=int, default=1024)
+    p.add_argument("--jit_compile", default="true", choices=("true", "false", "auto"),
+                   help="jit_compile of the Keras training step (true: as bin/train)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default, the core count)")
     p.add_argument("--json", default=None)
@@ -83,7 +85,10 @@ def keras_worker(args):
     keras.utils.set_random_seed(0)
     network = build_unet(**unet_kwargs(args))
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    model.compile(optimizer=keras.optimizers.Adam(2e-4))
+    # XLA for the training step on every backend, as bin/train does (train.jit_compile=True);
+    # Keras' "auto" would mean no XLA for TensorFlow on a CPU-only machine.
+    model.compile(optimizer=keras.optimizers.Adam(2e-4),
+                  jit_compile={"true": True, "false": False}.get(args.jit_compile, "auto"))
     tasks = {}
 
     def setup_train():
@@ -266,7 +271,8 @@ def worker_main(args):
 def start_worker(args, kind, backend, name):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", kind]
     for key in ("tasks", "base_channels", "image_size", "train_batch", "forward_batches",
-                "sample_batch", "sample_steps", "train_steps", "matmul_n", "threads"):
+                "sample_batch", "sample_steps", "train_steps", "matmul_n", "threads",
+                "jit_compile"):
         argv += [f"--{key}", str(getattr(args, key))]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
     env = {"KERAS_BACKEND": backend} if backend else {}

@@ -47,26 +47,17 @@ class ReplicaSeedGenerator(keras.random.SeedGenerator):
         return seed + offset
 
 
-def default_jit_compile():
-    """``True`` on TensorFlow outside a ``tf.distribute`` strategy, else ``"auto"`` (Keras'
-    choice: XLA on JAX, never on torch)."""
-    if backend_name() != "tensorflow":
-        return "auto"
-    import tensorflow as tf
-
-    return "auto" if tf.distribute.has_strategy() else True
-
-
 def to_numpy(x):
     """Any backend tensor (or nested python numbers) → numpy array."""
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
 # ----- stride-1 "same" convolution with a fast kernel gradient on JAX ------------------------
-# XLA's CPU emitter computes the kernel gradient of a convolution (a convolution over the
-# batch and spatial axes) 2–10× slower than the forward pass; e.g. 8×32×32, 256 → 256 channels:
-# forward 183 ms, XLA kernel gradient 1767 ms, the same gradient as one matmul per tap 270 ms
-# (benchmarks/RESULTS.md). The forward pass and the input gradient stay XLA convolutions.
+# XLA's CPU backend (jaxlib 0.10) computes the kernel gradient of a convolution (a convolution
+# over the batch and spatial axes) 1.5–3× slower than the forward pass; as one matmul per
+# kernel tap it is 1.2–2× faster, e.g. 8×32×32, 384 → 128 channels: forward 78 ms, XLA kernel
+# gradient 216 ms, per-tap 155 ms (benchmarks/RESULTS.md, benchmarks/conv_grad.py). The forward
+# pass and the input gradient stay XLA convolutions. TensorFlow's XLA does not need this.
 # Module flag so benchmarks can A/B the two gradients in one process (read at trace time).
 FAST_CONV_KERNEL_GRAD = True
 

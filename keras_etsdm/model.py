@@ -205,16 +205,7 @@ class DiffusionModel(keras.Model):
         finally:
             self.swap_ema_weights()
 
-    # ----- compile / fit -----------------------------------------------------------------------
-    def compile(self, *args, jit_compile="auto", **kwargs):
-        """``keras.Model.compile``, except that ``jit_compile="auto"`` means XLA on TensorFlow
-        also on a CPU-only machine (Keras' own "auto" turns XLA off there). Every layer here
-        is XLA-compatible and the XLA training step is faster on CPU (benchmarks/RESULTS.md).
-        Under a ``tf.distribute`` strategy "auto" keeps Keras' choice."""
-        if jit_compile == "auto":
-            jit_compile = etsdm_backend.default_jit_compile()
-        super().compile(*args, jit_compile=jit_compile, **kwargs)
-
+    # ----- fit with the non-finite guard ----------------------------------------------------
     def fit(self, *args, callbacks=None, **kwargs):
         """``keras.Model.fit``; adds ``NonFiniteLossError`` raising unless already present."""
         from keras_etsdm.callbacks import StopOnNonFiniteLoss
