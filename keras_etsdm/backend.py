@@ -3,6 +3,8 @@
 Nothing else in the package imports tensorflow, jax or torch directly for computation.
 """
 
+import functools
+
 import keras
 import numpy as np
 
@@ -78,12 +80,8 @@ def conv2d_same(x, kernel):
     return _jax_conv2d_same()(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(kernel))
 
 
-_JAX_CONV2D_SAME = []
-
-
+@functools.cache
 def _jax_conv2d_same():
-    if _JAX_CONV2D_SAME:
-        return _JAX_CONV2D_SAME[0]
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -114,5 +112,4 @@ def _jax_conv2d_same():
         return grad_x, grad_kernel
 
     conv_same.defvjp(forward, backward)
-    _JAX_CONV2D_SAME.append(conv_same)
     return conv_same
