@@ -7,8 +7,9 @@ in their own worker process; the workers take turns (one timed repeat each, roun
 excluded, medians and inter-quartile ranges over the repeats.
 
 Tasks (``--tasks``):
-  train     one training step: noise-prediction MSE, Adam, EMA update (``DiffusionModel.fit`` /
-            the usual diffusers loop with ``EMAModel``), batch ``--train_batch``.
+  train     one training step: noise-prediction MSE, Adam, EMA update (the compiled
+            ``DiffusionModel.train_step`` that ``fit`` runs, called by ``train_on_batch`` / the
+            usual diffusers loop with ``EMAModel``), batch ``--train_batch``.
   forward   one forward pass without gradients at each batch of ``--forward_batches``.
   ddim      one sampler step per NFE: the project's DDIMSampler / DPMSolverSampler loops
   dpm       (``--sample_steps`` NFE, compiled) vs diffusers' scheduler.step + forward loops,
@@ -95,9 +96,14 @@ def keras_worker(args):
         data, _ = inputs(args.train_steps * args.train_batch, args.image_size)
         data = np.clip(data, -1, 1)
 
+        # ``train_on_batch`` runs the same compiled ``train_step`` as each step of ``fit``. A
+        # short ``fit`` per repeat would also time its teardown: deleting the tf.data iterator
+        # waits for the autotune thread's next wake-up (up to ~the fit's own duration, seen 0-18 s
+        # after 2-6 steps), a cost a real run (``bin/train``: one ``fit``) pays once.
         def run(num_steps=args.train_steps):
-            model.fit(data, batch_size=args.train_batch, epochs=1, steps_per_epoch=num_steps,
-                      shuffle=False, verbose=0)
+            b = args.train_batch
+            for i in range(num_steps):
+                model.train_on_batch(data[i * b:(i + 1) * b])
         return run, lambda: run(1), args.train_steps
 
     def setup_forward(batch):
