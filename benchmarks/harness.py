@@ -132,14 +132,32 @@ def worker_loop(handlers):
 
 
 # ----- parent side --------------------------------------------------------------------------
+def malloc_environ(environ, mode):
+    """``environ`` for a worker under malloc ``mode``: "hugetlb" adds glibc's huge-page tunable
+    where it helps, as the bin/ entry points do (keras_etsdm/cpu_tuning.py); "default" leaves it."""
+    if mode == "default":
+        return dict(environ)
+    if mode != "hugetlb":
+        raise ValueError(f"malloc mode must be 'hugetlb' or 'default', got {mode!r}")
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "keras_etsdm",
+                        "cpu_tuning.py")
+    spec = importlib.util.spec_from_file_location("_keras_etsdm_cpu_tuning", path)
+    cpu_tuning = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_tuning)  # by path: importing the package would load TF/JAX here
+    return cpu_tuning.tuned_environ(environ) or dict(environ)
+
+
 class Worker:
     """A benchmark worker subprocess (one framework / Keras backend)."""
 
-    def __init__(self, name, argv, env=None, log_path=None):
+    def __init__(self, name, argv, env=None, log_path=None, malloc="default"):
         self.name = name
-        full_env = dict(os.environ)
+        full_env = malloc_environ(os.environ, malloc)
         full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         full_env.update(env or {})
+        self.glibc_tunables = full_env.get("GLIBC_TUNABLES", "")
         self._log = open(log_path or os.devnull, "w")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self._log, env=full_env, text=True, bufsize=1)

@@ -55,6 +55,9 @@ def parse_args(argv=None):
                    help="jit_compile of the Keras training step (true: as bin/train)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default, the core count)")
+    p.add_argument("--malloc", default="hugetlb", choices=("hugetlb", "default"),
+                   help="glibc malloc setup of EVERY worker (diffusers too): 'hugetlb' as the bin/ "
+                        "entry points set it (keras_etsdm/cpu_tuning.py), 'default' glibc as is")
     p.add_argument("--json", default=None)
     p.add_argument("--logdir", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "keras" or "diffusers"
@@ -282,7 +285,7 @@ def start_worker(args, kind, backend, name):
         argv += [f"--{key}", str(getattr(args, key))]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
     env = {"KERAS_BACKEND": backend} if backend else {}
-    return harness.Worker(name, argv, env=env, log_path=log)
+    return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc)
 
 
 def batch_of(task, args):
@@ -308,6 +311,8 @@ def main(args):
         if len(set(counts.values())) != 1:
             raise SystemExit(f"Parameter counts differ, the networks are not the same: {counts}")
         print(f"parameters: {counts['diffusers']:,} on every side", flush=True)
+        print(f"malloc ({args.malloc}), every worker: GLIBC_TUNABLES="
+              f"{workers[0].glibc_tunables!r}", flush=True)
         flops = next((i["forward_flops_per_image"] for i in infos.values()
                       if "forward_flops_per_image" in i), None)
         tasks = infos["diffusers"]["tasks"]

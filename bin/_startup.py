@@ -1,0 +1,19 @@
+"""Start-up shared by the bin/ entry points; imported before anything heavy.
+
+Loads ``keras_etsdm/cpu_tuning.py`` by path (standard library only) rather than through the
+package, whose import takes 5–10 s, and re-executes the process once with glibc's huge-page
+malloc tunable when that helps (the module's docstring has the measurements).
+"""
+
+import importlib.util
+import os
+
+_CPU_TUNING = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                           "keras_etsdm", "cpu_tuning.py")
+
+
+def tune_malloc():
+    spec = importlib.util.spec_from_file_location("_keras_etsdm_cpu_tuning", _CPU_TUNING)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.reexec_with_huge_page_malloc()

@@ -1,0 +1,64 @@
+"""The start-up re-exec with glibc's huge-page malloc tunable (keras_etsdm/cpu_tuning.py)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_etsdm import cpu_tuning
+from keras_etsdm.cpu_tuning import HUGETLB_TUNABLE, tuned_environ
+
+LINUX = dict(system="linux", glibc=(2, 36), thp_mode="madvise")
+
+
+def test_adds_the_tunable_on_linux_glibc_with_thp_madvise():
+    env = {"PATH": "/bin"}
+    new = tuned_environ(env, **LINUX)
+    assert new == {"PATH": "/bin", "GLIBC_TUNABLES": HUGETLB_TUNABLE}
+    assert env == {"PATH": "/bin"}  # the input is not modified
+
+
+def test_appends_to_existing_tunables_and_respects_a_given_hugetlb():
+    new = tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, **LINUX)
+    assert new["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{HUGETLB_TUNABLE}"
+    assert tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, **LINUX) is None
+    # After the re-exec the tunable is set, so there is no second re-exec.
+    assert tuned_environ(new, **LINUX) is None
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off", "No"])
+def test_opt_out(value):
+    assert tuned_environ({cpu_tuning.OPT_OUT_VARIABLE: value}, **LINUX) is None
+
+
+@pytest.mark.parametrize("override", [dict(system="darwin"), dict(glibc=(2, 34)),
+                                      dict(thp_mode="never"), dict(thp_mode="always")])
+def test_nothing_to_gain(override):
+    assert tuned_environ({}, **{**LINUX, **override}) is None
+
+
+def test_thp_mode_parses_the_sysfs_file(tmp_path):
+    path = tmp_path / "enabled"
+    path.write_text("always [madvise] never\n")
+    assert cpu_tuning._thp_mode(str(path)) == "madvise"
+    assert cpu_tuning._thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_bin_startup_reexecs_once_with_the_same_arguments(repo_root, tmp_path):
+    expected = tuned_environ(os.environ)
+    if expected is None:
+        pytest.skip("this machine gains nothing from the tunable (not glibc ≥ 2.35 + THP madvise)")
+    script = tmp_path / "entry"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {os.path.join(str(repo_root), 'bin')!r})\n"
+        "print('start', os.getpid(), flush=True)\n"
+        "import _startup\n"
+        "_startup.tune_malloc()\n"
+        "print('tunables', os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)\n")
+    out = subprocess.run([sys.executable, "-u", str(script), "--flag=1"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.splitlines()
+    starts = [line for line in out if line.startswith("start")]
+    assert len(starts) == 2 and starts[0] == starts[1]  # ran twice, same PID (exec)
+    assert out[-1] == f"tunables {expected['GLIBC_TUNABLES']} ['--flag=1']"
