@@ -4,7 +4,8 @@ Prints, for the convolution shapes of the DDPM CIFAR-10 U-Net and the embedded d
 median time of the forward convolution, of XLA's kernel gradient and of the per-tap matmul
 gradient used by ``keras_etsdm.backend.conv2d_same``; then the whole U-Net forward + backward
 with each gradient (``backend.FAST_CONV_KERNEL_GRAD`` toggled at trace time), in alternating
-rounds in one process.
+rounds in one process. ``keras_etsdm`` turns YNNPACK convolutions off on import (see
+``keras_etsdm/cpu_tuning.py``); ``KERAS_ETSDM_CPU_TUNING=0`` measures jaxlib's default instead.
 
     KERAS_BACKEND=jax python benchmarks/conv_grad.py                 # CIFAR-10 U-Net, batch 8
     KERAS_BACKEND=jax python benchmarks/conv_grad.py --skip_layers --base_channels 64
@@ -103,7 +104,7 @@ def unet_ab(args):
         print(f"compile + first call ({'per-tap' if flag else 'XLA'} kernel grad): "
               f"{time.perf_counter() - start:.1f} s", flush=True)
         steps[flag] = fn
-    etsdm_backend.FAST_CONV_KERNEL_GRAD = True
+    etsdm_backend.FAST_CONV_KERNEL_GRAD = None  # back to the automatic choice
     times = {False: [], True: []}
     for r in range(args.rounds):
         for flag in (False, True):

@@ -4,6 +4,7 @@ Nothing else in the package imports tensorflow, jax or torch directly for comput
 """
 
 import functools
+import os
 
 import keras
 import numpy as np
@@ -54,14 +55,28 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
-# ----- stride-1 "same" convolution with a fast kernel gradient on JAX ------------------------
-# XLA's CPU backend (jaxlib 0.10) computes the kernel gradient of a convolution (a convolution
-# over the batch and spatial axes) 1.5–3× slower than the forward pass; as one matmul per
-# kernel tap it is 1.2–2× faster, e.g. 8×32×32, 384 → 128 channels: forward 78 ms, XLA kernel
-# gradient 216 ms, per-tap 155 ms (benchmarks/RESULTS.md, benchmarks/conv_grad.py). The forward
-# pass and the input gradient stay XLA convolutions. TensorFlow's XLA does not need this.
-# Module flag so benchmarks can A/B the two gradients in one process (read at trace time).
-FAST_CONV_KERNEL_GRAD = True
+# ----- stride-1 "same" convolution with a per-tap kernel gradient on JAX ----------------------
+# When jaxlib 0.10's XLA CPU runs convolutions as YNNPACK fusions (its default), the kernel
+# gradient of a convolution is 1.5–3× slower than the forward pass; as one matmul per kernel tap
+# it is 1.2–2× faster, e.g. 8×32×32, 384 → 128 channels: forward 78 ms, XLA kernel gradient
+# 216 ms, per-tap 155 ms (benchmarks/RESULTS.md, benchmarks/conv_grad.py). With YNNPACK
+# convolutions off (``cpu_tuning.set_jax_xla_cpu_flags``, applied on import) XLA's own gradient
+# is the faster one (CIFAR-10 U-Net training step 2.70–3.04 s vs 3.07–3.49 s per-tap), and on
+# GPUs cuDNN's is, so the per-tap form is used only on CPU with YNNPACK convolutions on.
+# Module flag so benchmarks can A/B the two gradients in one process (read at trace time):
+# None chooses as above, True / False force the per-tap / XLA gradient.
+FAST_CONV_KERNEL_GRAD = None
+
+
+def _per_tap_kernel_gradient():
+    if FAST_CONV_KERNEL_GRAD is not None:
+        return bool(FAST_CONV_KERNEL_GRAD)
+    import jax
+
+    from keras_etsdm import cpu_tuning
+
+    return (jax.default_backend() == "cpu"
+            and cpu_tuning.ynn_convolutions_enabled(os.environ.get("XLA_FLAGS", "")))
 
 
 def conv2d_same(x, kernel):
@@ -72,10 +87,11 @@ def conv2d_same(x, kernel):
         kernel: ``[kh, kw, C_in, C_out]`` with odd ``kh`` and ``kw``.
     Returns:
         ``[B, H, W, C_out]``, the same values as ``keras.ops.conv(x, kernel, padding="same")``.
-        On JAX the kernel gradient is computed as one ``[B·H·W, C_in]ᵀ × [B·H·W, C_out]`` matmul
-        per kernel tap (same maths, different summation order).
+        On JAX CPU with YNNPACK convolutions the kernel gradient is computed as one
+        ``[B·H·W, C_in]ᵀ × [B·H·W, C_out]`` matmul per kernel tap (same maths, different
+        summation order).
     """
-    if backend_name() != "jax" or not FAST_CONV_KERNEL_GRAD:
+    if backend_name() != "jax" or not _per_tap_kernel_gradient():
         return keras.ops.conv(x, kernel, strides=1, padding="same")
     return _jax_conv2d_same()(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(kernel))
 

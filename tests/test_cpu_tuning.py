@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from keras_etsdm import cpu_tuning
-from keras_etsdm.cpu_tuning import HUGETLB_TUNABLE, tuned_environ
+from keras_etsdm.cpu_tuning import HUGETLB_TUNABLE, tuned_environ, tuned_xla_flags
 
 LINUX = dict(system="linux", glibc=(2, 36), thp_mode="madvise")
 
@@ -62,3 +62,40 @@ def test_bin_startup_reexecs_once_with_the_same_arguments(repo_root, tmp_path):
     starts = [line for line in out if line.startswith("start")]
     assert len(starts) == 2 and starts[0] == starts[1]  # ran twice, same PID (exec)
     assert out[-1] == f"tunables {expected['GLIBC_TUNABLES']} ['--flag=1']"
+
+
+# ----- XLA_FLAGS for JAX on CPU -----------------------------------------------------------------
+def test_xla_flag_added_for_jaxlib_0_10_and_kept_with_other_flags():
+    flag = cpu_tuning.JAX_XLA_CPU_FLAG
+    assert tuned_xla_flags({}, jaxlib_version=(0, 10)) == flag
+    assert tuned_xla_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, jaxlib_version=(0, 10, 2)) \
+        == f"--xla_dump_to=/tmp/x {flag}"
+
+
+@pytest.mark.parametrize("environ,version", [
+    ({}, (0, 9)), ({}, (0, 11)), ({}, None),  # releases not known to have the flag
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=+dot"}, (0, 10)),  # user's choice
+    ({cpu_tuning.OPT_OUT_VARIABLE: "0"}, (0, 10)),
+])
+def test_xla_flag_left_alone(environ, version, monkeypatch):
+    monkeypatch.setattr(cpu_tuning, "_jaxlib_version", lambda: None)
+    assert tuned_xla_flags(environ, jaxlib_version=version) is None
+
+
+@pytest.mark.parametrize("flags,enabled", [
+    ("", True),
+    (cpu_tuning.JAX_XLA_CPU_FLAG, False),
+    ("--xla_cpu_experimental_ynn_fusion_type=+dot", True),
+    ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise", False),
+    ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution", True),
+])
+def test_ynn_convolutions_enabled_reads_the_flag(flags, enabled):
+    assert cpu_tuning.ynn_convolutions_enabled(flags) is enabled
+
+
+def test_importing_the_package_set_the_flag_for_jax():
+    import keras
+
+    expected = keras.backend.backend() == "jax" and tuned_xla_flags({}) is not None \
+        and cpu_tuning.OPT_OUT_VARIABLE not in os.environ
+    assert (cpu_tuning.JAX_XLA_CPU_FLAG in os.environ.get("XLA_FLAGS", "")) is expected

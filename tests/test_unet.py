@@ -98,12 +98,16 @@ def test_sinusoidal_embedding_values():
     np.testing.assert_allclose(emb[0], [0, 0, 0, 0, 1, 1, 1, 1])
 
 
+@pytest.mark.parametrize("per_tap", [True, None], ids=["per_tap", "auto"])
 @pytest.mark.parametrize("kernel_size,c_in,c_out", [(3, 6, 8), (1, 8, 4), (3, 8, 8)])
-def test_conv_layer_matches_keras_conv_in_value_and_gradient(kernel_size, c_in, c_out):
-    # etsdm_layers.Conv2D has its own kernel gradient on JAX (one matmul per tap); it must be
-    # the gradient of keras' convolution, for the input and the kernel.
+def test_conv_layer_matches_keras_conv_in_value_and_gradient(kernel_size, c_in, c_out, per_tap,
+                                                            monkeypatch):
+    # etsdm_layers.Conv2D can take its own kernel gradient on JAX (one matmul per tap, forced
+    # here, or chosen automatically); it must be the gradient of keras' convolution, for the
+    # input and the kernel.
     from keras_etsdm import backend as etsdm_backend
 
+    monkeypatch.setattr(etsdm_backend, "FAST_CONV_KERNEL_GRAD", per_tap)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 5, 7, c_in)).astype("float32")
     kernel = rng.standard_normal((kernel_size, kernel_size, c_in, c_out)).astype("float32")
