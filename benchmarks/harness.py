@@ -139,14 +139,11 @@ def malloc_environ(environ, mode):
         return dict(environ)
     if mode != "hugetlb":
         raise ValueError(f"malloc mode must be 'hugetlb' or 'default', got {mode!r}")
-    import importlib.util
+    # bin/_startup.py loads cpu_tuning by path: importing the package would load TF/JAX here.
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bin"))
+    import _startup
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "keras_etsdm",
-                        "cpu_tuning.py")
-    spec = importlib.util.spec_from_file_location("_keras_etsdm_cpu_tuning", path)
-    cpu_tuning = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cpu_tuning)  # by path: importing the package would load TF/JAX here
-    return cpu_tuning.tuned_environ(environ) or dict(environ)
+    return _startup.load_cpu_tuning().tuned_environ(environ) or dict(environ)
 
 
 class Worker:

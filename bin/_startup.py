@@ -12,8 +12,13 @@ _CPU_TUNING = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir
                            "keras_etsdm", "cpu_tuning.py")
 
 
-def tune_malloc():
+def load_cpu_tuning():
+    """``keras_etsdm.cpu_tuning``, loaded from its file without importing the package."""
     spec = importlib.util.spec_from_file_location("_keras_etsdm_cpu_tuning", _CPU_TUNING)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    module.reexec_with_huge_page_malloc()
+    return module
+
+
+def tune_malloc():
+    load_cpu_tuning().reexec_with_huge_page_malloc()
