@@ -11,8 +11,9 @@ _cpu_tuning.set_jax_xla_cpu_flags(_keras.backend.backend())
 
 from keras_etsdm.schedules import DiscreteVPSchedule, LinearVPSDE, make_betas
 from keras_etsdm.time_sharing import TimestepSharing
-from keras_etsdm.unet import build_unet, DDPM_CIFAR10, DDPM_256
+from keras_etsdm.unet import build_unet, DDPM_CIFAR10, DDPM_256, ADM_IMAGENET64
 from keras_etsdm.model import DiffusionModel
+from keras_etsdm.guidance import ClassifierFreeGuidance
 from keras_etsdm.callbacks import StopOnNonFiniteLoss, NonFiniteLossError
 from keras_etsdm.samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler,
                                   get_sampler)

@@ -11,6 +11,10 @@ library, nor Keras, nor JAX is needed to load and call it. Signatures (batch siz
   ``clip(round((x_0 + 1) · 127.5), 0, 255)``. Stochastic samplers (DDPM, DDIM with η > 0) take
   a second input ``seed: int32[2]`` for their per-step noise, so every signature is a pure,
   reproducible function of its inputs.
+* Class-conditional models (``num_classes`` K): ``denoise`` takes a third input ``labels:
+  int32[B]`` (class ids, K = null / unconditional) and ``sample`` takes ``labels: int32[B]``
+  and ``guidance_scale: float32[]``, the classifier-free guidance weight w of
+  ``ε̂ = (1 + w)·ε(x, t, y) − w·ε(x, t, ∅)`` (0: no guidance; both branches are one 2B call).
 * ``serving_default`` = ``sample`` (= ``denoise`` when exported without a sampler).
 * ``metadata() -> {"metadata": string}``: a JSON document (schedule, T, t̃, n, sampler, steps,
   image shape, versions, signature descriptions). The same JSON is written to
@@ -137,6 +141,8 @@ def export_metadata(model, sampler=None, use_ema=True, platforms=None):
         "time_sharing": {"t_tilde": sharing.t_tilde, "n": sharing.n,
                          "enabled": bool(sharing.enabled),
                          "shared_labels": sharing.boundaries()},
+        "num_classes": model.num_classes,
+        "null_class": model.null_id,
         "weights": "ema" if use_ema else "raw",
         "ema_decay": model.ema_decay,
         "ema_updates": int(etsdm_backend.to_numpy(model.ema_updates.value)),
@@ -162,11 +168,14 @@ def export_metadata(model, sampler=None, use_ema=True, platforms=None):
 
 def _signature_docs(model, sampler):
     h, w, c = model.image_shape
+    labels_doc = (f"int32[B] class ids in [0, {model.num_classes - 1}]; {model.num_classes} = "
+                  f"null class (unconditional)" if model.conditional else None)
     docs = {
         "denoise": {
             "inputs": {"x_t": f"float32[B,{h},{w},{c}] noisy images",
                        "t": f"float32[B] time labels in [0, {model.schedule.num_timesteps - 1}]"
-                            " (true time; the E-TSDM sharing map is applied inside)"},
+                            " (true time; the E-TSDM sharing map is applied inside)",
+                       **({"labels": labels_doc} if labels_doc else {})},
             "outputs": {"eps": f"float32[B,{h},{w},{c}] predicted noise"}},
         "metadata": {"inputs": {}, "outputs": {"metadata": "string: this JSON document"}},
     }
@@ -174,6 +183,10 @@ def _signature_docs(model, sampler):
         inputs = {"noise": f"float32[B,{h},{w},{c}] standard normal x_T"}
         if sampler.stochastic:
             inputs["seed"] = "int32[2] seed of the per-step noise"
+        if labels_doc:
+            inputs["labels"] = labels_doc
+            inputs["guidance_scale"] = ("float32 scalar w of classifier-free guidance, "
+                                        "eps = (1 + w) eps(x, t, y) - w eps(x, t, null); 0: none")
         docs["sample"] = {
             "inputs": inputs,
             "outputs": {"images": f"uint8[B,{h},{w},{c}] = clip(round((x_0 + 1) * 127.5), 0, "
@@ -205,44 +218,68 @@ def _check_exportable(model, sampler):
 def _endpoint_functions(model, sampler):
     """The endpoints as backend functions ``{name: (fn, [(arg name, shape, dtype)])}``.
 
-    Written once in ``keras.ops`` for both backends; ``sample`` is listed first.
+    Written once in ``keras.ops`` for both backends; ``sample`` is listed first. For a
+    class-conditional model ``denoise`` takes ``labels`` and ``sample`` takes ``labels`` and a
+    classifier-free ``guidance_scale`` (both branches in one 2B call per NFE).
     """
+    from keras_etsdm.guidance import ClassifierFreeGuidance
+
     h, w, c = model.image_shape
 
-    def denoise_fn(x, t):
-        # The one seam: network(x, sharing(t)); float32 out whatever the dtype policy.
-        return ops.cast(model.denoise(x, t), "float32")
+    def denoise_fn(x, t, **conditioning):
+        # The one seam: network(x, sharing(t)[, y]); float32 out whatever the dtype policy.
+        return ops.cast(model.denoise(x, t, **conditioning), "float32")
 
     image = (None, h, w, c)
+    conditional = model.conditional
+    class_args = [("labels", (None,), "int32"), ("guidance_scale", (), "float32")]
     endpoints = {}
     if sampler is not None:
-        loop = sampler.build_loop(denoise_fn)
-        if sampler.stochastic:
-            def sample(noise, seed):
-                return {"images": images_to_uint8(loop(noise, seed=seed))}
-
-            endpoints["sample"] = (sample, [("noise", image, "float32"), ("seed", (2,), "int32")])
+        if conditional:
+            guided = ClassifierFreeGuidance(model)
+            loop = sampler.build_loop(lambda x, t, **cond: ops.cast(guided(x, t, **cond),
+                                                                   "float32"))
         else:
-            def sample(noise):
-                return {"images": images_to_uint8(loop(noise))}
+            loop = sampler.build_loop(denoise_fn)
 
-            endpoints["sample"] = (sample, [("noise", image, "float32")])
+        def run(noise, seed=None, labels=None, guidance_scale=None):
+            conditioning = {} if not conditional else {"y": labels,
+                                                       "guidance_scale": guidance_scale}
+            return {"images": images_to_uint8(loop(noise, seed=seed, **conditioning))}
 
-    def denoise(x_t, t):
-        return {"eps": denoise_fn(x_t, t)}
+        args = [("noise", image, "float32")]
+        if sampler.stochastic:
+            args.append(("seed", (2,), "int32"))
+        if conditional:
+            args.extend(class_args)
+        names = [a for a, _, _ in args]
+        endpoints["sample"] = (lambda *inputs: run(**dict(zip(names, inputs))), args)
 
-    endpoints["denoise"] = (denoise, [("x_t", image, "float32"), ("t", (None,), "float32")])
+    if conditional:
+        def denoise(x_t, t, labels):
+            return {"eps": denoise_fn(x_t, t, y=labels)}
+
+        endpoints["denoise"] = (denoise, [("x_t", image, "float32"), ("t", (None,), "float32"),
+                                          ("labels", (None,), "int32")])
+    else:
+        def denoise(x_t, t):
+            return {"eps": denoise_fn(x_t, t)}
+
+        endpoints["denoise"] = (denoise, [("x_t", image, "float32"),
+                                          ("t", (None,), "float32")])
     return endpoints
 
 
 def _named_signature_fn(call, arg_names):
     """A function with real parameter names (they become the signature's input keys)."""
-    if len(arg_names) == 1:
-        def fn(a):
-            return call(a)
-    else:
-        def fn(a, b):
-            return call(a, b)
+    # Fixed arities rather than *args: tf.function maps a signature onto real parameters.
+    fixed = {
+        1: lambda a: call(a),
+        2: lambda a, b: call(a, b),
+        3: lambda a, b, c: call(a, b, c),
+        4: lambda a, b, c, d: call(a, b, c, d),
+    }
+    fn = fixed[len(arg_names)]
     import inspect
 
     fn.__signature__ = inspect.Signature(

@@ -71,7 +71,8 @@ def build_network(image_size=32, channels=1, fold=1, name="unet", **unet_kwargs)
         **unet_kwargs: the rest of ``build_unet``'s arguments.
 
     Returns:
-        ``keras.Model`` ``{"x": [B, S, S, C], "t": [B]} -> ε̂ [B, S, S, C]``.
+        ``keras.Model`` ``{"x": [B, S, S, C], "t": [B]} -> ε̂ [B, S, S, C]`` (plus ``"y": [B]``
+        int32 class ids when ``num_classes`` is given).
     """
     if fold < 1 or image_size % fold:
         raise ValueError(f"fold={fold} must be a positive divisor of image_size={image_size}.")
@@ -81,7 +82,10 @@ def build_network(image_size=32, channels=1, fold=1, name="unet", **unet_kwargs)
                        name=f"{name}_folded", **unet_kwargs)
     x_in = keras.Input((image_size, image_size, channels), name="x")
     t_in = keras.Input((), name="t")
+    inputs = {"x": x_in, "t": t_in}
+    if unet_kwargs.get("num_classes"):
+        inputs["y"] = keras.Input((), dtype="int32", name="y")
     folded = SpaceToDepth(fold, name="fold")(x_in)
-    eps = inner({"x": folded, "t": t_in})
+    eps = inner({**inputs, "x": folded})
     eps = DepthToSpace(fold, name="unfold")(eps)
-    return keras.Model({"x": x_in, "t": t_in}, eps, name=name)
+    return keras.Model(inputs, eps, name=name)

@@ -1,8 +1,14 @@
 """``DiffusionModel``: an ε-prediction diffusion model with E-TSDM time sharing, trained by ``fit``.
 
-The network never sees the raw time label: ``denoise(x_t, t) = network(x_t, sharing(t))`` is the
-single seam through which training and every sampler reach the network, so E-TSDM lives in one
-place and the DDPM baseline (``TimestepSharing(0, 0)``) shares all other code.
+The network never sees the raw time label: ``denoise(x_t, t, y) = network(x_t, sharing(t), y)``
+is the single seam through which training, every sampler (compiled on every backend), the
+Lipschitz diagnostic and export reach the network, so E-TSDM lives in one place and the DDPM
+baseline (``TimestepSharing(0, 0)``) shares all other code. A subclass that overrides
+``denoise`` changes all of them at once.
+
+Class-conditional models (``num_classes=K``) train on ``(images, labels)`` with label dropout
+(``class_dropout``) to the null class ``K``, which is what classifier-free guidance
+(``keras_etsdm.guidance``) queries for its unconditional branch.
 """
 
 import contextlib
@@ -14,6 +20,7 @@ from keras import ops
 from keras_etsdm import backend as etsdm_backend
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
+from keras_etsdm.unet import check_num_classes, network_num_classes
 
 
 def ema_decay_at(step, decay):
@@ -39,15 +46,22 @@ class DiffusionModel(keras.Model):
         ema_decay: decay of the exponential moving average of the weights (0.9999); the EMA is
             updated after every training step with warm-up (``ema_decay_at``).
         seed: seed of the ``keras.random.SeedGenerator`` that draws t and ε in training.
+        num_classes: K for a class-conditional model (the network must take a ``"y"`` input,
+            ``build_unet(num_classes=K)``); inferred from the network when None. Class ids are
+            ``0..K−1``; ``null_id = K`` means "no label".
+        class_dropout: probability with which a training label is replaced by the null class
+            (classifier-free guidance training; Ho & Salimans use 0.1–0.2).
 
-    Calling the model on clean images ``x0 [B,H,W,C]`` in [−1, 1] draws ``t ~ U{0..T−1}`` and
-    ``ε ~ N(0, I)``, noises with the TRUE t and returns ``{"noise": ε, "noise_pred": ε̂}``; this
-    is what ``fit`` / ``evaluate`` use, with the compiled loss (default ``MeanSquaredError``)
-    between the two. For inference use ``denoise`` and the samplers.
+    Calling the model on clean images ``x0 [B,H,W,C]`` in [−1, 1] (conditional models:
+    ``{"x0": images, "y": int labels [B]}``) draws ``t ~ U{0..T−1}`` and ``ε ~ N(0, I)``, noises
+    with the TRUE t and returns ``{"noise": ε, "noise_pred": ε̂}``; this is what ``fit`` /
+    ``evaluate`` use, with the compiled loss (default ``MeanSquaredError``) between the two.
+    ``fit`` takes images (unconditional) or ``(images, labels)`` (conditional), as arrays or a
+    ``tf.data`` pipeline. For inference use ``denoise`` and the samplers.
     """
 
     def __init__(self, network, schedule=None, sharing=None, ema_decay=0.9999, seed=0,
-                 **kwargs):
+                 num_classes=None, class_dropout=0.1, **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.schedule = schedule if schedule is not None else DiscreteVPSchedule()
@@ -61,6 +75,20 @@ class DiffusionModel(keras.Model):
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
         self.ema_decay = float(ema_decay)
         self.seed = seed
+        check_num_classes(num_classes)
+        network_classes = network_num_classes(network)
+        if num_classes is None:
+            num_classes = network_classes
+        elif network_classes != num_classes:
+            raise ValueError(
+                f"DiffusionModel(num_classes={num_classes}) needs a network with a class input "
+                f"for {num_classes} classes, but the network has "
+                f"{'none' if network_classes is None else network_classes}; build it with "
+                f"build_unet(..., num_classes={num_classes}).")
+        self.num_classes = None if num_classes is None else int(num_classes)
+        if not 0.0 <= class_dropout < 1.0:
+            raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}.")
+        self.class_dropout = float(class_dropout)
         self._default_loss = keras.losses.MeanSquaredError()
         self.seed_generator = etsdm_backend.ReplicaSeedGenerator(seed, name="train_noise")
         input_shape = network.input["x"].shape if isinstance(network.input, dict) else None
@@ -79,20 +107,76 @@ class DiffusionModel(keras.Model):
         self.built = True
 
     # ----- the seam -------------------------------------------------------------------------
-    def denoise(self, x_t, t, training=False):
-        """ε̂ for noisy images.
+    @property
+    def conditional(self):
+        """True for a class-conditional model (``num_classes`` set)."""
+        return self.num_classes is not None
+
+    @property
+    def null_id(self):
+        """The class id meaning "no label" (``num_classes``); None for unconditional models."""
+        return self.num_classes
+
+    def check_labels(self, labels, allow_null=True):
+        """Validate concrete class labels (python / numpy); returns int32 numpy ``[N]``.
+
+        Raises ``ValueError`` for an unconditional model, non-integer labels or ids outside
+        ``[0, K−1]`` (``[0, K]`` with ``allow_null``: K is the null class).
+        """
+        import numpy as np
+
+        if not self.conditional:
+            raise ValueError("Class labels were given but this model is unconditional "
+                             "(num_classes=None); build it with num_classes=K to train and "
+                             "sample with labels.")
+        values = np.asarray(labels)
+        if values.dtype.kind not in "iu" and not (
+                values.dtype.kind == "f" and np.all(np.equal(np.mod(values, 1), 0))):
+            raise ValueError(f"Class labels must be integers, got {labels!r}.")
+        values = values.astype(np.int64).reshape(-1)
+        high = self.num_classes if allow_null else self.num_classes - 1
+        bad = values[(values < 0) | (values > high)]
+        if bad.size:
+            raise ValueError(f"Class label {int(bad[0])} is out of range: this model has "
+                             f"{self.num_classes} classes (ids 0..{self.num_classes - 1}"
+                             f"{f'; {self.num_classes} = null / unconditional' if allow_null else ''}).")
+        return values.astype(np.int32)
+
+    def _label_input(self, y, batch):
+        if not self.conditional:
+            if y is not None:
+                self.check_labels(y)  # raises: labels for an unconditional model
+            return None
+        if y is None:
+            return ops.full((batch,), self.null_id, dtype="int32")
+        if not ops.is_tensor(y):
+            y = self.check_labels(y)
+        y = ops.cast(y, "int32")
+        if len(y.shape) == 0:
+            y = ops.broadcast_to(y, (batch,))
+        return y
+
+    def denoise(self, x_t, t, y=None, training=False):
+        """ε̂ for noisy images — the one seam between the network and everything else.
 
         Args:
             x_t: ``[B, H, W, C]`` noisy images.
             t: float time labels in ``[0, T−1]``, shape ``[B]`` or a scalar (broadcast).
+            y: class-conditional models only: int class ids ``[B]`` or a scalar; None or the
+                null id (``num_classes``) is unconditional.
         Returns:
-            ``[B, H, W, C]`` predicted noise ``ε_θ(x_t, f(t))`` with f the E-TSDM map.
+            ``[B, H, W, C]`` predicted noise ``ε_θ(x_t, f(t), y)`` with f the E-TSDM map.
         """
         x_t = ops.convert_to_tensor(x_t)
         t = ops.convert_to_tensor(t, dtype="float32")
+        batch = ops.shape(x_t)[0]
         if len(t.shape) == 0:
-            t = ops.broadcast_to(t, (ops.shape(x_t)[0],))
-        return self.network({"x": x_t, "t": self.sharing(t)}, training=training)
+            t = ops.broadcast_to(t, (batch,))
+        inputs = {"x": x_t, "t": self.sharing(t)}
+        y = self._label_input(y, batch)
+        if y is not None:
+            inputs["y"] = y
+        return self.network(inputs, training=training)
 
     def _check_images(self, x0):
         if len(x0.shape) != 4:
@@ -107,7 +191,9 @@ class DiffusionModel(keras.Model):
                                  f" Check the image size and channel count of the data.")
 
     def call(self, x0, training=False):
-        x0 = x0["x0"] if isinstance(x0, dict) else x0
+        y = None
+        if isinstance(x0, dict):
+            x0, y = x0["x0"], x0.get("y")
         self._check_images(x0)
         x0 = ops.cast(x0, self.compute_dtype)
         batch = ops.shape(x0)[0]
@@ -116,8 +202,41 @@ class DiffusionModel(keras.Model):
         noise = keras.random.normal(ops.shape(x0), seed=self.seed_generator,
                                     dtype=self.compute_dtype)
         x_t = self.schedule.q_sample(x0, t, noise)
-        noise_pred = self.denoise(x_t, ops.cast(t, "float32"), training=training)
+        if self.conditional and y is None:  # Keras' symbolic build calls with images only
+            y = ops.full((batch,), self.null_id, dtype="int32")
+        elif y is not None:
+            y = ops.cast(ops.reshape(y, (-1,)), "int32")
+            if training and self.class_dropout > 0.0:
+                # Drawn after t and ε, so those streams equal an unconditional model's.
+                drop = keras.random.uniform((batch,), seed=self.seed_generator) \
+                    < self.class_dropout
+                y = ops.where(drop, ops.full_like(y, self.null_id), y)
+        noise_pred = self.denoise(x_t, ops.cast(t, "float32"), y=y, training=training)
         return {"noise": noise, "noise_pred": noise_pred}
+
+    def _pack_labels(self, data):
+        """``(images, labels)`` → ``({"x0": images, "y": labels},)`` for conditional models.
+
+        Keras hands ``fit``'s second element to the loss as a target; here it is the class
+        condition, so it is moved into the model's input before ``train_step`` unpacks it.
+        """
+        first = data[0] if isinstance(data, (tuple, list)) and data else data
+        if isinstance(first, dict):  # already {"x0": images, "y": labels}
+            return data
+        labels = data[1] if isinstance(data, (tuple, list)) and len(data) > 1 else None
+        if labels is None:
+            if self.conditional:
+                raise ValueError(
+                    f"This model is class-conditional ({self.num_classes} classes): train it "
+                    f"on (images, labels), e.g. model.fit(images, labels) or a tf.data "
+                    f"pipeline of (images, labels) pairs.")
+            return data
+        if not self.conditional:
+            raise ValueError("fit / evaluate got (images, labels) but this model is "
+                             "unconditional (num_classes=None): pass images only, or build the "
+                             "model with num_classes=K.")
+        packed = {"x0": data[0], "y": labels}
+        return (packed,) if len(data) < 3 else (packed, None, data[2])  # keep sample weights
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         """ε-prediction loss: the compiled loss, or ``MeanSquaredError`` when none was given.
@@ -157,12 +276,20 @@ class DiffusionModel(keras.Model):
     def train_step(self, *args, **kwargs):
         if etsdm_backend.backend_name() == "jax":
             return self._jax_train_step(*args, **kwargs)
-        logs = super().train_step(*args, **kwargs)
+        data, = args
+        logs = super().train_step(self._pack_labels(data), **kwargs)
         self.update_ema()
         return logs
 
+    def test_step(self, *args, **kwargs):
+        if etsdm_backend.backend_name() == "jax":
+            state, data = args
+            return super().test_step(state, self._pack_labels(data), **kwargs)
+        data, = args
+        return super().test_step(self._pack_labels(data), **kwargs)
+
     def _jax_train_step(self, state, data):
-        logs, state = super().train_step(state, data)
+        logs, state = super().train_step(state, self._pack_labels(data))
         trainable, non_trainable, optimizer_vars, metrics_vars = state
         index = self._jax_variable_index()
         weight_values = [trainable[i] for i in index["weights"]]
@@ -216,17 +343,32 @@ class DiffusionModel(keras.Model):
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
     # ----- sampling convenience -------------------------------------------------------------
-    def sample(self, sampler, num_samples, seed=0, use_ema=True, **kwargs):
+    def sample(self, sampler, num_samples, seed=0, use_ema=True, labels=None,
+               guidance_scale=0.0, **kwargs):
         """Draw ``num_samples`` images with ``sampler`` from seeded Gaussian noise.
+
+        Args:
+            sampler: a ``keras_etsdm.samplers`` sampler built on ``self.schedule``.
+            num_samples: N.
+            seed: seed of the starting noise (``keras.random.normal``).
+            use_ema: sample with the EMA weights.
+            labels: class-conditional models: an int or N class ids in ``[0, K]`` (K = null,
+                unconditional); None samples unconditionally.
+            guidance_scale: classifier-free guidance weight w (``ε̂ = (1+w)ε_y − wε_∅``, one
+                batched call of 2N per NFE); 0 is no guidance.
+            **kwargs: further ``sampler.sample`` arguments (``step_noise``, ``progress``).
 
         Returns float images ``[N, H, W, C]`` (nominally in [−1, 1]).
         """
+        from keras_etsdm.guidance import sampling_inputs
+
         if self.image_shape is None:
             raise ValueError("The network has no static image shape; call sampler.sample "
                              "with your own noise instead.")
+        denoiser, conditioning = sampling_inputs(self, num_samples, labels, guidance_scale)
         noise = keras.random.normal((num_samples,) + self.image_shape, seed=seed)
         with self.ema_scope(use_ema):
-            return sampler.sample(self, noise, **kwargs)
+            return sampler.sample(denoiser, noise, **kwargs, **conditioning)
 
     # ----- serialisation ----------------------------------------------------------------------
     # The training-noise RNG state is not a layer variable in Keras (seed generators are tracked
@@ -252,6 +394,10 @@ class DiffusionModel(keras.Model):
             "sharing": self.sharing.get_config(),
             "ema_decay": self.ema_decay,
             "seed": self.seed,
+            # Only for conditional models, so unconditional configs (and the work directories
+            # that compare them on resume) are unchanged.
+            **({"num_classes": self.num_classes, "class_dropout": self.class_dropout}
+               if self.conditional else {}),
         }
 
     @classmethod

@@ -11,6 +11,7 @@ Work directory layout::
       operative_config.gin        the gin configuration in effect (bin/train)
       model_config.json           DiffusionModel config (keras serialisation): rebuilds the model
       metrics.jsonl               one JSON record per logged step (loss, lr, grad norm, speed)
+      classes.json                class-conditional folder data: the class names, id order
       checkpoints/
         ckpt-00001000/
           model.weights.h5        network weights, EMA weights + EMA update count, and the
@@ -45,6 +46,8 @@ import numpy as np
 
 from keras_etsdm import callbacks as etsdm_callbacks
 from keras_etsdm import distribute
+from keras_etsdm.io_utils import atomic_write_bytes, atomic_write_text  # noqa: F401
+from keras_etsdm.io_utils import fsync_path as _fsync_path
 from keras_etsdm import folding  # noqa: F401  (registers the folding layers for load_checkpoint)
 from keras_etsdm.model import DiffusionModel
 from keras_etsdm.schedules import DiscreteVPSchedule
@@ -57,12 +60,13 @@ WEIGHTS_FILE = "model.weights.h5"
 OPTIMIZER_FILE = "optimizer.npz"
 RNG_FILE = "rng.npz"
 META_FILE = "meta.json"
+CLASS_LIST = "classes.json"
 _TMP_PREFIX = ".tmp-"
 
 
 # ----- model and optimizer ----------------------------------------------------------------
 def build_model(image_size=32, channels=1, network_fn=None, schedule=None, sharing=None,
-                use_etsdm=True, ema_decay=0.9999, seed=0):
+                use_etsdm=True, ema_decay=0.9999, seed=0, num_classes=None, class_dropout=0.1):
     """A ``DiffusionModel`` from its parts (the gin entry point for the model).
 
     Args:
@@ -75,16 +79,22 @@ def build_model(image_size=32, channels=1, network_fn=None, schedule=None, shari
             setting unchanged — the one switch for E-TSDM-vs-DDPM comparisons.
         ema_decay: EMA decay (with warm-up, see ``model.ema_decay_at``).
         seed: seed of the training-noise generator (t and ε).
+        num_classes: K for a class-conditional model (``network_fn`` gets ``num_classes=K``;
+            the data then must come with labels); None: unconditional.
+        class_dropout: probability of training on the null class instead of the label
+            (classifier-free guidance).
     """
     network_fn = network_fn or folding.build_network
-    network = network_fn(image_size=image_size, channels=channels)
+    class_kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    network = network_fn(image_size=image_size, channels=channels, **class_kwargs)
     schedule = schedule if schedule is not None else DiscreteVPSchedule()
     if not use_etsdm:
         sharing = TimestepSharing(0, 0)
     elif sharing is None:
         sharing = TimestepSharing(100, 5)
     return DiffusionModel(network, schedule=schedule, sharing=sharing, ema_decay=ema_decay,
-                          seed=seed, name="diffusion_model")
+                          seed=seed, num_classes=num_classes, class_dropout=class_dropout,
+                          name="diffusion_model")
 
 
 @keras.saving.register_keras_serializable(package="keras_etsdm")
@@ -158,33 +168,6 @@ def make_optimizer(learning_rate=2e-4, warmup_steps=0, grad_clip_norm=1.0, beta_
     return ClippedAdam(clip_norm=grad_clip_norm,
                        learning_rate=WarmupConstant(learning_rate, warmup_steps),
                        beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
-
-
-# ----- atomic files -----------------------------------------------------------------------
-def _fsync_path(path):
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` via a temporary file, fsync and ``os.replace``."""
-    tmp = f"{path}.{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----- checkpoints ------------------------------------------------------------------------
@@ -407,6 +390,12 @@ class SummaryWriter:
         self._writer.close()
 
 
+def grid_labels(num_classes, num_samples):
+    """Labels for a class grid: one row per class, ``max(1, num_samples // K)`` per row."""
+    per_class = max(1, num_samples // num_classes)
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class), per_class
+
+
 def image_grid(images, columns=None, padding=1):
     """Images ``[N, H, W, C]`` in [−1, 1] → one uint8 grid ``[rows·(H+p)+p, …, C]``."""
     images = np.asarray(images, dtype=np.float32)
@@ -447,13 +436,23 @@ def default_grid_sampler(schedule=None, num_steps=20, spacing="uniform"):
     return DDIMSampler(num_steps, spacing=spacing, schedule=schedule)
 
 
-def make_grid_fn(workdir, sampler, num_samples, seed, writer=None):
-    """``grid_fn(model, step)``: EMA samples → ``samples/grid-<step>.png`` and TensorBoard."""
+def make_grid_fn(workdir, sampler, num_samples, seed, writer=None, guidance_scale=0.0):
+    """``grid_fn(model, step)``: EMA samples → ``samples/grid-<step>.png`` and TensorBoard.
+
+    Class-conditional models: one row per class (``grid_labels``), guided with
+    ``guidance_scale``.
+    """
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
 
     def grid_fn(model, step):
-        images = model.sample(sampler, num_samples, seed=seed, use_ema=True)
-        grid = image_grid(keras.ops.convert_to_numpy(images))
+        if model.conditional:
+            labels, columns = grid_labels(model.num_classes, num_samples)
+            images = model.sample(sampler, len(labels), seed=seed, use_ema=True, labels=labels,
+                                  guidance_scale=guidance_scale)
+        else:
+            images = model.sample(sampler, num_samples, seed=seed, use_ema=True)
+            columns = None
+        grid = image_grid(keras.ops.convert_to_numpy(images), columns=columns)
         save_png(os.path.join(workdir, "samples", f"grid-{int(step):08d}.png"), grid)
         if writer is not None:
             writer.image("samples_ema", grid, step)
@@ -521,7 +520,8 @@ class TrainResult:
 def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_optimizer,
           batch_size=64, max_steps=20_000, mixed_precision=None, checkpoint_every=1000,
           keep_checkpoints=3, log_every=50, sample_every=1000, num_grid_samples=64,
-          grid_sampler_fn=default_grid_sampler, grid_seed=0, data_seed=0, distribution="auto",
+          grid_sampler_fn=default_grid_sampler, grid_seed=0, grid_guidance_scale=0.0,
+          data_seed=0, distribution="auto",
           seed=0, jit_compile=True, operative_config_fn=None, handle_signals=True, stream=None):
     """Train (or resume) a diffusion model in ``workdir``.
 
@@ -538,7 +538,9 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
         checkpoint_every, keep_checkpoints: checkpoint period in steps and how many to keep.
         log_every: steps between progress lines / metrics records / TensorBoard scalars.
         sample_every: steps between sample grids (0 disables); ``num_grid_samples`` images
-            from ``grid_sampler_fn(schedule)`` (DDIM, 20 steps) with noise seed ``grid_seed``.
+            from ``grid_sampler_fn(schedule)`` (DDIM, 20 steps) with noise seed ``grid_seed``;
+            class-conditional models get one row per class, guided with
+            ``grid_guidance_scale``.
         data_seed: shuffling / flip seed of the input pipeline.
         seed: global seed (``keras.utils.set_random_seed``) for the weight initialisation.
         distribution: see ``keras_etsdm.distribute`` ("auto", "none", "mirrored", ...).
@@ -566,7 +568,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
 
 def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,
            checkpoint_every, keep_checkpoints, log_every, sample_every, num_grid_samples,
-           grid_sampler_fn, grid_seed, data_seed, distribution, seed, jit_compile,
+           grid_sampler_fn, grid_seed, grid_guidance_scale, data_seed, distribution, seed, jit_compile,
            operative_config_fn, handle_signals, stream, previous_policy=None):
     if dataset_fn is None:
         from keras_etsdm.data import make_dataset as dataset_fn
@@ -613,8 +615,12 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
         return TrainResult(start_step, False, None, [], model, start_step)
 
     image_size, _, channels = model.image_shape
+    class_kwargs = {}
+    if model.conditional:  # labelled batches; folder classes pinned by <workdir>/classes.json
+        class_kwargs = {"num_classes": model.num_classes,
+                        "class_list_path": os.path.join(workdir, CLASS_LIST)}
     dataset = dataset_fn(global_batch_size=batch_size, image_size=image_size, channels=channels,
-                         seed=data_seed, start_step=start_step)
+                         seed=data_seed, start_step=start_step, **class_kwargs)
 
     writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if dist.is_chief else None
     operative_config = operative_config_fn() if operative_config_fn is not None else None
@@ -637,7 +643,8 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
                  etsdm_callbacks.PeriodicCheckpoint(save_fn, start_step, checkpoint_every, flag)]
     sampler = grid_sampler_fn(model.schedule) if sample_every and dist.is_chief else None
     if sampler is not None:
-        grid_fn = make_grid_fn(workdir, sampler, num_grid_samples, grid_seed, writer)
+        grid_fn = make_grid_fn(workdir, sampler, num_grid_samples, grid_seed, writer,
+                               guidance_scale=grid_guidance_scale)
         callbacks.append(etsdm_callbacks.SampleGrid(grid_fn, start_step, sample_every, flag))
 
     print(f"Training {model.network.count_params():,} parameters on {dist.num_replicas} "

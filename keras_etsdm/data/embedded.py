@@ -111,6 +111,7 @@ def load_synthetic(num_examples=256, image_size=8, channels=1, seed=0):
 
 
 EMBEDDED = {"mnist": load_mnist, "digits": load_digits, "synthetic": load_synthetic}
+LABELLED = ("digits", "mnist")  # embedded sets with class labels (10 classes each)
 
 
 def load_embedded(name, image_size, **kwargs):

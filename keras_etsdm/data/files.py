@@ -9,9 +9,14 @@ Every image is decoded with Pillow, converted to the configured channel count (`
 while the image is at least twice the target, then bicubic: the guided-diffusion recipe) and
 scaled to [−1, 1]. A file that cannot be decoded is skipped, counted in ``DECODE_STATS`` and
 reported (the first few by name) — never fatal.
+
+Class labels (for class-conditional models): a folder in the ImageNet layout (one sub-folder per
+class, ``class_labels=True``; the sorted sub-folder names are the classes, ids in that order), an
+int64 TFRecord feature (``label_key``), or a TFDS dataset's ``label`` feature.
 """
 
 import io
+import json
 import logging
 import os
 import threading
@@ -20,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_etsdm.data import pipeline
+from keras_etsdm.io_utils import atomic_write_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -140,14 +146,72 @@ def list_image_files(path, dataset_hint=None):
     return files
 
 
+def class_folders(path, files):
+    """ImageNet layout: ``(class_names, labels)`` from the first sub-folder of each file.
+
+    ``class_names`` are the sorted names of the sub-folders of ``path`` that hold images;
+    ``labels[i]`` is the id (index in ``class_names``) of ``files[i]``.
+    """
+    names, labels = [], []
+    for file in files:
+        parts = os.path.relpath(file, path).split(os.sep)
+        if len(parts) < 2:
+            raise ValueError(f"Class-conditional folder data needs one sub-folder per class "
+                             f"(ImageNet layout: {path}/<class>/<image>), but {file!r} lies "
+                             f"directly in {path!r}.")
+        names.append(parts[0])
+    class_names = sorted(set(names))
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.asarray([index[name] for name in names], np.int32)
+    return class_names, labels
+
+
+def check_class_list(class_names, class_list_path, source):
+    """Compare ``class_names`` with the list saved at ``class_list_path`` (JSON), or save it.
+
+    A resumed or evaluated run must map class ids to the same classes as the run that trained:
+    a folder layout that disagrees with the saved list is an error, not a silent relabelling.
+    """
+    if not class_list_path:
+        return
+    if os.path.isfile(class_list_path):
+        with open(class_list_path) as f:
+            saved = json.load(f)
+        if list(saved) != list(class_names):
+            added = sorted(set(class_names) - set(saved))
+            missing = sorted(set(saved) - set(class_names))
+            raise ValueError(
+                f"The classes of {source!r} disagree with the saved class list "
+                f"{class_list_path} ({len(class_names)} vs {len(saved)} classes; new: "
+                f"{added[:5]}, missing: {missing[:5]}): class ids would change meaning. Use "
+                f"the original data layout or a new work directory.")
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(class_list_path)), exist_ok=True)
+    atomic_write_text(class_list_path, json.dumps(list(class_names), indent=1))
+
+
 def folder_dataset(path, image_size, channels, global_batch_size, seed=0, start_step=0,
-                   random_flip=True, dataset_hint=None):
+                   random_flip=True, dataset_hint=None, class_labels=False,
+                   class_list_path=None, num_classes=None):
     """Global batches from a folder of images (png/jpg/webp/…, searched recursively).
 
-    Returns ``tf.data.Dataset`` of float32 ``[B, image_size, image_size, channels]``.
+    Args:
+        class_labels: read class labels from the ImageNet layout (``path/<class>/…``); the
+            class list is checked against / written to ``class_list_path`` (JSON).
+        num_classes: if given, the number of class folders must equal it.
+
+    Returns ``tf.data.Dataset`` of float32 ``[B, image_size, image_size, channels]``, or
+    ``(images, int32 labels [B])`` pairs with ``class_labels``.
     """
     _check_channels(channels)
     files = list_image_files(path, dataset_hint)
+    labels = None
+    if class_labels:
+        class_names, labels = class_folders(path, files)
+        if num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"{path!r} has {len(class_names)} class folders but the model has "
+                             f"num_classes={num_classes}.")
+        check_class_list(class_names, class_list_path, path)
 
     def read(index):
         with open(files[index], "rb") as f:
@@ -155,7 +219,8 @@ def folder_dataset(path, image_size, channels, global_batch_size, seed=0, start_
 
     return pipeline.indexed_dataset(len(files), _numpy_loader(read, image_size, channels),
                                     (image_size, image_size, channels), global_batch_size,
-                                    seed=seed, start_step=start_step, random_flip=random_flip)
+                                    seed=seed, start_step=start_step, random_flip=random_flip,
+                                    labels=labels)
 
 
 _LMDB_ENVS = {}
@@ -211,14 +276,32 @@ def lsun_lmdb_dataset(path, image_size, channels, global_batch_size, seed=0, sta
                                     seed=seed, start_step=start_step, random_flip=random_flip)
 
 
+def _check_label_feature(path, label_key, image_key):
+    """Fail early, naming the file, when the first record lacks an int64 ``label_key``."""
+    for record in tf.data.TFRecordDataset([path]).take(1):
+        example = tf.train.Example.FromString(record.numpy())
+        features = example.features.feature
+        if label_key not in features or features[label_key].WhichOneof("kind") != "int64_list":
+            present = sorted(features.keys())
+            raise ValueError(f"TFRecord {path!r} has no int64 class-label feature "
+                             f"{label_key!r} (features: {present}); set "
+                             f"make_dataset.label_key to the feature holding the label.")
+        if image_key not in features:
+            raise ValueError(f"TFRecord {path!r} has no image feature {image_key!r} "
+                             f"(features: {sorted(features.keys())}); set make_dataset.image_key.")
+
+
 def tfrecord_dataset(pattern, image_size, channels, global_batch_size, seed=0, start_step=0,
                      random_flip=True, image_key="image", shuffle_buffer=10_000,
-                     dataset_hint=None):
+                     dataset_hint=None, label_key=None, num_classes=None):
     """Global batches from TFRecord files of ``tf.train.Example`` with encoded image bytes.
 
     Args:
         pattern: a file, a glob pattern or a directory of ``*.tfrecord*`` files.
         image_key: the Example feature holding the encoded image (PNG/JPEG/WebP bytes).
+        label_key: an int64 feature with the class id; batches are then ``(images, labels)``.
+        num_classes: with ``label_key``: ids must lie in ``[0, num_classes)`` (checked per
+            record while reading).
     """
     _check_channels(channels)
     if os.path.isdir(pattern):
@@ -230,15 +313,28 @@ def tfrecord_dataset(pattern, image_size, channels, global_batch_size, seed=0, s
             raise _missing(pattern, dataset_hint)
         raise ValueError(f"No TFRecord files match {pattern!r}.")
     feature = {image_key: tf.io.FixedLenFeature([], tf.string)}
+    if label_key:
+        _check_label_feature(files[0], label_key, image_key)
+        feature[label_key] = tf.io.FixedLenFeature([], tf.int64)
 
     def decode_numpy(data):
         image, ok = decode_bytes(data, image_size, channels, "TFRecord record")
         return image.astype(np.float32), np.bool_(ok)
 
     def parse(record):
-        data = tf.io.parse_single_example(record, feature)[image_key]
-        return tuple(tf.numpy_function(decode_numpy, [data], (tf.float32, tf.bool),
-                                       stateful=False))
+        example = tf.io.parse_single_example(record, feature)
+        image, ok = tf.numpy_function(decode_numpy, [example[image_key]],
+                                      (tf.float32, tf.bool), stateful=False)
+        if not label_key:
+            return image, ok
+        label = example[label_key]
+        if num_classes is not None:
+            check = tf.debugging.assert_less(
+                label, tf.constant(num_classes, tf.int64),
+                message=f"TFRecord class label {label_key!r} out of range [0, {num_classes})")
+            with tf.control_dependencies([check]):
+                label = tf.identity(label)
+        return image, ok, label
 
     records = tf.data.TFRecordDataset(files)
     images = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -249,8 +345,11 @@ def tfrecord_dataset(pattern, image_size, channels, global_batch_size, seed=0, s
 
 def tfds_dataset(name, image_size, channels, global_batch_size, seed=0, start_step=0,
                  random_flip=True, split="train", data_dir=None, image_key="image",
-                 shuffle_buffer=10_000):
-    """Global batches from an already-prepared TFDS dataset (never downloads)."""
+                 shuffle_buffer=10_000, label_key=None):
+    """Global batches from an already-prepared TFDS dataset (never downloads).
+
+    ``label_key`` (e.g. ``"label"``): batches are ``(images, labels)`` for conditional models.
+    """
     _check_channels(channels)
     try:
         import tensorflow_datasets as tfds
@@ -279,7 +378,10 @@ def tfds_dataset(name, image_size, channels, global_batch_size, seed=0, start_st
         image = tf.image.resize_with_crop_or_pad(image, side, side)
         image = tf.image.resize(image, (image_size, image_size), method="bicubic",
                                 antialias=True)
-        return tf.clip_by_value(image, 0.0, 255.0) / 127.5 - 1.0, tf.constant(True)
+        image = tf.clip_by_value(image, 0.0, 255.0) / 127.5 - 1.0
+        if label_key:
+            return image, tf.constant(True), tf.cast(example[label_key], tf.int64)
+        return image, tf.constant(True)
 
     images = data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return pipeline.stream_dataset(images, (image_size, image_size, channels),

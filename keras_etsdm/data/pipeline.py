@@ -16,6 +16,11 @@ Resume exactness. Two kinds of source:
 * stream sources (TFRecord, TFDS): a seeded shuffle buffer over a repeated, deterministically
   ordered stream; resuming skips ``s`` batches (exact, but reading them costs time).
 
+Class labels: every pipeline takes optional int class labels (``labels=`` per example for
+indexed sources, a third ``label`` element of the stream for stream sources) and then yields
+``(images [B, H, W, C], labels int32 [B])`` pairs instead of images, which is what a
+class-conditional ``DiffusionModel.fit`` takes.
+
 Sharding: the pipelines yield GLOBAL batches; ``tf.distribute`` (``experimental_distribute_
 dataset``) and ``keras.distribution.DataParallel`` split each global batch across replicas,
 workers and JAX processes.
@@ -72,7 +77,20 @@ def _maybe_flip(image, position, seed, random_flip):
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def array_dataset(images, global_batch_size, seed=0, start_step=0, random_flip=False):
+def _check_labels(labels, num_examples):
+    if labels is None:
+        return None
+    import numpy as np
+
+    labels = np.asarray(labels)
+    if labels.shape != (num_examples,) or labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must be {num_examples} integer class ids (one per example), "
+                         f"got dtype {labels.dtype} and shape {labels.shape}.")
+    return tf.constant(labels.astype("int32"))
+
+
+def array_dataset(images, global_batch_size, seed=0, start_step=0, random_flip=False,
+                  labels=None):
     """Global batches from an in-memory array, deterministic in ``(seed, step)``.
 
     Args:
@@ -81,18 +99,24 @@ def array_dataset(images, global_batch_size, seed=0, start_step=0, random_flip=F
         seed: shuffle / flip seed.
         start_step: the first batch yielded is the batch of this global step (resume).
         random_flip: random horizontal flips, seeded per stream position.
+        labels: optional int class ids ``[N]``; then batches are ``(images, labels)``.
 
     Returns:
-        ``tf.data.Dataset`` of float32 ``[B, H, W, C]``, infinite.
+        ``tf.data.Dataset`` of float32 ``[B, H, W, C]`` (or ``(images, int32 [B])`` pairs),
+        infinite.
     """
     check_batch_size(global_batch_size)
     if len(images.shape) != 4:
         raise ValueError(f"array_dataset expects images [N, H, W, C], got shape {images.shape}.")
     table = tf.constant(images, tf.float32)
+    label_table = _check_labels(labels, images.shape[0])
     stream = position_stream(images.shape[0], seed, start_step * global_batch_size)
 
     def load(position, index):
-        return _maybe_flip(tf.gather(table, index), position, seed, random_flip)
+        image = _maybe_flip(tf.gather(table, index), position, seed, random_flip)
+        if label_table is None:
+            return image
+        return image, tf.gather(label_table, index)
 
     dataset = stream.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(global_batch_size, drop_remainder=True)
@@ -100,7 +124,7 @@ def array_dataset(images, global_batch_size, seed=0, start_step=0, random_flip=F
 
 
 def indexed_dataset(num_examples, load_fn, image_shape, global_batch_size, seed=0,
-                    start_step=0, random_flip=False, num_parallel_calls=None):
+                    start_step=0, random_flip=False, num_parallel_calls=None, labels=None):
     """Global batches from a source readable by example index (folders, LMDB).
 
     Args:
@@ -109,37 +133,52 @@ def indexed_dataset(num_examples, load_fn, image_shape, global_batch_size, seed=
             in graph mode (e.g. a ``tf.numpy_function``); examples with ``ok == False`` are
             dropped (undecodable files).
         image_shape: ``(H, W, C)``, set on the loaded tensors.
+        labels: optional int class ids ``[num_examples]`` (by example index).
         Other args as in ``array_dataset``.
     """
     check_batch_size(global_batch_size)
+    label_table = _check_labels(labels, num_examples)
     stream = position_stream(num_examples, seed, start_step * global_batch_size)
 
     def load(position, index):
         image, ok = load_fn(index)
         image = tf.ensure_shape(image, image_shape)
-        return _maybe_flip(image, position, seed, random_flip), ok
+        label = tf.gather(label_table, index) if label_table is not None else tf.constant(0)
+        return _maybe_flip(image, position, seed, random_flip), ok, label
 
     dataset = stream.map(load, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE,
                          deterministic=True)
-    dataset = dataset.filter(lambda image, ok: ok).map(lambda image, ok: image)
+    dataset = dataset.filter(lambda image, ok, label: ok)
+    if label_table is None:
+        dataset = dataset.map(lambda image, ok, label: image)
+    else:
+        dataset = dataset.map(lambda image, ok, label: (image, label))
     dataset = dataset.batch(global_batch_size, drop_remainder=True)
     return _options(dataset.prefetch(tf.data.AUTOTUNE))
 
 
 def stream_dataset(dataset, image_shape, global_batch_size, seed=0, start_step=0,
                    random_flip=False, shuffle_buffer=10_000):
-    """Global batches from a deterministic stream of ``(image, ok)`` (TFRecord, TFDS).
+    """Global batches from a deterministic stream of ``(image, ok)`` or ``(image, ok, label)``
+    (TFRecord, TFDS); with labels the batches are ``(images, int32 labels [B])``.
 
     The stream is repeated, shuffled with a seeded buffer and batched; a resumed run skips
     ``start_step`` batches so that it continues where it stopped.
     """
     check_batch_size(global_batch_size)
+    with_labels = len(dataset.element_spec) == 3
     dataset = dataset.repeat()
     if shuffle_buffer and shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.filter(lambda image, ok: ok).map(
-        lambda image, ok: tf.ensure_shape(image, image_shape))
-    dataset = dataset.enumerate().map(
-        lambda position, image: _maybe_flip(image, position, seed, random_flip))
+    dataset = dataset.filter(lambda image, ok, *label: ok).map(
+        lambda image, ok, *label: (tf.ensure_shape(image, image_shape),
+                                   tuple(tf.cast(v, tf.int32) for v in label)))
+
+    def flip(position, element):
+        image, label = element
+        image = _maybe_flip(image, position, seed, random_flip)
+        return (image, label[0]) if with_labels else image
+
+    dataset = dataset.enumerate().map(flip)
     dataset = dataset.batch(global_batch_size, drop_remainder=True).skip(start_step)
     return _options(dataset.prefetch(tf.data.AUTOTUNE))

@@ -96,11 +96,17 @@ def compute_stats(data, stats_path, extractor="classifier_mnist32", inception_pa
 def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdir=None,
              checkpoint=None, extractor="classifier_mnist32", inception_path=None,
              batch_size=250, seed=0, use_ema=True, sampler_options=None, output=None,
-             save_samples=True, progress=False):
+             save_samples=True, progress=False, labels=None, guidance_scale=0.0):
     """Draw samples and score them against reference statistics; write a provenance JSON.
 
+    Class-conditional models: ``labels`` (a ``sampling.parse_labels`` string — ``"balanced"``
+    for every class equally often, ``"3"`` for one class — or int ids) and classifier-free
+    guidance ``guidance_scale``; with a project digit classifier as extractor the record also
+    holds ``class_agreement`` (fraction of samples the classifier assigns to the requested
+    label) overall and per class.
+
     Returns the result record (dict). The JSON goes to ``output`` (default
-    ``<workdir>/eval/<sampler>_<steps>_<ema|raw>_seed<seed>.json``).
+    ``<workdir>/eval/<sampler>_<steps>_<ema|raw>_seed<seed>[_w<w>].json``).
     """
     from keras_etsdm.samplers import SAMPLERS, get_sampler
     from keras_etsdm.samplers import sampling
@@ -114,6 +120,9 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
     reference = fid.ReferenceStatistics.load(stats_path)  # fail before sampling, not after
     ex = make_extractor(extractor, inception_path)
     model = sampling.load_model_for_sampling(checkpoint, workdir, use_ema)
+    if labels is not None and not isinstance(labels, str):
+        labels = ",".join(str(int(v)) for v in np.asarray(labels).reshape(-1))
+    labels, num_samples = sampling.parse_labels(labels, num_samples, model.num_classes)
     T = model.schedule.num_timesteps
     kwargs = dict(sampler_options or {})
     if steps is not None:
@@ -122,8 +131,8 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
         kwargs["num_steps"] = int(steps)
     sampler_obj = get_sampler(key, schedule=model.schedule, **kwargs)
     images = fid.to_uint8(sampling.generate(model, sampler_obj, num_samples, batch_size, seed,
-                                            progress))
-    metrics = fid.evaluate_images(images, ex, reference, batch_size)
+                                            progress, labels, guidance_scale))
+    metrics = fid.evaluate_images(images, ex, reference, batch_size, labels=labels)
     weights = "ema" if use_ema else "raw"
     config = {k: v for k, v in sampler_obj.get_config().items() if k != "schedule"}
     record = fid.make_result_record(
@@ -135,10 +144,17 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
                                 else f"FD ({ex.name})"},
                "reference_count": reference.count,
                "sharing": model.sharing.get_config(),
-               "labels_below_t_tilde": _labels_below(sampler_obj, model.sharing)})
+               "labels_below_t_tilde": _labels_below(sampler_obj, model.sharing),
+               **({} if not model.conditional else {
+                   "num_classes": model.num_classes,
+                   "guidance_scale": float(guidance_scale),
+                   "class_labels": None if labels is None else
+                   {"counts": np.bincount(labels, minlength=model.num_classes + 1).tolist()}})})
     if output is None:
+        guided = f"_w{float(guidance_scale):g}" if model.conditional else ""
         output = os.path.join(workdir or os.path.dirname(stats_path), "eval",
-                              f"{key}_{sampler_obj.num_iterations}_{weights}_seed{seed}.json")
+                              f"{key}_{sampler_obj.num_iterations}_{weights}_seed{seed}"
+                              f"{guided}.json")
     fid.write_result_json(output, record)
     if save_samples:
         sampling.write_outputs(images, os.path.dirname(output),
@@ -156,10 +172,12 @@ def _labels_below(sampler, sharing, t_tilde=100.0):
 
 # ----- Lipschitz diagnostic on trained models ----------------------------------------------------------
 def run_lipschitz(workdirs, data, output_dir, num_images=64, use_ema=True, seed=0,
-                  timesteps=None, zoom=200, title=None):
+                  timesteps=None, zoom=200, title=None, label=None):
     """K(t) of one or more trained models (name → workdir) on the same data and noise.
 
     Writes ``lipschitz.csv`` and ``lipschitz.png`` into ``output_dir``; returns the curves.
+    Class-conditional models are evaluated at class ``label`` (None: the null class, i.e. the
+    unconditional ε̂).
     """
     from keras_etsdm.evaluation import lipschitz
     from keras_etsdm.samplers import sampling
@@ -172,7 +190,7 @@ def run_lipschitz(workdirs, data, output_dir, num_images=64, use_ema=True, seed=
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(images), min(num_images, len(images)), replace=False)
         x0 = images[np.sort(pick)].astype(np.float32) / 127.5 - 1.0
-        fn = lipschitz.model_denoise_fn(model)
+        fn = lipschitz.model_denoise_fn(model, label=label)
         curves[name] = lipschitz.lipschitz_curve(fn, x0, model.schedule, timesteps,
                                                  sharing=model.sharing, seed=seed)
     lipschitz.write_lipschitz_outputs(output_dir, curves, zoom=zoom, title=title)

@@ -299,8 +299,13 @@ def compute_reference_statistics(images_uint8, extractor, batch_size=250,
                                                 max_kid_activations, seed)
 
 
-def evaluate_images(images_uint8, extractor, reference, batch_size=250, kid_block_size=1024):
+def evaluate_images(images_uint8, extractor, reference, batch_size=250, kid_block_size=1024,
+                    labels=None):
     """FD (always), KID (when the reference kept activations) and IS (when logits exist).
+
+    ``labels`` (int ``[N]``, the classes the samples were generated for): with a project digit
+    classifier as extractor, also ``class_agreement`` (fraction with ``argmax logits ==
+    label``) and ``class_agreement_per_class`` (class id → fraction; the null class excluded).
 
     Returns a dict of metric name → float, with names carrying the extractor: ``fd``, ``kid``,
     ``kid_std``, ``classifier_score``.
@@ -317,7 +322,31 @@ def evaluate_images(images_uint8, extractor, reference, batch_size=250, kid_bloc
         metrics["kid"], metrics["kid_std"] = kid, kid_std
     if out["logits"] is not None:
         metrics["classifier_score"] = classifier_score(out["logits"])
+        if labels is not None and extractor.name.startswith("classifier_"):
+            metrics.update(class_agreement(out["logits"], labels))
     return metrics
+
+
+def class_agreement(logits, labels):
+    """How often a classifier assigns the requested class.
+
+    Args:
+        logits: ``[N, K]`` classifier logits of the samples.
+        labels: int ``[N]`` requested classes; ids ``>= K`` (the null class) are left out.
+    Returns:
+        ``{"class_agreement": float, "class_agreement_per_class": {id: float}}``.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    predicted = np.argmax(np.asarray(logits), axis=-1)
+    if predicted.shape[0] != labels.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {predicted.shape[0]} samples.")
+    keep = labels < np.asarray(logits).shape[-1]
+    if not np.any(keep):
+        return {}
+    hits = predicted[keep] == labels[keep]
+    per_class = {int(c): float(np.mean(hits[labels[keep] == c]))
+                 for c in np.unique(labels[keep])}
+    return {"class_agreement": float(np.mean(hits)), "class_agreement_per_class": per_class}
 
 
 # ----- results with provenance -----------------------------------------------------------------

@@ -124,20 +124,32 @@ class GaussianMixtureEpsStar:
         return eps.reshape(shape)
 
 
-def model_denoise_fn(model, batch_size=None):
+def model_denoise_fn(model, label=None):
     """A numpy callable ``(x, t) -> ε̂`` for a ``DiffusionModel``, compiled once.
 
-    Uses ``network.predict_on_batch`` (jitted per backend) on ``{"x": x, "t": f(t)}`` with
-    the model's own E-TSDM map f, i.e. exactly ``model.denoise``. EMA or raw weights: call it
-    inside ``model.ema_scope(...)``.
+    Every evaluation goes through ``model.denoise`` (the seam: E-TSDM sharing and any subclass
+    override included), compiled like the sampling loops (``samplers._compiled``). EMA or raw
+    weights: call it inside ``model.ema_scope(...)``.
+
+    Args:
+        model: a ``DiffusionModel``.
+        label: class-conditional models: the class id to condition on (None: the null class,
+            i.e. the unconditional ε̂ that guidance also uses).
     """
     from keras_etsdm.backend import to_numpy
+    from keras_etsdm.samplers._compiled import compiled_denoiser
+
+    compiled = compiled_denoiser(model)
+    if label is not None:
+        model.check_labels([label])
+    elif model.conditional:
+        label = model.null_id
 
     def fn(x, t):
         x = np.asarray(x, np.float32)
         t = np.broadcast_to(np.asarray(t, np.float32), (x.shape[0],))
-        shared = to_numpy(model.sharing(t)).astype(np.float32)
-        return np.asarray(model.network.predict_on_batch({"x": x, "t": shared}))
+        conditioning = {} if label is None else {"y": np.full((x.shape[0],), label, np.int32)}
+        return np.asarray(to_numpy(compiled(x, t, **conditioning)))
 
     return fn
 

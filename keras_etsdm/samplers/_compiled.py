@@ -48,75 +48,122 @@ def stateless_normal(shape, seed, step, dtype="float32"):
                               f"not {name!r}.")
 
 
-def _is_diffusion_model(denoiser):
+def bound_model(denoiser):
+    """The ``DiffusionModel`` behind a denoiser (the model itself, or a wrapper's ``.model``
+    such as ``ClassifierFreeGuidance``), or None for a plain callable."""
     from keras_etsdm.model import DiffusionModel
 
-    return isinstance(denoiser, DiffusionModel)
+    if isinstance(denoiser, DiffusionModel):
+        return denoiser
+    model = getattr(denoiser, "model", None)
+    return model if isinstance(model, DiffusionModel) else None
+
+
+def denoise_callable(denoiser):
+    """``(x, t, **conditioning) -> eps`` for a denoiser: a model's ``denoise`` (THE seam), a
+    wrapper's or a plain callable's ``__call__``."""
+    from keras_etsdm.model import DiffusionModel
+
+    return denoiser.denoise if isinstance(denoiser, DiffusionModel) else denoiser
+
+
+def _bind(denoise, conditioning):
+    if not conditioning:
+        return denoise
+    return lambda x, t: denoise(x, t, **conditioning)
 
 
 class CompiledSegment:
-    """A compiled ``segment(tables, carry, extra, start, stop) -> carry`` for one denoiser.
+    """A compiled ``segment(tables, carry, extra, conditioning, start, stop) -> carry``.
 
     ``make_segment(denoise_fn)`` must return a pure function ``(tables, carry, extra, start,
     stop) -> carry`` written in ``keras.ops``; it is traced once per input shape signature (the
-    coefficient tables are inputs, so other tables of the same shape reuse the trace). ``traces``
+    coefficient tables are inputs, so other tables of the same shape reuse the trace).
+    ``conditioning`` is a dict of tensors (class labels, guidance scale) handed to the denoiser
+    at every NFE as keyword arguments; being inputs, new labels do not retrace. ``traces``
     counts the traces (used by tests to prove that a second call does not retrace).
+
+    Every network evaluation goes through ``denoise_callable(denoiser)`` — for a model, its
+    ``denoise``. On JAX, when a ``DiffusionModel`` is behind the denoiser, all of the model's
+    variables are ARGUMENTS of the jitted function, mapped onto the model by a
+    ``keras.StatelessScope`` (as export does), so ``denoise`` itself runs statelessly inside
+    ``jax.jit`` and a weight update or EMA swap reuses the compiled loop.
     """
 
     def __init__(self, make_segment, denoiser):
         self.traces = 0
         self._denoiser = denoiser  # strong reference: keeps the cache key's id() valid
         name = etsdm_backend.backend_name()
-        stateful = _is_diffusion_model(denoiser)
+        model = bound_model(denoiser)
+        denoise = denoise_callable(denoiser)
         if name == "jax":
             import jax
 
-            if stateful:
-                network, sharing = denoiser.network, denoiser.sharing
+            if model is not None:
+                variables = list(model.variables)
 
-                def fn(trainable, non_trainable, tables, carry, extra, start, stop):
+                def fn(values, tables, carry, extra, conditioning, start, stop):
                     self.traces += 1
-
-                    def denoise(x, t):
-                        out, _ = network.stateless_call(
-                            trainable, non_trainable, {"x": x, "t": sharing(t)}, training=False)
-                        return out
-
-                    return make_segment(denoise)(tables, carry, extra, start, stop)
+                    with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                        segment = make_segment(_bind(denoise, conditioning))
+                        return segment(tables, carry, extra, start, stop)
 
                 jitted = jax.jit(fn)
 
-                def call(tables, carry, extra, start, stop):
-                    return jitted([v.value for v in network.trainable_variables],
-                                  [v.value for v in network.non_trainable_variables],
-                                  tables, carry, extra, start, stop)
+                def call(tables, carry, extra, conditioning, start, stop):
+                    return jitted([v.value for v in variables], tables, carry, extra,
+                                  conditioning, start, stop)
             else:
-                def fn(tables, carry, extra, start, stop):
+                def fn(tables, carry, extra, conditioning, start, stop):
                     self.traces += 1
-                    return make_segment(denoiser)(tables, carry, extra, start, stop)
+                    segment = make_segment(_bind(denoise, conditioning))
+                    return segment(tables, carry, extra, start, stop)
 
                 call = jax.jit(fn)
         elif name == "tensorflow":
             import tensorflow as tf
 
-            denoise = denoiser.denoise if stateful else denoiser
-
-            def fn(tables, carry, extra, start, stop):
+            def fn(tables, carry, extra, conditioning, start, stop):
                 self.traces += 1
-                return make_segment(denoise)(tables, carry, extra, start, stop)
+                segment = make_segment(_bind(denoise, conditioning))
+                return segment(tables, carry, extra, start, stop)
 
             # XLA compiles the whole loop, U-Net included, on CPU and GPU (checked in the tests).
+            # Variables are read inside the function, so EMA swaps are seen without retracing.
             call = tf.function(fn, jit_compile=True, reduce_retracing=False)
         else:
             # Other backends (torch): run eagerly; still correct, just not compiled.
-            denoise = denoiser.denoise if stateful else denoiser
-
-            def call(tables, carry, extra, start, stop):
+            def call(tables, carry, extra, conditioning, start, stop):
                 self.traces += 1
-                return make_segment(denoise)(tables, carry, extra, start, stop)
+                segment = make_segment(_bind(denoise, conditioning))
+                return segment(tables, carry, extra, start, stop)
         self._call = call
 
-    def __call__(self, tables, carry, extra, start, stop):
+    def __call__(self, tables, carry, extra, start, stop, conditioning=None):
         start = keras.ops.convert_to_tensor(start, dtype="int32")
         stop = keras.ops.convert_to_tensor(stop, dtype="int32")
-        return self._call(tables, carry, extra, start, stop)
+        return self._call(tables, carry, extra, dict(conditioning or {}), start, stop)
+
+
+def compiled_denoiser(denoiser):
+    """``fn(x, t, **conditioning) -> eps`` compiled once per input signature, through the same
+    path as the sampling loops (a model's ``denoise``; stateless weights on JAX). For
+    diagnostics that evaluate the network outside a sampler (``bin/lipschitz``)."""
+
+    def make_segment(denoise_fn):
+        def segment(tables, carry, extra, start, stop):
+            x, t = carry
+            return (denoise_fn(x, t), t)
+
+        return segment
+
+    compiled = CompiledSegment(make_segment, denoiser)
+
+    def fn(x, t, **conditioning):
+        x = keras.ops.convert_to_tensor(x, dtype="float32")
+        t = keras.ops.convert_to_tensor(t, dtype="float32")
+        eps, _ = compiled({}, (x, t), None, 0, 1, conditioning)
+        return eps
+
+    fn.compiled = compiled
+    return fn

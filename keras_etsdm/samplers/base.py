@@ -226,17 +226,20 @@ class Sampler:
         return seed_tensor(seed)
 
     def build_loop(self, denoise_fn):
-        """A pure ``loop(noise, seed=None, step_noise=None) -> x0`` (see the module docstring).
+        """A pure ``loop(noise, seed=None, step_noise=None, **conditioning) -> x0`` (see the
+        module docstring).
 
         Args:
-            denoise_fn: pure ``keras.ops`` function ``(x [B, ...], t [B] float32) -> eps``.
+            denoise_fn: pure ``keras.ops`` function ``(x [B, ...], t [B] float32,
+                **conditioning) -> eps``; ``conditioning`` (e.g. ``y`` class labels,
+                ``guidance_scale``) is passed through at every NFE.
         """
-        segment = self._segment_fn(denoise_fn)
         tables = self._float32_tables()  # constants of the exported function
 
-        def loop(noise, seed=None, step_noise=None):
+        def loop(noise, seed=None, step_noise=None, **conditioning):
             noise = ops.convert_to_tensor(noise, dtype="float32")
             extra = self._extra(0 if seed is None else seed, step_noise, noise.shape)
+            segment = self._segment_fn(_compiled._bind(denoise_fn, conditioning))
             carry = segment(tables, self._init_carry(noise), extra, 0, self.num_iterations)
             return self._result(carry)
 
@@ -263,6 +266,8 @@ class Sampler:
         """
         if isinstance(denoiser, types.MethodType):
             denoiser_key = (id(denoiser.__self__), id(denoiser.__func__))
+        elif hasattr(denoiser, "cache_key"):  # e.g. ClassifierFreeGuidance: one per model
+            denoiser_key = denoiser.cache_key()
         else:
             denoiser_key = id(denoiser)
         key = (denoiser_key, self._trace_key())
@@ -275,16 +280,22 @@ class Sampler:
             _COMPILED.popitem(last=False)
         return compiled
 
-    def sample(self, denoiser, noise, seed=0, step_noise=None, progress=False):
+    def sample(self, denoiser, noise, seed=0, step_noise=None, progress=False,
+               **conditioning):
         """Run the sampler from ``noise`` (x_T) to x_0.
 
         Args:
-            denoiser: a ``DiffusionModel`` (its ``denoise`` is used, E-TSDM sharing included) or
-                any callable ``(x [B, ...], t [B] float labels in [0, T-1]) -> eps`` in keras.ops.
+            denoiser: a ``DiffusionModel`` (its ``denoise`` is used, E-TSDM sharing included), a
+                ``ClassifierFreeGuidance`` wrapper, or any callable ``(x [B, ...], t [B] float
+                labels in [0, T-1], **conditioning) -> eps`` in keras.ops.
             noise: ``[B, ...]`` starting sample (standard normal for generation).
             seed: int or int ``[2]`` seed of the per-step noise of stochastic samplers.
             step_noise: optional explicit per-step noise ``[num_iterations, B, ...]``.
             progress: show a progress bar (the loop then runs compiled in ~20 chunks).
+            **conditioning: tensors handed to the denoiser at every NFE, e.g. ``y`` (int class
+                labels ``[B]``) for a conditional model, plus ``guidance_scale`` (a scalar) for
+                ``ClassifierFreeGuidance``. Inputs of the compiled loop: new values do not
+                recompile. ``model.sample(..., labels=, guidance_scale=)`` builds them for you.
         Returns:
             ``[B, ...]`` float32 samples x_0.
         """
@@ -292,19 +303,20 @@ class Sampler:
         noise = ops.convert_to_tensor(noise, dtype="float32")
         if len(noise.shape) < 1 or noise.shape[0] is None:
             raise ValueError(f"noise must have a static shape [B, ...], got {noise.shape}.")
+        conditioning = _conditioning_tensors(conditioning, noise.shape[0])
         extra = self._extra(seed, step_noise, noise.shape)
         segment = self.compiled_segment(denoiser)
         tables = self._loop_tables()
         carry = tuple(self._init_carry(noise))
         total = self.num_iterations
         if not progress:
-            carry = segment(tables, carry, extra, 0, total)
+            carry = segment(tables, carry, extra, 0, total, conditioning)
         else:
             bar = keras.utils.Progbar(total, unit_name="NFE")
             chunk = max(1, math.ceil(total / 20))
             for start in range(0, total, chunk):
                 stop = min(total, start + chunk)
-                carry = segment(tables, carry, extra, start, stop)
+                carry = segment(tables, carry, extra, start, stop, conditioning)
                 bar.update(stop)
         return self._result(tuple(carry))
 
@@ -319,6 +331,21 @@ class Sampler:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "schedule")
         return f"{type(self).__name__}({args})"
+
+
+def _conditioning_tensors(conditioning, batch):
+    """Conditioning values → tensors (ints → int32, floats → float32); batched ones (rank >= 1)
+    must have ``batch`` rows."""
+    tensors = {}
+    for key, value in conditioning.items():
+        array = np.asarray(keras.ops.convert_to_numpy(value)) if ops.is_tensor(value) \
+            else np.asarray(value)
+        dtype = "int32" if array.dtype.kind in "iub" else "float32"
+        if array.ndim >= 1 and array.shape[0] != batch:
+            raise ValueError(f"Conditioning input {key!r} has {array.shape[0]} rows for a batch "
+                             f"of {batch} samples; give one per sample.")
+        tensors[key] = ops.convert_to_tensor(array, dtype=dtype)
+    return tensors
 
 
 def seed_tensor(seed):

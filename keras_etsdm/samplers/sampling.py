@@ -13,6 +13,8 @@ import os
 import keras
 import numpy as np
 
+from keras_etsdm.guidance import sampling_inputs
+from keras_etsdm.io_utils import atomic_write_bytes
 from keras_etsdm.samplers import SAMPLERS, get_sampler
 
 
@@ -47,23 +49,68 @@ def load_model_for_sampling(checkpoint=None, workdir=None, use_ema=True):
     return load_model_for_sampling(files[-1], use_ema=use_ema)
 
 
-def generate(model, sampler, num_samples, batch_size=64, seed=0, progress=False):
+def generate(model, sampler, num_samples, batch_size=64, seed=0, progress=False, labels=None,
+             guidance_scale=0.0):
     """``num_samples`` float32 images ``[N, H, W, C]`` (nominally in [−1, 1]).
 
     The network is used as it is (``load_model_for_sampling`` already chose EMA or raw).
+    ``labels`` (``[N]`` class ids, conditional models) and ``guidance_scale`` (classifier-free
+    guidance w) are split into batches with the noise; see ``guidance.sampling_inputs``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
     if model.image_shape is None or None in model.image_shape:
         raise ValueError("The model's network has no static image shape.")
+    if labels is not None:
+        labels = model.check_labels(labels)
+        if labels.shape[0] != num_samples:
+            raise ValueError(f"Got {labels.shape[0]} class labels for {num_samples} samples.")
+    sampling_inputs(model, 1, None if labels is None else labels[:1], guidance_scale)  # checks
     noise = np.random.default_rng(seed).standard_normal(
         (num_samples,) + tuple(model.image_shape)).astype(np.float32)
     out = []
     for b, start in enumerate(range(0, num_samples, batch_size)):
         batch = noise[start:start + batch_size]
-        x = sampler.sample(model, batch, seed=[seed, b], progress=progress)
+        batch_labels = None if labels is None else labels[start:start + batch_size]
+        denoiser, conditioning = sampling_inputs(model, batch.shape[0], batch_labels,
+                                                 guidance_scale)
+        x = sampler.sample(denoiser, batch, seed=[seed, b], progress=progress, **conditioning)
         out.append(np.asarray(keras.ops.convert_to_numpy(x)))
     return np.concatenate(out, axis=0)
+
+
+def parse_labels(text, num_samples=None, num_classes=None):
+    """Class labels for ``num_samples`` samples from a command-line string.
+
+    * ``"3,3,7"``: these labels; with ``num_samples`` (a multiple of their count) repeated
+      to fill it, without it one sample per label.
+    * ``"balanced"``: ``i mod K`` for sample i (every class equally often; needs K).
+    * ``None`` / ``""``: no labels (unconditional).
+
+    Returns ``(labels int32 [N] or None, N)``.
+    """
+    if text is None or str(text).strip() == "":
+        return None, num_samples
+    text = str(text).strip()
+    if text.lower() == "balanced":
+        if num_classes is None:
+            raise ValueError("--labels=balanced needs a class-conditional model.")
+        if num_samples is None:
+            raise ValueError("--labels=balanced needs --num_samples.")
+        return np.arange(num_samples, dtype=np.int32) % num_classes, num_samples
+    try:
+        labels = np.asarray([int(v) for v in text.split(",") if v.strip() != ""], np.int32)
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integer class ids or 'balanced', "
+                         f"got {text!r}.") from None
+    if labels.size == 0:
+        return None, num_samples
+    if num_samples is None:
+        return labels, int(labels.size)
+    if num_samples % labels.size:
+        raise ValueError(f"--num_samples={num_samples} is not a multiple of the {labels.size} "
+                         f"labels given ({text!r}); give one label per sample or a divisor.")
+    return np.tile(labels, num_samples // labels.size), num_samples
 
 
 def to_uint8(images):
@@ -83,12 +130,6 @@ def image_grid(images):
     return grid
 
 
-def _atomic_write(path, data):
-    from keras_etsdm.training import atomic_write_bytes
-
-    atomic_write_bytes(path, data)
-
-
 def write_outputs(images_uint8, output_dir, name="samples", metadata=None):
     """Write ``<name>.npz`` (key ``images``, plus metadata) and ``<name>.png`` atomically."""
     from PIL import Image
@@ -97,12 +138,12 @@ def write_outputs(images_uint8, output_dir, name="samples", metadata=None):
     buf = io.BytesIO()
     np.savez(buf, images=images_uint8, **{k: np.asarray(v) for k, v in (metadata or {}).items()})
     npz_path = os.path.join(output_dir, f"{name}.npz")
-    _atomic_write(npz_path, buf.getvalue())
+    atomic_write_bytes(npz_path, buf.getvalue())
     grid = image_grid(images_uint8)
     buf = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
     png_path = os.path.join(output_dir, f"{name}.png")
-    _atomic_write(png_path, buf.getvalue())
+    atomic_write_bytes(png_path, buf.getvalue())
     return npz_path, png_path
 
 
@@ -127,12 +168,22 @@ def parse_options(text):
 
 
 def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, workdir=None,
-               batch_size=64, seed=0, use_ema=True, options=None, progress=False):
-    """Everything ``bin/sample`` does. Returns the paths written."""
+               batch_size=64, seed=0, use_ema=True, options=None, progress=False, labels=None,
+               guidance_scale=0.0):
+    """Everything ``bin/sample`` does. Returns the paths written.
+
+    ``labels``: a ``parse_labels`` string (``"3,3,7"``, ``"balanced"``) or int ids; with
+    ``guidance_scale`` w, classifier-free guidance. ``num_samples=None``: one per label (64
+    without labels).
+    """
     key = str(sampler_name).lower().replace("-", "_")
     if key not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler_name!r}; expected one of {sorted(SAMPLERS)}.")
     model = load_model_for_sampling(checkpoint, workdir, use_ema)
+    if labels is not None and not isinstance(labels, str):
+        labels = ",".join(str(int(v)) for v in np.asarray(labels).reshape(-1))
+    labels, num_samples = parse_labels(labels, num_samples, model.num_classes)
+    num_samples = 64 if num_samples is None else num_samples
     T = model.schedule.num_timesteps
     if steps is not None and not 1 <= int(steps) <= T:
         raise ValueError(f"steps must be between 1 and the model's T={T}, got {steps}.")
@@ -140,7 +191,11 @@ def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, wo
     if steps is not None:
         kwargs["num_steps"] = int(steps)
     sampler = get_sampler(key, schedule=model.schedule, **kwargs)
-    images = generate(model, sampler, num_samples, batch_size, seed, progress)
+    images = generate(model, sampler, num_samples, batch_size, seed, progress, labels,
+                      guidance_scale)
     meta = {"sampler": key, "sampler_config": repr(sampler.get_config()), "seed": seed,
-            "use_ema": use_ema, "nfe": sampler.num_iterations}
+            "use_ema": use_ema, "nfe": sampler.num_iterations,
+            "guidance_scale": float(guidance_scale)}
+    if labels is not None:
+        meta["labels"] = labels
     return write_outputs(to_uint8(images), output_dir, metadata=meta)
