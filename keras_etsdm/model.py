@@ -320,6 +320,15 @@ class DiffusionModel(keras.Model):
             w.assign(ema.value)
             ema.assign(tmp)
 
+    def load_ema_into_network(self):
+        """Copy the EMA into the network's weights; ``ema_weights`` keep the EMA as well.
+
+        What the checkpoint loaders do for ``use_ema=True``: afterwards the network holds the
+        EMA, and ``sample(use_ema=True)`` (which swaps) still samples the EMA, however often.
+        """
+        for ema, w in zip(self.ema_weights, self._network_weights):
+            w.assign(ema.value)
+
     @contextlib.contextmanager
     def ema_scope(self, use_ema=True):
         """Context in which the network holds its EMA weights (``use_ema=False``: no-op)."""

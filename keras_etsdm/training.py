@@ -337,8 +337,7 @@ def load_checkpoint(workdir, step=None, use_ema=True):
     model = model_from_workdir(workdir)
     restore_checkpoint(model, checkpoints[step], restore_optimizer=False)
     if use_ema:
-        for ema, weight in zip(model.ema_weights, model._network_weights):
-            weight.assign(ema.value)
+        model.load_ema_into_network()
     model.checkpoint_step = int(step)
     return model
 

@@ -508,3 +508,46 @@ def test_conditional_training_run_writes_a_grid_with_one_row_per_class(tmp_path)
     assert grid.shape[:2] == (10 * 9 + 1, 2 * 9 + 1)  # 10 rows (classes) of 2, 1-px padding
     loaded = training.load_checkpoint(str(tmp_path))
     assert loaded.num_classes == 10
+
+
+# ----- JAX and TensorFlow agree ---------------------------------------------------------------
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden_conditional.npz")
+
+
+def _deterministic_model():
+    """The same weights on every backend (drawn with numpy, not the backend's initialisers)."""
+    m = DiffusionModel(_network(), schedule=SCHEDULE, sharing=TimestepSharing(100, 5))
+    rng = np.random.default_rng(42)
+    for w in m.network.weights:
+        if len(w.shape) > 1:
+            value = rng.normal(0, 1.0 / np.sqrt(np.prod(w.shape[:-1])), w.shape)
+            if "table" in w.path:  # the class embedding
+                value = rng.normal(0, 1.0, w.shape)
+        elif "gamma" in w.path:
+            value = 1.0 + rng.normal(0, 0.1, w.shape)
+        else:
+            value = rng.normal(0, 0.1, w.shape)
+        w.assign(value.astype("float32"))
+    return m
+
+
+def test_guided_samples_equal_the_golden_values_on_every_backend():
+    """Guided DDIM (labels inside sharing pieces) and DPM-Solver++ with thresholding against
+    values stored once (``KERAS_ETSDM_WRITE_GOLDEN=1`` rewrites them): both backends must hit
+    the same numbers to float32 round-off."""
+    m = _deterministic_model()
+    labels = np.array([0, 1, 2, 3], np.int32)
+    got = {
+        "ddim": to_np(DDIMSampler(timesteps=INSIDE_PIECES, schedule=SCHEDULE).sample(
+            ClassifierFreeGuidance(m), NOISE, y=labels, guidance_scale=np.float32(1.5))),
+        "dpm_solver_pp": to_np(DPMSolverSampler(
+            4, order=2, algorithm="dpmsolver++", thresholding=True, schedule=SCHEDULE).sample(
+                ClassifierFreeGuidance(m), NOISE, y=labels, guidance_scale=np.float32(3.0))),
+        "eps": to_np(m.denoise(NOISE, np.array([7.0, 55.0, 150.0, 999.0], np.float32),
+                               y=labels)),
+    }
+    if os.environ.get("KERAS_ETSDM_WRITE_GOLDEN") == "1":
+        np.savez(GOLDEN, **got)
+    with np.load(GOLDEN) as golden:
+        for key, value in got.items():
+            np.testing.assert_allclose(value, golden[key], atol=2e-5, rtol=1e-5, err_msg=key)

@@ -123,3 +123,19 @@ def test_bin_sample_reports_errors(tmp_path):
         capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert result.returncode == 2
     assert "does not exist" in result.stderr
+
+
+def test_loaded_model_samples_the_ema_every_time(model, checkpoint, tmp_path):
+    """Loading with the EMA copies it into the network (no swap): model.sample() — which swaps
+    the EMA in — gives the EMA samples on the first call and on every later one."""
+    sampler = DPMSolverSampler(3, order=2)
+    with model.ema_scope():
+        expected = ops.convert_to_numpy(sampler.sample(model, NOISE))
+    loaded = sampling.load_model_for_sampling(checkpoint)
+    for _ in range(2):
+        with loaded.ema_scope():
+            got = ops.convert_to_numpy(sampler.sample(loaded, NOISE))
+        np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(ops.convert_to_numpy(loaded.sample(sampler, 2, seed=4)),
+                                   ops.convert_to_numpy(model.sample(sampler, 2, seed=4)),
+                                   atol=1e-6, rtol=0)

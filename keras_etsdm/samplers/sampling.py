@@ -26,6 +26,10 @@ def load_model_for_sampling(checkpoint=None, workdir=None, use_ema=True):
         workdir: a training work directory (``keras_etsdm.training`` checkpoints, or else the
             newest ``*.keras`` under ``workdir/checkpoints``).
         use_ema: sample with the EMA weights (default) instead of the raw training weights.
+
+    The EMA rule (as ``training.load_checkpoint``): with ``use_ema`` the network holds a COPY
+    of the EMA and ``ema_weights`` still hold the EMA; without it the network holds the raw
+    weights. Either way ``ema_weights`` are the EMA, so ``model.sample()`` samples the EMA.
     """
     if checkpoint:
         if not os.path.isfile(checkpoint):
@@ -33,7 +37,9 @@ def load_model_for_sampling(checkpoint=None, workdir=None, use_ema=True):
                                     f".keras file written by DiffusionModel.save).")
         model = keras.saving.load_model(checkpoint)
         if use_ema:
-            model.swap_ema_weights()
+            # A copy, not a swap: the EMA stays in ema_weights, so a later model.sample()
+            # (use_ema=True swaps them in) still samples the EMA, not the raw weights.
+            model.load_ema_into_network()
         return model
     if not workdir:
         raise ValueError("Give --checkpoint (a .keras file) or --workdir (a training directory).")
