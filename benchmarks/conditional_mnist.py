@@ -69,7 +69,6 @@ def main(argv):
     del argv
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import keras
-    import numpy as np
 
     from benchmarks.harness import machine_description
     from keras_etsdm.evaluation import evaluate, fid

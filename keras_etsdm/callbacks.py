@@ -33,7 +33,6 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 # model state every step: on JAX, touching ``self.model`` forces a host sync of all variables.
 
 import json
-import os
 import sys
 import time
 

@@ -12,9 +12,9 @@ Class-conditional models (``num_classes=K``) train on ``(images, labels)`` with 
 """
 
 import contextlib
-import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_etsdm import backend as etsdm_backend
@@ -123,8 +123,6 @@ class DiffusionModel(keras.Model):
         Raises ``ValueError`` for an unconditional model, non-integer labels or ids outside
         ``[0, K−1]`` (``[0, K]`` with ``allow_null``: K is the null class).
         """
-        import numpy as np
-
         if not self.conditional:
             raise ValueError("Class labels were given but this model is unconditional "
                              "(num_classes=None); build it with num_classes=K to train and "
@@ -137,9 +135,9 @@ class DiffusionModel(keras.Model):
         high = self.num_classes if allow_null else self.num_classes - 1
         bad = values[(values < 0) | (values > high)]
         if bad.size:
+            null = f"; {self.num_classes} = null / unconditional" if allow_null else ""
             raise ValueError(f"Class label {int(bad[0])} is out of range: this model has "
-                             f"{self.num_classes} classes (ids 0..{self.num_classes - 1}"
-                             f"{f'; {self.num_classes} = null / unconditional' if allow_null else ''}).")
+                             f"{self.num_classes} classes (ids 0..{self.num_classes - 1}{null}).")
         return values.astype(np.int32)
 
     def _label_input(self, y, batch):

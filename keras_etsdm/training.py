@@ -567,8 +567,8 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
 
 def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,
            checkpoint_every, keep_checkpoints, log_every, sample_every, num_grid_samples,
-           grid_sampler_fn, grid_seed, grid_guidance_scale, data_seed, distribution, seed, jit_compile,
-           operative_config_fn, handle_signals, stream, previous_policy=None):
+           grid_sampler_fn, grid_seed, grid_guidance_scale, data_seed, distribution, seed,
+           jit_compile, operative_config_fn, handle_signals, stream, previous_policy=None):
     if dataset_fn is None:
         from keras_etsdm.data import make_dataset as dataset_fn
     dist = distribute.setup_distribution(distribution)

@@ -5,7 +5,7 @@ E-TSDM-shared label); the network itself knows nothing about sharing.
 """
 
 import keras
-from keras import layers, ops
+from keras import layers
 
 from keras_etsdm import layers as etsdm_layers
 
@@ -133,9 +133,12 @@ def check_num_classes(num_classes):
 
 def network_num_classes(network):
     """K of a class-conditional network (its ``ClassEmbedding``), or None if unconditional."""
-    for layer in network._flatten_layers(include_self=False, recursive=True):
+    for layer in getattr(network, "layers", []):
         if isinstance(layer, etsdm_layers.ClassEmbedding):
             return layer.num_classes
+        inner = network_num_classes(layer)  # nested models (the folding wrapper)
+        if inner is not None:
+            return inner
     return None
 
 

@@ -118,3 +118,35 @@ def test_comparison_quick_smoke_digits(tmp_path):
     settings.testbeds = ("digits8",)
     comparison.run_comparison(str(tmp_path), settings, log=lambda *_: None)
     assert os.path.getsize(tmp_path / "lipschitz_digits8.png") > 0
+
+
+def test_class_agreement_is_exact():
+    logits = np.eye(4)[[0, 1, 2, 3, 1, 1]]  # predicted classes 0 1 2 3 1 1
+    labels = np.array([0, 1, 3, 3, 4, 0])  # 4 = the null class of a 4-class model: left out
+    out = fid.class_agreement(logits, labels)
+    assert out["class_agreement"] == 3 / 5
+    assert out["class_agreement_per_class"] == {0: 0.5, 1: 1.0, 3: 0.5}
+
+
+def test_eval_of_a_guided_conditional_model(tmp_path):
+    keras.utils.set_random_seed(0)
+    net = build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1,),
+                     num_res_blocks=1, attention_resolutions=(), num_classes=10)
+    path = str(tmp_path / "cond.keras")
+    DiffusionModel(net, num_classes=10).save(path)
+    stats_path = str(tmp_path / "ref.npz")
+    evaluate.compute_stats("embedded:digits", stats_path, extractor="classifier_digits8",
+                           max_images=200)
+    record = evaluate.run_eval("ddim", 3, 20, stats_path, checkpoint=path,
+                               extractor="classifier_digits8", batch_size=20,
+                               labels="balanced", guidance_scale=1.0)
+    assert record["output"].endswith("ddim_3_ema_seed0_w1.json")
+    metrics = record["metrics"]
+    assert 0.0 <= metrics["class_agreement"] <= 1.0
+    assert sorted(metrics["class_agreement_per_class"], key=int) == [str(c) for c in range(10)]
+    saved = json.load(open(record["output"]))
+    assert saved["guidance_scale"] == 1.0 and saved["num_classes"] == 10
+    assert saved["class_labels"]["counts"] == [2] * 10 + [0]
+    with pytest.raises(ValueError, match="needs class labels"):
+        evaluate.run_eval("ddim", 3, 20, stats_path, checkpoint=path,
+                          extractor="classifier_digits8", guidance_scale=1.0)

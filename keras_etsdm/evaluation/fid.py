@@ -372,7 +372,9 @@ def make_result_record(*, metrics, num_samples, sampler, steps, seed, weights, e
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}.")
     record = {
-        "metrics": {k: float(v) for k, v in metrics.items()},
+        # Per-class metrics are {class id: value} dicts (ids as JSON keys: strings).
+        "metrics": {k: {str(c): float(x) for c, x in v.items()} if isinstance(v, dict)
+                    else float(v) for k, v in metrics.items()},
         "num_samples": int(num_samples), "sampler": str(sampler), "steps": int(steps),
         "seed": int(seed), "weights": weights, "extractor": str(extractor),
         "reference_file": None if reference_file is None else os.path.abspath(reference_file),
