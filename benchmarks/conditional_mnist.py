@@ -52,6 +52,17 @@ def wilson_interval(hits, n, z=1.96):
     return (centre - half, centre + half)
 
 
+def cpu_isa():
+    """The SIMD extensions that matter for these kernels, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split(":", 1)[1].split()
+    except (OSError, StopIteration):
+        return "unknown ISA"
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return " ".join(flag for flag in wanted if flag in flags) or "no AVX2"
+
+
 def class_grid(images_uint8, labels, per_row=10):
     """One row per class: the first ``per_row`` samples of each label, as one uint8 image."""
     import numpy as np
@@ -90,7 +101,8 @@ def main(argv):
     with open(os.path.join(FLAGS.workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     results = {
-        "machine": machine_description(), "backend": keras.backend.backend(),
+        "machine": f"{machine_description()}; ISA: {cpu_isa()}",
+        "backend": keras.backend.backend(),
         "workdir": os.path.abspath(FLAGS.workdir),
         "checkpoint_step": getattr(model, "checkpoint_step", None),
         "last_logged_loss": records[-1].get("loss") if records else None,
