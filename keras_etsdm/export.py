@@ -255,18 +255,13 @@ def _endpoint_functions(model, sampler):
         names = [a for a, _, _ in args]
         endpoints["sample"] = (lambda *inputs: run(**dict(zip(names, inputs))), args)
 
+    def denoise(x_t, t, labels=None):
+        return {"eps": denoise_fn(x_t, t, **({"y": labels} if conditional else {}))}
+
+    args = [("x_t", image, "float32"), ("t", (None,), "float32")]
     if conditional:
-        def denoise(x_t, t, labels):
-            return {"eps": denoise_fn(x_t, t, y=labels)}
-
-        endpoints["denoise"] = (denoise, [("x_t", image, "float32"), ("t", (None,), "float32"),
-                                          ("labels", (None,), "int32")])
-    else:
-        def denoise(x_t, t):
-            return {"eps": denoise_fn(x_t, t)}
-
-        endpoints["denoise"] = (denoise, [("x_t", image, "float32"),
-                                          ("t", (None,), "float32")])
+        args.append(class_args[0])
+    endpoints["denoise"] = (denoise, args)
     return endpoints
 
 

@@ -26,6 +26,7 @@ dataset``) and ``keras.distribution.DataParallel`` split each global batch acros
 workers and JAX processes.
 """
 
+import numpy as np
 import tensorflow as tf
 
 _SHUFFLE_SALT = 0
@@ -80,8 +81,6 @@ def _maybe_flip(image, position, seed, random_flip):
 def _check_labels(labels, num_examples):
     if labels is None:
         return None
-    import numpy as np
-
     labels = np.asarray(labels)
     if labels.shape != (num_examples,) or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be {num_examples} integer class ids (one per example), "
@@ -170,15 +169,16 @@ def stream_dataset(dataset, image_shape, global_batch_size, seed=0, start_step=0
     dataset = dataset.repeat()
     if shuffle_buffer and shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.filter(lambda image, ok, *label: ok).map(
-        lambda image, ok, *label: (tf.ensure_shape(image, image_shape),
-                                   tuple(tf.cast(v, tf.int32) for v in label)))
-
-    def flip(position, element):
-        image, label = element
-        image = _maybe_flip(image, position, seed, random_flip)
-        return (image, label[0]) if with_labels else image
-
-    dataset = dataset.enumerate().map(flip)
+    if with_labels:
+        dataset = dataset.filter(lambda image, ok, label: ok).map(
+            lambda image, ok, label: (tf.ensure_shape(image, image_shape),
+                                      tf.cast(label, tf.int32)))
+        dataset = dataset.enumerate().map(lambda position, pair: (
+            _maybe_flip(pair[0], position, seed, random_flip), pair[1]))
+    else:
+        dataset = dataset.filter(lambda image, ok: ok).map(
+            lambda image, ok: tf.ensure_shape(image, image_shape))
+        dataset = dataset.enumerate().map(
+            lambda position, image: _maybe_flip(image, position, seed, random_flip))
     dataset = dataset.batch(global_batch_size, drop_remainder=True).skip(start_step)
     return _options(dataset.prefetch(tf.data.AUTOTUNE))
