@@ -139,11 +139,15 @@ def malloc_environ(environ, mode):
         return dict(environ)
     if mode != "hugetlb":
         raise ValueError(f"malloc mode must be 'hugetlb' or 'default', got {mode!r}")
+    return _cpu_tuning().tuned_environ(environ) or dict(environ)
+
+
+def _cpu_tuning():
     # bin/_startup.py loads cpu_tuning by path: importing the package would load TF/JAX here.
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bin"))
     import _startup
 
-    return _startup.load_cpu_tuning().tuned_environ(environ) or dict(environ)
+    return _startup.load_cpu_tuning()
 
 
 class Worker:
@@ -154,6 +158,8 @@ class Worker:
         full_env = malloc_environ(os.environ, malloc)
         full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         full_env.update(env or {})
+        # As bin/ start-up: JAX workers on CPU get the XLA convolution flag before JAX starts.
+        full_env = _cpu_tuning().jax_xla_environ(full_env) or full_env
         self.glibc_tunables = full_env.get("GLIBC_TUNABLES", "")
         self._log = open(log_path or os.devnull, "w")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

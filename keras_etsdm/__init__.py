@@ -2,13 +2,6 @@
 
 __version__ = "0.1.0"
 
-import keras as _keras
-
-from keras_etsdm import cpu_tuning as _cpu_tuning
-
-# Before JAX compiles anything: XLA CPU convolutions on Eigen (cpu_tuning explains why).
-_cpu_tuning.set_jax_xla_cpu_flags(_keras.backend.backend())
-
 from keras_etsdm.schedules import DiscreteVPSchedule, LinearVPSDE, make_betas
 from keras_etsdm.time_sharing import TimestepSharing
 from keras_etsdm.unet import build_unet, DDPM_CIFAR10, DDPM_256, ADM_IMAGENET64

@@ -60,7 +60,7 @@ def to_numpy(x):
 # gradient of a convolution is 1.5–3× slower than the forward pass; as one matmul per kernel tap
 # it is 1.2–2× faster, e.g. 8×32×32, 384 → 128 channels: forward 78 ms, XLA kernel gradient
 # 216 ms, per-tap 155 ms (benchmarks/RESULTS.md, benchmarks/conv_grad.py). With YNNPACK
-# convolutions off (``cpu_tuning.set_jax_xla_cpu_flags``, applied on import) XLA's own gradient
+# convolutions off (``cpu_tuning.tune_xla_for_cpu``, applied by bin/ at start-up) XLA's own gradient
 # is the faster one (CIFAR-10 U-Net training step 2.70–3.04 s vs 3.07–3.49 s per-tap), and on
 # GPUs cuDNN's is, so the per-tap form is used only on CPU with YNNPACK convolutions on.
 # Module flag so benchmarks can A/B the two gradients in one process (read at trace time):

@@ -17,9 +17,13 @@
    gradient was 1.5–3× the forward. With ``--xla_cpu_experimental_ynn_fusion_type=
    -individual_convolution`` in ``XLA_FLAGS`` (the same machine, hugetlb malloc): training step
    3.75–4.08 → 2.70–3.04 s (XLA's own kernel gradient; see ``backend.conv2d_same``), forward
-   6.53 → 7.66 img/s at batch 8. :func:`set_jax_xla_cpu_flags` adds it before JAX compiles
-   anything (``keras_etsdm`` calls it on import); XLA reads ``XLA_FLAGS`` when its first backend
-   starts. TensorFlow's XLA accepts the flag too (tests start TF subprocesses from JAX ones).
+   6.53 → 7.66 img/s at batch 8. XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts,
+   so the flag must be set before JAX runs anything: the ``bin/`` entry points do it at
+   start-up, and your own code can call :func:`tune_xla_for_cpu` first thing. Importing
+   ``keras_etsdm`` changes nothing in the environment. The flag is never set for GPU / TPU runs
+   (``JAX_PLATFORMS`` naming an accelerator, or an accelerator plugin installed), and when JAX
+   has already started, :func:`tune_xla_for_cpu` warns and leaves ``XLA_FLAGS`` alone (setting
+   it then would do nothing for XLA but would mislead ``backend.conv2d_same``, which reads it).
 
 Standard library only: ``bin/`` scripts load this file before importing the package (whose
 import takes 5–10 s), so the re-exec is cheap.
@@ -29,9 +33,12 @@ Opt out of both with ``KERAS_ETSDM_CPU_TUNING=0``; a ``glibc.malloc.hugetlb`` va
 """
 
 import importlib.metadata
+import importlib.util
+import json
 import os
 import platform
 import sys
+import warnings
 
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT_VARIABLE = "KERAS_ETSDM_CPU_TUNING"
@@ -160,14 +167,89 @@ def ynn_convolutions_enabled(xla_flags):
     return "individual_convolution" in items
 
 
-def set_jax_xla_cpu_flags(backend):
-    """Add the convolution flag to ``os.environ["XLA_FLAGS"]`` when ``backend`` is ``"jax"``.
+def keras_backend(environ):
+    """The Keras backend a process started with ``environ`` uses, as Keras decides it:
+    ``KERAS_BACKEND``, else ``backend`` in ``$KERAS_HOME/keras.json`` (default ``~/.keras``),
+    else ``tensorflow``."""
+    if environ.get("KERAS_BACKEND"):
+        return environ["KERAS_BACKEND"]
+    home = environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
 
-    Call before JAX compiles or runs anything (XLA reads the variable once, when its first
-    backend starts); later it changes nothing.
+
+# Modules whose presence means JAX will pick an accelerator when JAX_PLATFORMS does not say.
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "libtpu")
+
+
+def accelerator_run(environ):
+    """Whether JAX in a process with ``environ`` may run on a GPU / TPU (tuning is CPU-only)."""
+    platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms != "cpu"
+    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
+def jax_xla_environ(environ, backend=None):
+    """``environ`` plus the XLA convolution flag for a NEW JAX-on-CPU process, or None.
+
+    None when the process will not run JAX (``backend``, default ``keras_backend(environ)``),
+    may run on an accelerator, is opted out, or ``tuned_xla_flags`` changes nothing.
     """
-    if backend != "jax":
-        return
-    flags = tuned_xla_flags(os.environ)
-    if flags is not None:
-        os.environ["XLA_FLAGS"] = flags
+    backend = backend or keras_backend(environ)
+    if backend != "jax" or accelerator_run(environ):
+        return None
+    flags = tuned_xla_flags(environ)
+    if flags is None:
+        return None
+    new = dict(environ)
+    new["XLA_FLAGS"] = flags
+    return new
+
+
+def _jax_started():
+    """Whether this process's JAX has created its backends (XLA_FLAGS are then fixed)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # a JAX without the probe: assume it has started
+        return True
+
+
+def tune_xla_for_cpu(backend=None):
+    """Set this process's ``XLA_FLAGS`` for JAX on CPU (YNNPACK convolutions off); the explicit,
+    opt-in form of what the ``bin/`` entry points do at start-up.
+
+    Call it first thing, before JAX runs anything::
+
+        from keras_etsdm import cpu_tuning   # imports no JAX computation
+        cpu_tuning.tune_xla_for_cpu()
+
+    Args:
+        backend: the Keras backend (default: as Keras will choose it, ``keras_backend``).
+
+    Returns:
+        True when the flag was set; False when nothing applies (another backend, a GPU / TPU
+        run, opted out, a jaxlib without the flag, a YNN setting already in ``XLA_FLAGS``) or
+        JAX has already started — then it warns, since XLA would ignore the flag.
+    """
+    new = jax_xla_environ(os.environ, backend)
+    if new is None:
+        return False
+    if _jax_started():
+        warnings.warn(
+            "keras_etsdm.cpu_tuning.tune_xla_for_cpu: JAX has already started, so XLA_FLAGS can "
+            "no longer change how it compiles; XLA_FLAGS left unchanged (YNNPACK convolutions "
+            "stay on, and the per-tap kernel gradient of backend.conv2d_same is used). Call it "
+            "before JAX runs anything, e.g. at the top of the script or notebook.",
+            RuntimeWarning, stacklevel=2)
+        return False
+    os.environ["XLA_FLAGS"] = new["XLA_FLAGS"]
+    return True

@@ -16,6 +16,21 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+def _tune_xla_like_bin():
+    """The XLA CPU flag the bin/ entry points set at start-up, before any test imports JAX (the
+    package itself no longer touches XLA_FLAGS on import), so tests run what bin/train runs."""
+    import importlib.util
+
+    path = os.path.join(REPO_ROOT, "keras_etsdm", "cpu_tuning.py")
+    spec = importlib.util.spec_from_file_location("_conftest_cpu_tuning", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.tune_xla_for_cpu()
+
+
+_tune_xla_like_bin()
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     """Absolute path of the repository (bin/, gin/ live here)."""

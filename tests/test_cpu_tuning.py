@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -93,9 +94,62 @@ def test_ynn_convolutions_enabled_reads_the_flag(flags, enabled):
     assert cpu_tuning.ynn_convolutions_enabled(flags) is enabled
 
 
-def test_importing_the_package_set_the_flag_for_jax():
-    import keras
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", OPT_OUT)}
+    env.update(extra)
+    return env
 
-    expected = keras.backend.backend() == "jax" and tuned_xla_flags({}) is not None \
-        and cpu_tuning.OPT_OUT_VARIABLE not in os.environ
-    assert (cpu_tuning.JAX_XLA_CPU_FLAG in os.environ.get("XLA_FLAGS", "")) is expected
+
+OPT_OUT = cpu_tuning.OPT_OUT_VARIABLE
+
+
+def test_importing_the_package_leaves_xla_flags_alone():
+    code = "import os, keras_etsdm; print(repr(os.environ.get('XLA_FLAGS')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=_clean_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "None"
+
+
+@pytest.mark.skipif(tuned_xla_flags({}) is None, reason="jaxlib without the flag")
+def test_explicit_tuning_before_jax_starts_and_a_warning_after():
+    code = textwrap.dedent("""
+        import os, warnings
+        from keras_etsdm import cpu_tuning
+        print(cpu_tuning.tune_xla_for_cpu(), os.environ.get("XLA_FLAGS"))
+        del os.environ["XLA_FLAGS"]
+        import jax
+        jax.numpy.ones(2).block_until_ready()   # JAX has started: XLA_FLAGS are now fixed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            print(cpu_tuning.tune_xla_for_cpu(), os.environ.get("XLA_FLAGS"),
+                  [str(w.message)[:80] for w in caught])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=_clean_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = out.stdout.strip().splitlines()[-2:]
+    assert before == f"True {cpu_tuning.JAX_XLA_CPU_FLAG}"
+    assert after.startswith("False None [") and "JAX has already started" in after
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}, True),
+    ({"KERAS_BACKEND": "tensorflow", "JAX_PLATFORMS": "cpu"}, False),
+    ({"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cuda"}, False),    # never touch GPU runs
+    ({"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "tpu,cpu"}, False),
+    ({"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", OPT_OUT: "0"}, False),
+])
+def test_jax_xla_environ_only_for_jax_on_cpu(environ, expected):
+    new = cpu_tuning.jax_xla_environ(environ)
+    if not expected or tuned_xla_flags({}) is None:
+        assert new is None
+    else:
+        assert new["XLA_FLAGS"] == cpu_tuning.JAX_XLA_CPU_FLAG and "XLA_FLAGS" not in environ
+
+
+def test_keras_backend_as_keras_chooses_it(tmp_path):
+    assert cpu_tuning.keras_backend({"KERAS_BACKEND": "jax"}) == "jax"
+    (tmp_path / "keras.json").write_text('{"backend": "jax"}')
+    assert cpu_tuning.keras_backend({"KERAS_HOME": str(tmp_path)}) == "jax"
+    assert cpu_tuning.keras_backend({"KERAS_HOME": str(tmp_path / "none")}) == "tensorflow"
