@@ -41,8 +41,9 @@ class DiffusionModel(keras.Model):
         network: a Keras model ``{"x": [B,H,W,C], "t": [B]} -> ε̂ [B,H,W,C]`` (see
             ``keras_etsdm.build_unet``).
         schedule: a ``DiscreteVPSchedule`` (default: linear β 1e-4..0.02, T = 1000).
-        sharing: a ``TimestepSharing`` (default t̃ = 100, n = 5); ``TimestepSharing(0, 0)`` or
-            ``None`` is the DDPM baseline.
+        sharing: a ``TimestepSharing``; None (default) is E-TSDM with the paper's t̃ = T/10
+            (100 of T = 1000) and n = 5 (``TimestepSharing.default_for``), as in
+            ``build_model`` and gin. ``TimestepSharing(0, 0)`` is the DDPM baseline.
         ema_decay: decay of the exponential moving average of the weights (0.9999); the EMA is
             updated after every training step with warm-up (``ema_decay_at``).
         seed: seed of the ``keras.random.SeedGenerator`` that draws t and ε in training.
@@ -66,7 +67,7 @@ class DiffusionModel(keras.Model):
         self.network = network
         self.schedule = schedule if schedule is not None else DiscreteVPSchedule()
         if sharing is None:
-            sharing = TimestepSharing(0, 0)
+            sharing = TimestepSharing.default_for(self.schedule.num_timesteps)
         if sharing.enabled and sharing.t_tilde >= self.schedule.num_timesteps:
             raise ValueError(f"E-TSDM t_tilde={sharing.t_tilde} must be smaller than the number "
                              f"of timesteps T={self.schedule.num_timesteps}.")
@@ -340,12 +341,20 @@ class DiffusionModel(keras.Model):
             self.swap_ema_weights()
 
     # ----- fit with the non-finite guard ----------------------------------------------------
-    def fit(self, *args, callbacks=None, **kwargs):
-        """``keras.Model.fit``; adds ``NonFiniteLossError`` raising unless already present."""
+    def fit(self, *args, callbacks=None, stop_on_non_finite=True, **kwargs):
+        """``keras.Model.fit`` plus one callback of its own, unless switched off.
+
+        Args:
+            stop_on_non_finite: add ``callbacks.StopOnNonFiniteLoss`` (first in the list, unless
+                one is already there), which raises ``NonFiniteLossError`` naming the step when
+                the loss becomes NaN / inf, so a diverged run stops before a checkpoint can
+                hold non-finite weights. False: exactly the callbacks given.
+            *args, callbacks, **kwargs: as ``keras.Model.fit``.
+        """
         from keras_etsdm.callbacks import StopOnNonFiniteLoss
 
         callbacks = list(callbacks or [])
-        if not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
+        if stop_on_non_finite and not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
             callbacks.insert(0, StopOnNonFiniteLoss())
         return super().fit(*args, callbacks=callbacks, **kwargs)
 
@@ -397,8 +406,8 @@ class DiffusionModel(keras.Model):
         return {
             "name": self.name,
             "network": keras.saving.serialize_keras_object(self.network),
-            "schedule": self.schedule.get_config(),
-            "sharing": self.sharing.get_config(),
+            "schedule": _part_config(self.schedule, DiscreteVPSchedule),
+            "sharing": _part_config(self.sharing, TimestepSharing),
             "ema_decay": self.ema_decay,
             "seed": self.seed,
             # Only for conditional models, so unconditional configs (and the work directories
@@ -411,6 +420,21 @@ class DiffusionModel(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         config["network"] = keras.saving.deserialize_keras_object(config["network"])
-        config["schedule"] = DiscreteVPSchedule.from_config(config["schedule"])
-        config["sharing"] = TimestepSharing.from_config(config["sharing"])
+        config["schedule"] = _part_from_config(config["schedule"], DiscreteVPSchedule)
+        config["sharing"] = _part_from_config(config["sharing"], TimestepSharing)
         return cls(**config)
+
+
+def _part_config(part, base):
+    """A schedule / sharing map in the model config: the plain ``get_config()`` dict for the
+    library's own class (the format of every earlier checkpoint), a Keras-serialised object for
+    a subclass or another registered class, so those round-trip through ``.keras`` too."""
+    if type(part) is base:
+        return part.get_config()
+    return keras.saving.serialize_keras_object(part)
+
+
+def _part_from_config(config, base):
+    if isinstance(config, dict) and "class_name" in config:
+        return keras.saving.deserialize_keras_object(config)
+    return base.from_config(config)

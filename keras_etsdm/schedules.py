@@ -14,6 +14,7 @@ float64: samplers precompute all their coefficients with them once, outside the 
 
 import math
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -62,6 +63,7 @@ class _VPMarginals:
         return log_mean - 0.5 * np.log(-np.expm1(2.0 * log_mean))
 
 
+@keras.saving.register_keras_serializable(package="keras_etsdm")
 class DiscreteVPSchedule(_VPMarginals):
     """A discrete VP schedule with ``T`` integer labels 0..T-1 and its continuous-time view.
 

@@ -8,6 +8,7 @@ Only the condition fed to the network changes; noising, loss and samplers use th
 With ``t_tilde = 0`` or ``n = 0`` the map is the identity (the DDPM baseline).
 """
 
+import keras
 from keras import ops
 
 # Labels within this fraction of a piece of a boundary snap onto it, so that float rounding
@@ -15,6 +16,7 @@ from keras import ops
 _BOUNDARY_TOLERANCE = 1e-5
 
 
+@keras.saving.register_keras_serializable(package="keras_etsdm")
 class TimestepSharing:
     """The E-TSDM map on float tensors of any shape.
 
@@ -76,6 +78,16 @@ class TimestepSharing:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+    @classmethod
+    def default_for(cls, num_timesteps):
+        """The library's default: the paper's t̃ = T/10 (100 of T = 1000), n = 5.
+
+        Used whenever ``sharing=None`` (``DiffusionModel``, ``build_model``); gin's
+        ``base.gin`` binds the same values. Fewer than 10 timesteps: no sharing.
+        """
+        t_tilde = int(num_timesteps) // 10
+        return cls(t_tilde, 5 if t_tilde else 0)
 
     def __repr__(self):
         return f"TimestepSharing(t_tilde={self.t_tilde}, n={self.n})"

@@ -217,3 +217,63 @@ def test_non_finite_loss_stops_with_the_step():
     x[20] = np.nan  # second batch
     with pytest.raises(ke.NonFiniteLossError, match="non-finite .* at step 2"):
         model.fit(x, batch_size=16, epochs=1, verbose=0, shuffle=False)
+
+
+# ----- defaults and Keras idioms -----------------------------------------------------------------
+def test_sharing_default_is_the_same_everywhere(repo_root):
+    import gin
+
+    from keras_etsdm import config, training
+
+    assert ke.DiffusionModel(tiny_unet()).sharing == ke.TimestepSharing(100, 5)
+    built = training.build_model(image_size=8, network_fn=lambda **kw: tiny_unet())
+    assert built.sharing == ke.TimestepSharing(100, 5)
+    try:
+        gin.clear_config()
+        config.parse([], [], search_paths=[os.path.join(repo_root, "gin")])
+        assert ke.TimestepSharing(gin.query_parameter("TimestepSharing.t_tilde"),
+                                  gin.query_parameter("TimestepSharing.n")) \
+            == ke.TimestepSharing(100, 5)
+    finally:
+        gin.clear_config()
+    short = ke.DiffusionModel(tiny_unet(), schedule=ke.DiscreteVPSchedule(num_timesteps=50))
+    assert short.sharing == ke.TimestepSharing(5, 5)  # t̃ = T/10 for any T
+    assert not ke.DiffusionModel(tiny_unet(), sharing=ke.TimestepSharing(0, 0)).sharing.enabled
+
+
+def test_fit_adds_its_guard_only_when_asked():
+    model = ke.DiffusionModel(tiny_unet())
+    model.compile(optimizer="adam")
+    x = digits(32)
+    x[20] = np.nan
+    history = model.fit(x, batch_size=16, epochs=1, verbose=0, shuffle=False,
+                        stop_on_non_finite=False)
+    assert not np.isfinite(history.history["loss"][-1])  # ran to the end: no guard added
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm_tests")
+class CoarserSharing(ke.TimestepSharing):
+    """A user's own sharing map (registered): must survive a .keras round trip."""
+
+    def __call__(self, t):
+        return super().__call__(t) + 0.0
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm_tests")
+class ScaledDenoise(ke.DiffusionModel):
+    def denoise(self, x_t, t, y=None, training=False):
+        return 0.5 * super().denoise(x_t, t, y=y, training=training)
+
+
+def test_subclasses_round_trip_through_keras_files(tmp_path):
+    model = ScaledDenoise(tiny_unet(), sharing=CoarserSharing(200, 4))
+    path = str(tmp_path / "sub.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded) is ScaledDenoise and type(loaded.sharing) is CoarserSharing
+    assert loaded.sharing.t_tilde == 200 and loaded.sharing.n == 4
+    assert loaded.get_config()["schedule"] == model.schedule.get_config()  # plain, as before
+    x = np.random.default_rng(0).normal(size=(2,) + model.image_shape).astype("float32")
+    t = np.array([130.0, 640.0], np.float32)
+    np.testing.assert_allclose(ops.convert_to_numpy(loaded.denoise(x, t)),
+                               ops.convert_to_numpy(model.denoise(x, t)), atol=1e-6)
