@@ -67,7 +67,7 @@ def class_grid(images_uint8, labels, per_row=10):
     """One row per class: the first ``per_row`` samples of each label, as one uint8 image."""
     import numpy as np
 
-    from keras_etsdm.training import image_grid
+    from keras_etsdm.io_utils import image_grid
 
     rows = []
     for c in range(NUM_CLASSES):
@@ -84,8 +84,8 @@ def main(argv):
     from benchmarks.harness import machine_description
     from keras_etsdm.evaluation import evaluate, fid
     from keras_etsdm.evaluation.features import make_extractor
-    from keras_etsdm.samplers import get_sampler, sampling
-    from keras_etsdm.training import save_png
+    from keras_etsdm.samplers import build_sampler, sampling
+    from keras_etsdm.io_utils import save_png
 
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     started = time.time()
@@ -96,7 +96,7 @@ def main(argv):
     model = sampling.load_model_for_sampling(None, FLAGS.workdir, use_ema=True)
     if not model.conditional:
         raise SystemExit(f"{FLAGS.workdir} holds an unconditional model.")
-    sampler = get_sampler(FLAGS.sampler, num_steps=FLAGS.steps, schedule=model.schedule)
+    sampler = build_sampler(FLAGS.sampler, model.schedule, FLAGS.steps)
     labels, n = sampling.parse_labels("balanced", FLAGS.num_samples, model.num_classes)
     with open(os.path.join(FLAGS.workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]

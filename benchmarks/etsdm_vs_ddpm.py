@@ -7,7 +7,7 @@ the Lipschitz-in-t plot of both arms.
     python benchmarks/etsdm_vs_ddpm.py --testbeds=gauss2d --output_dir=...      # one testbed
 
 Outputs: results.md (tables), results.json (every number), lipschitz_<testbed>.csv/.png,
-samples_*.png. See keras_etsdm/evaluation/comparison.py for what is trained and measured.
+samples_*.png. See benchmarks/comparison.py for what is trained and measured.
 """
 
 import os
@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from keras_etsdm.evaluation import comparison
+    from benchmarks import comparison
 
     settings = comparison.quick_settings() if FLAGS.quick else comparison.full_settings()
     if FLAGS.testbeds:

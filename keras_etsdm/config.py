@@ -27,10 +27,7 @@ from keras_etsdm import data, folding, training
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
 
-try:  # the samplers register their own classes with gin on import
-    import keras_etsdm.samplers  # noqa: F401
-except ImportError:  # pragma: no cover - only while the samplers package is absent
-    pass
+import keras_etsdm.samplers  # noqa: F401  (the sampler classes register with gin on import)
 
 MODULE = "keras_etsdm"
 

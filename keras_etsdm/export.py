@@ -457,22 +457,12 @@ def load_model_for_export(workdir=None, checkpoint=None, step=None):
 
 
 def make_export_sampler(model, name="ddim", steps=50, options=None):
-    """A sampler for the ``sample`` signature, built for ``model.schedule``.
-
-    Args:
-        name: "ddim", "dpm_solver" or "ddpm" (see ``keras_etsdm.samplers.get_sampler``).
-        steps: number of sampling steps (``num_steps``).
-        options: further constructor arguments, e.g. ``{"eta": 0.0, "spacing": "quad"}`` or
-            ``{"order": 3, "algorithm": "dpmsolver++"}``.
-    """
+    """A sampler for the ``sample`` signature, built for ``model.schedule``
+    (``samplers.build_sampler``: name "ddim", "dpm_solver" or "ddpm", ``steps``, further
+    constructor ``options`` such as ``{"order": 3, "algorithm": "dpmsolver++"}``)."""
     from keras_etsdm import samplers
 
-    options = dict(options or {})
-    for reserved in ("num_steps", "schedule"):
-        if reserved in options:
-            raise ValueError(f"Sampler option {reserved!r} is set by export itself (use "
-                             f"steps=... for num_steps); remove it from the options.")
-    return samplers.get_sampler(name, num_steps=steps, schedule=model.schedule, **options)
+    return samplers.build_sampler(name, model.schedule, steps, options)
 
 
 def export_checkpoint(out_dir, workdir=None, checkpoint=None, step=None, sampler="ddim",

@@ -32,8 +32,6 @@ kept. ``load_checkpoint(workdir)`` rebuilds a model for sampling / evaluation / 
 
 import contextlib
 import json
-import logging
-import math
 import os
 import shutil
 import signal
@@ -46,7 +44,8 @@ import numpy as np
 
 from keras_etsdm import callbacks as etsdm_callbacks
 from keras_etsdm import distribute
-from keras_etsdm.io_utils import atomic_write_bytes, atomic_write_text  # noqa: F401
+from keras_etsdm.io_utils import (atomic_write_bytes, atomic_write_text,  # noqa: F401
+                                  image_grid, save_png)
 from keras_etsdm.io_utils import fsync_path as _fsync_path
 from keras_etsdm import folding  # noqa: F401  (registers the folding layers for load_checkpoint)
 from keras_etsdm.model import DiffusionModel
@@ -396,43 +395,10 @@ def grid_labels(num_classes, num_samples):
     return np.repeat(np.arange(num_classes, dtype=np.int32), per_class), per_class
 
 
-def image_grid(images, columns=None, padding=1):
-    """Images ``[N, H, W, C]`` in [−1, 1] → one uint8 grid ``[rows·(H+p)+p, …, C]``."""
-    images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"image_grid expects [N, H, W, C], got shape {images.shape}.")
-    n, h, w, c = images.shape
-    columns = columns or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / columns))
-    pixels = np.clip(np.round((np.nan_to_num(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-    grid = np.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c), 255,
-                   np.uint8)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = pixels[i]
-    return grid
-
-
-def save_png(path, image_uint8):
-    """Write an ``[H, W, C]`` uint8 image as PNG, atomically."""
-    import io
-
-    from PIL import Image
-
-    array = image_uint8[..., 0] if image_uint8.shape[-1] == 1 else image_uint8
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def default_grid_sampler(schedule=None, num_steps=20, spacing="uniform"):
-    """DDIM (η = 0) with ``num_steps`` steps on the model's schedule, or None if unavailable."""
-    try:
-        from keras_etsdm.samplers import DDIMSampler
-    except ImportError as error:
-        logging.warning("Sample grids disabled: keras_etsdm.samplers is unavailable (%s).", error)
-        return None
+    """DDIM (η = 0) with ``num_steps`` steps on the model's schedule (the grids' sampler)."""
+    from keras_etsdm.samplers import DDIMSampler
+
     return DDIMSampler(num_steps, spacing=spacing, schedule=schedule)
 
 

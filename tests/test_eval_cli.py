@@ -2,13 +2,17 @@
 
 import json
 import os
+import sys
 
 import keras
 import numpy as np
 import pytest
 
 from keras_etsdm import DiffusionModel, TimestepSharing, build_unet
-from keras_etsdm.evaluation import comparison, evaluate, fid
+from keras_etsdm.evaluation import evaluate, fid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import comparison  # noqa: E402  (the experiment harness lives in benchmarks/)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """DiffusionModel: the denoise seam, training with fit, EMA, RNG, save/load, errors."""
 
-import json
 import os
 import subprocess
 import sys

@@ -1,5 +1,5 @@
 """Evaluation: FD / FID, KID and IS (tensorflow-gan maths), offline feature extractors, the
-Lipschitz-in-t diagnostic, and the E-TSDM vs DDPM comparison helpers."""
+Lipschitz-in-t diagnostic (the E-TSDM vs DDPM experiment harness is benchmarks/comparison.py)."""
 
 from keras_etsdm.evaluation.fid import (ActivationStatistics, ReferenceStatistics,
                                         classifier_score, compute_reference_statistics,

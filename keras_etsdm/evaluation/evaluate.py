@@ -108,7 +108,7 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
     Returns the result record (dict). The JSON goes to ``output`` (default
     ``<workdir>/eval/<sampler>_<steps>_<ema|raw>_seed<seed>[_w<w>].json``).
     """
-    from keras_etsdm.samplers import SAMPLERS, get_sampler
+    from keras_etsdm.samplers import SAMPLERS, build_sampler, labels_below
     from keras_etsdm.samplers import sampling
 
     key = str(sampler).lower().replace("-", "_")
@@ -123,13 +123,7 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
     if labels is not None and not isinstance(labels, str):
         labels = ",".join(str(int(v)) for v in np.asarray(labels).reshape(-1))
     labels, num_samples = sampling.parse_labels(labels, num_samples, model.num_classes)
-    T = model.schedule.num_timesteps
-    kwargs = dict(sampler_options or {})
-    if steps is not None:
-        if not 1 <= int(steps) <= T:
-            raise ValueError(f"steps must be between 1 and the model's T={T}, got {steps}.")
-        kwargs["num_steps"] = int(steps)
-    sampler_obj = get_sampler(key, schedule=model.schedule, **kwargs)
+    sampler_obj = build_sampler(key, model.schedule, steps, sampler_options)
     images = fid.to_uint8(sampling.generate(model, sampler_obj, num_samples, batch_size, seed,
                                             progress, labels, guidance_scale))
     metrics = fid.evaluate_images(images, ex, reference, batch_size, labels=labels)
@@ -144,7 +138,8 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
                                 else f"FD ({ex.name})"},
                "reference_count": reference.count,
                "sharing": model.sharing.get_config(),
-               "labels_below_t_tilde": _labels_below(sampler_obj, model.sharing),
+               "labels_below_t_tilde": labels_below(
+                   sampler_obj, model.sharing.t_tilde if model.sharing.enabled else 100.0),
                **({} if not model.conditional else {
                    "num_classes": model.num_classes,
                    "guidance_scale": float(guidance_scale),
@@ -161,13 +156,6 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
                                name=os.path.splitext(os.path.basename(output))[0] + "_samples")
     record["output"] = output
     return record
-
-
-def _labels_below(sampler, sharing, t_tilde=100.0):
-    """The network labels a sampler visits inside ``[0, t̃)`` (t̃ of the model, or 100)."""
-    limit = sharing.t_tilde if sharing.enabled else t_tilde
-    labels = np.asarray(sampler.labels, np.float64)
-    return [round(float(v), 3) for v in labels[labels < limit]]
 
 
 # ----- Lipschitz diagnostic on trained models ----------------------------------------------------------

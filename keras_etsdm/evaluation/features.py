@@ -70,8 +70,10 @@ class ClassifierExtractor(FeatureExtractor):
         self.image_size = int(self.info["image_size"])
         self.name = f"classifier_{name}"
         self.feature_dim = int(self.model.output["features"].shape[-1])
-        # Older weight files predate the normalisation; 1.0 keeps their raw features.
-        self.feature_scale = float(self.info.get("feature_scale", 1.0))
+        if "feature_scale" not in self.info:
+            raise ValueError(f"Classifier {name!r}: its .json has no 'feature_scale'; retrain it "
+                             f"with bin/train_classifier (which records the scale).")
+        self.feature_scale = float(self.info["feature_scale"])
 
     def _fit_size(self, images):
         size = self.image_size

@@ -20,22 +20,13 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from keras_etsdm.evaluation.tfgan import load_tfgan_eval
+from keras_etsdm.io_utils import atomic_write_bytes, to_uint8, write_json  # noqa: F401
 
 STATS_FORMAT_VERSION = 1
-
-
-# ----- image conversion ----------------------------------------------------------------------
-def to_uint8(images):
-    """Model-space images in [−1, 1] (float, any shape) → uint8 in [0, 255] (rounded, clipped)."""
-    images = np.asarray(images, dtype=np.float32)
-    if not np.all(np.isfinite(images)):
-        raise ValueError("to_uint8: images contain NaN or Inf; the sampler or the model diverged.")
-    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def iterate_batches(array, batch_size):
@@ -391,19 +382,8 @@ def write_result_json(path, record):
     missing = [k for k in _REQUIRED_RESULT_FIELDS if k not in record]
     if missing:
         raise ValueError(f"Result record lacks {missing}; build it with make_result_record().")
-    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=True, default=_json_default)
-                              + "\n").encode())
+    write_json(path, record, indent=2, sort_keys=True)
     return path
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
 
 
 def _sha256(path):
@@ -416,22 +396,3 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

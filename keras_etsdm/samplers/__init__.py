@@ -10,7 +10,7 @@ The sampler classes are registered with gin under the module ``keras_etsdm`` (e.
 
 import gin
 
-from keras_etsdm.samplers.base import Sampler, clear_compiled_cache, seed_tensor
+from keras_etsdm.samplers.base import Sampler, clear_compiled_cache, labels_below, seed_tensor
 from keras_etsdm.samplers.ddim import DDIM_SPACINGS, DDIMSampler, ddim_timesteps
 from keras_etsdm.samplers.ddpm import DDPM_VARIANCES, DDPMSampler, respaced_timesteps
 from keras_etsdm.samplers.dpm_solver import (ALGORITHMS, METHODS, SKIP_TYPES, DPMSolverSampler,
@@ -34,6 +34,34 @@ def get_sampler(name, **kwargs):
     if key not in SAMPLERS:
         raise ValueError(f"Unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}.")
     return SAMPLERS[key](**kwargs)
+
+
+def build_sampler(name, schedule, steps=None, options=None):
+    """The one place that builds and checks a sampler from a name, a step count and options
+    (``bin/sample``, ``bin/eval``, ``bin/export``, the benchmarks).
+
+    Args:
+        name: "ddpm", "ddim" or "dpm_solver" (case and "-" / "_" do not matter).
+        schedule: the model's ``DiscreteVPSchedule``.
+        steps: ``num_steps`` in ``[1, T]``; None keeps the sampler's default.
+        options: further constructor arguments, e.g. ``{"order": 3, "method": "singlestep"}``
+            (``num_steps`` and ``schedule`` are set by the arguments above).
+    """
+    key = str(name).lower().replace("-", "_")
+    if key not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}.")
+    options = dict(options or {})
+    for reserved, instead in (("num_steps", "the steps argument"),
+                              ("schedule", "the model's schedule")):
+        if reserved in options:
+            raise ValueError(f"Sampler option {reserved!r} is set from {instead}; remove it "
+                             f"from the options.")
+    T = schedule.num_timesteps
+    if steps is not None:
+        if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= T:
+            raise ValueError(f"steps must be between 1 and the model's T={T}, got {steps}.")
+        options["num_steps"] = int(steps)
+    return SAMPLERS[key](schedule=schedule, **options)
 
 
 def serialize(sampler):
@@ -67,7 +95,8 @@ def _register_with_gin():
 _register_with_gin()
 
 __all__ = [
-    "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "get_sampler", "serialize",
+    "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "get_sampler", "build_sampler",
+    "labels_below", "serialize",
     "deserialize", "SAMPLERS", "seed_tensor", "clear_compiled_cache", "ddim_timesteps", "respaced_timesteps",
     "time_grid", "singlestep_orders", "multistep_orders", "DDIM_SPACINGS", "DDPM_VARIANCES",
     "SKIP_TYPES", "METHODS", "ALGORITHMS",

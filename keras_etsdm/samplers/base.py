@@ -348,6 +348,13 @@ def _conditioning_tensors(conditioning, batch):
     return tensors
 
 
+def labels_below(sampler, t_tilde):
+    """The distinct network labels ``sampler`` evaluates inside ``[0, t̃)``, ascending, rounded
+    to 3 decimals: with E-TSDM those are the labels whose time condition is shared."""
+    labels = np.asarray(sampler.labels, np.float64)
+    return sorted({round(float(v), 3) for v in labels[labels < t_tilde]})
+
+
 def seed_tensor(seed):
     """An int or ``[2]`` seed → int32 ``[2]`` tensor (``[seed, 0]`` for an int)."""
     if isinstance(seed, (int, np.integer)):

@@ -243,7 +243,6 @@ class DPMSolverSampler(Sampler):
         coeffs = np.stack([r[2] for r in rows])
         alpha, sigma = ns.marginal_alpha(times), ns.marginal_std(times)
         tables = {
-            "time": times,
             "label": ns.label(times),
             "anchor": np.array([r[1] for r in rows]),
             "end": np.array([r[3] for r in rows]),

@@ -7,15 +7,14 @@ batch ``b`` of a stochastic sampler uses the step-noise seed ``[seed, b]``.
 
 import glob
 import io
-import math
 import os
 
 import keras
 import numpy as np
 
 from keras_etsdm.guidance import sampling_inputs
-from keras_etsdm.io_utils import atomic_write_bytes
-from keras_etsdm.samplers import SAMPLERS, get_sampler
+from keras_etsdm.io_utils import atomic_write_bytes, image_grid, save_png, to_uint8
+from keras_etsdm.samplers import SAMPLERS, build_sampler
 
 
 def load_model_for_sampling(checkpoint=None, workdir=None, use_ema=True):
@@ -119,37 +118,15 @@ def parse_labels(text, num_samples=None, num_classes=None):
     return np.tile(labels, num_samples // labels.size), num_samples
 
 
-def to_uint8(images):
-    """[−1, 1] floats → uint8 [0, 255] (rounded, clipped)."""
-    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(images):
-    """uint8 ``[N, H, W, C]`` → one uint8 ``[rows·H, cols·W, C]`` grid (cols = ceil √N)."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = img
-    return grid
-
-
 def write_outputs(images_uint8, output_dir, name="samples", metadata=None):
     """Write ``<name>.npz`` (key ``images``, plus metadata) and ``<name>.png`` atomically."""
-    from PIL import Image
-
     os.makedirs(output_dir, exist_ok=True)
     buf = io.BytesIO()
     np.savez(buf, images=images_uint8, **{k: np.asarray(v) for k, v in (metadata or {}).items()})
     npz_path = os.path.join(output_dir, f"{name}.npz")
     atomic_write_bytes(npz_path, buf.getvalue())
-    grid = image_grid(images_uint8)
-    buf = io.BytesIO()
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buf, format="PNG")
     png_path = os.path.join(output_dir, f"{name}.png")
-    atomic_write_bytes(png_path, buf.getvalue())
+    save_png(png_path, image_grid(images_uint8))
     return npz_path, png_path
 
 
@@ -183,20 +160,14 @@ def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, wo
     without labels).
     """
     key = str(sampler_name).lower().replace("-", "_")
-    if key not in SAMPLERS:
+    if key not in SAMPLERS:  # before the (slow) model load
         raise ValueError(f"Unknown sampler {sampler_name!r}; expected one of {sorted(SAMPLERS)}.")
     model = load_model_for_sampling(checkpoint, workdir, use_ema)
     if labels is not None and not isinstance(labels, str):
         labels = ",".join(str(int(v)) for v in np.asarray(labels).reshape(-1))
     labels, num_samples = parse_labels(labels, num_samples, model.num_classes)
     num_samples = 64 if num_samples is None else num_samples
-    T = model.schedule.num_timesteps
-    if steps is not None and not 1 <= int(steps) <= T:
-        raise ValueError(f"steps must be between 1 and the model's T={T}, got {steps}.")
-    kwargs = dict(options or {})
-    if steps is not None:
-        kwargs["num_steps"] = int(steps)
-    sampler = get_sampler(key, schedule=model.schedule, **kwargs)
+    sampler = build_sampler(key, model.schedule, steps, options)
     images = generate(model, sampler, num_samples, batch_size, seed, progress, labels,
                       guidance_scale)
     meta = {"sampler": key, "sampler_config": repr(sampler.get_config()), "seed": seed,

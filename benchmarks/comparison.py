@@ -20,8 +20,6 @@ inside [0, t̃): that decides how much E-TSDM's piecewise-constant condition mat
 """
 
 import dataclasses
-import json
-import math
 import os
 import time
 
@@ -29,6 +27,7 @@ import keras
 import numpy as np
 
 from keras_etsdm.evaluation import fid
+from keras_etsdm.io_utils import atomic_write_text, write_json
 from keras_etsdm.evaluation.lipschitz import (GaussianMixtureEpsStar, lipschitz_curve,
                                               model_denoise_fn, write_lipschitz_outputs)
 
@@ -72,30 +71,30 @@ def quick_settings():
 # ----- samplers ---------------------------------------------------------------------------------------
 def make_sampler(name, schedule):
     """A sampler from a table name such as "ddim-20", "ddim-10-trailing", "dpm++2m-10",
-    "dpm3s-20" or "ddpm-1000"."""
-    from keras_etsdm.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
+    "dpm3s-20" or "ddpm-1000" (built by ``samplers.build_sampler``)."""
+    from keras_etsdm.samplers import build_sampler
 
     parts = name.split("-")
     kind, steps = parts[0], int(parts[1])
-    if kind == "ddpm":
-        return DDPMSampler(num_steps=steps, schedule=schedule)
-    if kind == "ddim":
-        spacing = parts[2] if len(parts) > 2 else "uniform"
-        return DDIMSampler(num_steps=steps, spacing=spacing, schedule=schedule)
-    if kind == "dpm++2m":
-        return DPMSolverSampler(num_steps=steps, order=2, method="multistep",
-                                algorithm="dpmsolver++", schedule=schedule)
-    if kind == "dpm3s":
-        return DPMSolverSampler(num_steps=steps, order=3, method="singlestep",
-                                algorithm="dpmsolver", schedule=schedule)
-    raise ValueError(f"Unknown sampler name {name!r} (e.g. ddim-20, dpm++2m-10, dpm3s-20, "
-                     f"ddpm-1000, ddim-10-trailing).")
+    table = {
+        "ddpm": ("ddpm", {}),
+        "ddim": ("ddim", {"spacing": parts[2] if len(parts) > 2 else "uniform"}),
+        "dpm++2m": ("dpm_solver", {"order": 2, "method": "multistep",
+                                   "algorithm": "dpmsolver++"}),
+        "dpm3s": ("dpm_solver", {"order": 3, "method": "singlestep", "algorithm": "dpmsolver"}),
+    }
+    if kind not in table:
+        raise ValueError(f"Unknown sampler name {name!r} (e.g. ddim-20, dpm++2m-10, dpm3s-20, "
+                         f"ddpm-1000, ddim-10-trailing).")
+    sampler, options = table[kind]
+    return build_sampler(sampler, schedule, steps, options)
 
 
 def labels_below(sampler, t_tilde=100.0):
-    """Sorted distinct network labels a sampler evaluates inside [0, t̃) (rounded to 0.1)."""
-    labels = np.asarray(sampler.labels, np.float64)
-    return sorted({round(float(v), 1) for v in labels[labels < t_tilde]})
+    """``samplers.labels_below`` with the paper's t̃ = 100."""
+    from keras_etsdm.samplers import labels_below as below
+
+    return below(sampler, t_tilde)
 
 
 # ----- testbeds ---------------------------------------------------------------------------------------
@@ -345,7 +344,7 @@ def _save_samples(output_dir, testbed, arm, seed, sampler_name, samples):
         ax.set_ylim(-1.5, 1.5)
         ax.set_aspect("equal")
     else:
-        from keras_etsdm.samplers.sampling import image_grid
+        from keras_etsdm.io_utils import image_grid
 
         grid = image_grid(fid.to_uint8(samples[:64]))
         ax.imshow(grid[..., 0], cmap="gray")
@@ -434,17 +433,5 @@ def format_markdown(results):
 
 
 def _write_reports(output_dir, results):
-    fid.atomic_write_bytes(os.path.join(output_dir, "results.json"),
-                           (json.dumps(results, indent=2, default=_json_default) + "\n").encode())
-    fid.atomic_write_bytes(os.path.join(output_dir, "results.md"),
-                           format_markdown(results).encode())
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return str(value)
+    write_json(os.path.join(output_dir, "results.json"), results, indent=2)
+    atomic_write_text(os.path.join(output_dir, "results.md"), format_markdown(results))
