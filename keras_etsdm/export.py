@@ -418,42 +418,19 @@ def read_export_metadata(export_dir):
 
 # ----- from a checkpoint (what bin/export calls) ---------------------------------------------
 def load_model_for_export(workdir=None, checkpoint=None, step=None):
-    """The ``DiffusionModel`` to export, with its raw AND EMA weights (EMA chosen at export).
-
-    Args:
-        workdir: a ``bin/train`` work directory (its latest checkpoint, or ``step``).
-        checkpoint: alternatively a ``.keras`` file saved with ``model.save``.
-        step: with ``workdir``, the checkpoint step (default: the latest).
+    """The ``DiffusionModel`` to export, with its raw AND EMA weights (EMA chosen at export):
+    ``checkpoint.load_model(..., use_ema=False)``.
 
     Raises:
         FileNotFoundError: no checkpoint there (with what was looked for).
         ValueError: neither or both of ``workdir`` and ``checkpoint``.
     """
+    from keras_etsdm.checkpoint import load_model
+
     if (workdir is None) == (checkpoint is None):
         raise ValueError("Give exactly one of workdir (a training work directory) or "
                          "checkpoint (a .keras file).")
-    if checkpoint is not None:
-        checkpoint = os.fspath(checkpoint)
-        if not checkpoint.endswith(".keras"):
-            raise ValueError(f"checkpoint must be a .keras file saved with model.save, got "
-                             f"{checkpoint!r}; for a training work directory use workdir.")
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"Checkpoint file {checkpoint!r} does not exist.")
-        from keras_etsdm import model as _model  # noqa: F401  (registers custom objects)
-
-        return keras.saving.load_model(checkpoint, compile=False)
-    workdir = os.fspath(workdir)
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"Work directory {workdir!r} does not exist.")
-    from keras_etsdm import training
-
-    if training.latest_checkpoint(workdir) is None:
-        raise FileNotFoundError(
-            f"No checkpoint in work directory {workdir!r} (looked for complete "
-            f"{training.CHECKPOINTS}/{training.CHECKPOINT_PREFIX}<step> directories); train "
-            f"first with bin/train --workdir={workdir}, or pass a .keras file.")
-    # use_ema=False keeps the raw weights in the network; export_savedmodel picks EMA or raw.
-    return training.load_checkpoint(workdir, step=step, use_ema=False)
+    return load_model(workdir=workdir, checkpoint=checkpoint, step=step, use_ema=False)
 
 
 def make_export_sampler(model, name="ddim", steps=50, options=None):

@@ -12,55 +12,39 @@ Work directory layout::
       model_config.json           DiffusionModel config (keras serialisation): rebuilds the model
       metrics.jsonl               one JSON record per logged step (loss, lr, grad norm, speed)
       classes.json                class-conditional folder data: the class names, id order
-      checkpoints/
-        ckpt-00001000/
-          model.weights.h5        network weights, EMA weights + EMA update count, and the
-                                  training-noise RNG state (``DiffusionModel.save_own_variables``)
-          optimizer.npz           optimizer variables (iterations, Adam moments, grad norm), in
-                                  ``optimizer.variables`` order ("v00000", ...)
-          rng.npz                 every other seed-generator state (e.g. dropout), by order
-          meta.json               step, variable paths and shapes, backend, versions, time
+      checkpoints/ckpt-<step>/    atomic checkpoints (``keras_etsdm.checkpoint`` has their layout)
       samples/grid-00001000.png   sample grids (DDIM from the EMA weights)
       tensorboard/                scalars (loss, learning_rate, grad_norm, images_per_second),
                                   sample grids, the operative config as text
 
-A checkpoint is written into a hidden temporary directory, every file fsync'ed, then renamed to
-``ckpt-<step>`` in one ``os.rename``: a kill mid-write leaves the previous checkpoints intact
-(stale temporary directories are removed at the next start). The last ``keep_checkpoints`` are
-kept. ``load_checkpoint(workdir)`` rebuilds a model for sampling / evaluation / export.
+Checkpoints, the optimizer and image / file writing live in ``checkpoint``, ``optimizers`` and
+``io_utils``; this module builds the model (``build_model``, the gin entry point) and runs it.
+The last ``keep_checkpoints`` checkpoints are kept; ``checkpoint.load_model`` rebuilds a model
+for sampling / evaluation / export.
 """
 
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
-import time
 
 import keras
 import numpy as np
 
 from keras_etsdm import callbacks as etsdm_callbacks
-from keras_etsdm import distribute
+from keras_etsdm import distribute, folding
+from keras_etsdm.checkpoint import (  # noqa: F401  (re-exported: the run driver's own API)
+    CHECKPOINT_PREFIX, CHECKPOINTS, CLASS_LIST, META_FILE, MODEL_CONFIG, OPTIMIZER_FILE, RNG_FILE,
+    WEIGHTS_FILE, _remove_stale_temporaries, latest_checkpoint, list_checkpoints, load_checkpoint,
+    model_from_workdir, restore_checkpoint, save_checkpoint)
 from keras_etsdm.io_utils import (atomic_write_bytes, atomic_write_text,  # noqa: F401
                                   image_grid, save_png)
-from keras_etsdm.io_utils import fsync_path as _fsync_path
-from keras_etsdm import folding  # noqa: F401  (registers the folding layers for load_checkpoint)
 from keras_etsdm.model import DiffusionModel
+from keras_etsdm.optimizers import ClippedAdam, WarmupConstant, make_optimizer  # noqa: F401
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
-
-CHECKPOINTS = "checkpoints"
-CHECKPOINT_PREFIX = "ckpt-"
-MODEL_CONFIG = "model_config.json"
-WEIGHTS_FILE = "model.weights.h5"
-OPTIMIZER_FILE = "optimizer.npz"
-RNG_FILE = "rng.npz"
-META_FILE = "meta.json"
-CLASS_LIST = "classes.json"
-_TMP_PREFIX = ".tmp-"
 
 
 # ----- model and optimizer ----------------------------------------------------------------
@@ -95,251 +79,6 @@ def build_model(image_size=32, channels=1, network_fn=None, schedule=None, shari
     return DiffusionModel(network, schedule=schedule, sharing=sharing, ema_decay=ema_decay,
                           seed=seed, num_classes=num_classes, class_dropout=class_dropout,
                           name="diffusion_model")
-
-
-@keras.saving.register_keras_serializable(package="keras_etsdm")
-class WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
-    """``lr · min(1, (step + 1) / warmup_steps)``: linear warm-up, then constant.
-
-    ``step`` is the optimizer's iteration count before the update, so the first update already
-    uses ``lr / warmup_steps`` (not 0).
-    """
-
-    def __init__(self, learning_rate, warmup_steps=0):
-        self.learning_rate = float(learning_rate)
-        self.warmup_steps = int(warmup_steps)
-
-    def __call__(self, step):
-        lr = keras.ops.convert_to_tensor(self.learning_rate, "float32")
-        if self.warmup_steps <= 0:
-            return lr
-        step = keras.ops.cast(step, "float32")
-        return lr * keras.ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
-
-    def get_config(self):
-        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
-
-
-@keras.saving.register_keras_serializable(package="keras_etsdm")
-class ClippedAdam(keras.optimizers.Adam):
-    """Adam that records the global gradient norm and clips by it correctly under replicas.
-
-    ``grad_norm`` (an optimizer variable, checkpointed with the rest) holds the norm of the
-    full-batch gradient of the latest step, before clipping. Keras' own ``global_clipnorm``
-    clips each ``tf.distribute`` replica's partial gradient before the all-reduce, so the clip
-    would depend on the replica count; here the norm is taken of the all-reduced gradient and
-    every replica scales its part by the same factor (scaling commutes with the sum).
-
-    Args:
-        clip_norm: clip the gradient to this global norm (None or 0: no clipping).
-        **kwargs: ``keras.optimizers.Adam`` arguments.
-    """
-
-    def __init__(self, clip_norm=None, **kwargs):
-        super().__init__(**kwargs)
-        self.clip_norm = float(clip_norm) if clip_norm else None
-
-    def build(self, variables):
-        super().build(variables)
-        self.grad_norm = self.add_variable((), initializer="zeros", dtype="float32",
-                                           aggregation="only_first_replica", name="grad_norm")
-
-    def _clip_gradients(self, grads):
-        grads = super()._clip_gradients(grads)
-        present = [g for g in grads if g is not None]
-        summed = distribute.cross_replica_sum(present)
-        norm = keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(keras.ops.cast(g, "float32")))
-                                  for g in summed))
-        self.grad_norm.assign(norm)
-        if not self.clip_norm:
-            return grads
-        scale = keras.ops.minimum(1.0, self.clip_norm / keras.ops.maximum(norm, 1e-12))
-        return [None if g is None else g * keras.ops.cast(scale, g.dtype) for g in grads]
-
-    def get_config(self):
-        return {**super().get_config(), "clip_norm": self.clip_norm}
-
-
-def make_optimizer(learning_rate=2e-4, warmup_steps=0, grad_clip_norm=1.0, beta_1=0.9,
-                   beta_2=0.999, epsilon=1e-8, weight_decay=None):
-    """``ClippedAdam`` with a linear warm-up (the DDPM / ADM recipe: Adam, clip 1.0)."""
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
-    return ClippedAdam(clip_norm=grad_clip_norm,
-                       learning_rate=WarmupConstant(learning_rate, warmup_steps),
-                       beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
-
-
-# ----- checkpoints ------------------------------------------------------------------------
-def _checkpoint_name(step):
-    return f"{CHECKPOINT_PREFIX}{int(step):08d}"
-
-
-def list_checkpoints(workdir):
-    """Complete checkpoints in ``workdir`` as ``[(step, path)]``, oldest first."""
-    root = os.path.join(workdir, CHECKPOINTS)
-    if not os.path.isdir(root):
-        return []
-    found = []
-    for name in os.listdir(root):
-        if not name.startswith(CHECKPOINT_PREFIX):
-            continue
-        try:
-            step = int(name[len(CHECKPOINT_PREFIX):])
-        except ValueError:
-            continue
-        path = os.path.join(root, name)
-        if os.path.isfile(os.path.join(path, META_FILE)):
-            found.append((step, path))
-    return sorted(found)
-
-
-def latest_checkpoint(workdir):
-    """Path of the newest complete checkpoint in ``workdir``, or None."""
-    checkpoints = list_checkpoints(workdir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
-def _seed_states(model):
-    """Seed-generator states that ``save_weights`` does not store (dropout etc.)."""
-    weight_ids = {id(w) for w in model.weights}
-    return [v for v in model.variables if id(v) not in weight_ids]
-
-
-def _numpy(variable):
-    return np.asarray(keras.ops.convert_to_numpy(variable.value))
-
-
-def save_checkpoint(model, workdir, step, keep=3, extra_meta=None):
-    """Write checkpoint ``ckpt-<step>`` atomically and keep only the newest ``keep``.
-
-    Holds network weights, EMA weights, optimizer state (if compiled), the training-noise and
-    all other seed-generator states, and ``step``. Returns the checkpoint path.
-    """
-    root = os.path.join(workdir, CHECKPOINTS)
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, _checkpoint_name(step))
-    tmp = os.path.join(root, f"{_TMP_PREFIX}{_checkpoint_name(step)}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
-    optimizer = getattr(model, "optimizer", None)
-    optimizer_vars = list(optimizer.variables) if optimizer is not None and optimizer.built \
-        else []
-    np.savez(os.path.join(tmp, OPTIMIZER_FILE),
-             **{f"v{i:05d}": _numpy(v) for i, v in enumerate(optimizer_vars)})
-    seeds = _seed_states(model)
-    np.savez(os.path.join(tmp, RNG_FILE), **{f"v{i:05d}": _numpy(v) for i, v in enumerate(seeds)})
-    meta = {
-        "step": int(step),
-        "time": time.time(),
-        "backend": keras.backend.backend(),
-        "keras_version": keras.__version__,
-        "optimizer_variables": [[v.path, list(v.shape)] for v in optimizer_vars],
-        "rng_variables": [[v.path, list(v.shape)] for v in seeds],
-        **(extra_meta or {}),
-    }
-    with open(os.path.join(tmp, META_FILE), "w") as f:
-        json.dump(meta, f, indent=1)
-    for name in os.listdir(tmp):
-        _fsync_path(os.path.join(tmp, name))
-    _fsync_path(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. resumed and stopped at once)
-        trash = os.path.join(root, f"{_TMP_PREFIX}old-{_checkpoint_name(step)}-{os.getpid()}")
-        os.rename(final, trash)
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync_path(root)
-    if keep and keep > 0:
-        for _, old in list_checkpoints(workdir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _remove_stale_temporaries(workdir):
-    root = os.path.join(workdir, CHECKPOINTS)
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.startswith(_TMP_PREFIX):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-
-
-def _assign_saved(variables, saved, what, path):
-    keys = sorted(saved.files)
-    if len(keys) != len(variables):
-        raise ValueError(f"Checkpoint {path} holds {len(keys)} {what} variables but the model "
-                         f"has {len(variables)}; was it written by a different configuration?")
-    for key, variable in zip(keys, variables):
-        value = saved[key]
-        if tuple(value.shape) != tuple(variable.shape):
-            raise ValueError(f"Checkpoint {path}: {what} variable {variable.path} has shape "
-                             f"{tuple(variable.shape)} but the checkpoint holds "
-                             f"{tuple(value.shape)}.")
-        variable.assign(value)
-
-
-def restore_checkpoint(model, path, restore_optimizer=True):
-    """Load a checkpoint written by ``save_checkpoint`` into ``model``; returns its meta dict.
-
-    With ``restore_optimizer`` the model must be compiled; the optimizer is built if needed.
-    """
-    if not os.path.isfile(os.path.join(path, META_FILE)):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META_FILE}).")
-    with open(os.path.join(path, META_FILE)) as f:
-        meta = json.load(f)
-    model.load_weights(os.path.join(path, WEIGHTS_FILE))
-    with np.load(os.path.join(path, RNG_FILE)) as saved:
-        _assign_saved(_seed_states(model), saved, "RNG", path)
-    if restore_optimizer:
-        optimizer = model.optimizer
-        if optimizer is None:
-            raise ValueError("restore_checkpoint(restore_optimizer=True) needs a compiled model.")
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
-        with np.load(os.path.join(path, OPTIMIZER_FILE)) as saved:
-            _assign_saved(list(optimizer.variables), saved, "optimizer", path)
-    return meta
-
-
-def model_from_workdir(workdir):
-    """Rebuild the (untrained) ``DiffusionModel`` described by ``workdir/model_config.json``."""
-    path = os.path.join(workdir, MODEL_CONFIG)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a keras_etsdm training "
-                                f"work directory (bin/train writes it).")
-    with open(path) as f:
-        config = json.load(f)
-    return keras.saving.deserialize_keras_object(config)
-
-
-def load_checkpoint(workdir, step=None, use_ema=True):
-    """A ``DiffusionModel`` with the weights of a checkpoint in ``workdir``.
-
-    Args:
-        workdir: a training work directory.
-        step: which checkpoint (default: the latest).
-        use_ema: copy the EMA weights into the network (what sampling and evaluation use);
-            ``model.ema_weights`` keep the EMA as well. False: the raw training weights.
-
-    Returns:
-        ``DiffusionModel`` (not compiled), with attribute ``checkpoint_step``.
-    """
-    checkpoints = dict(list_checkpoints(workdir))
-    if not checkpoints:
-        raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, CHECKPOINTS)}.")
-    if step is None:
-        step = max(checkpoints)
-    if step not in checkpoints:
-        raise ValueError(f"No checkpoint for step {step} in {workdir}; available steps: "
-                         f"{sorted(checkpoints)}.")
-    model = model_from_workdir(workdir)
-    restore_checkpoint(model, checkpoints[step], restore_optimizer=False)
-    if use_ema:
-        model.load_ema_into_network()
-    model.checkpoint_step = int(step)
-    return model
 
 
 # ----- logging helpers --------------------------------------------------------------------

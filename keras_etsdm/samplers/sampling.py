@@ -5,7 +5,6 @@ samples at once, so the same seed gives the same x_T on every backend and for ev
 batch ``b`` of a stochastic sampler uses the step-noise seed ``[seed, b]``.
 """
 
-import glob
 import io
 import os
 
@@ -18,40 +17,11 @@ from keras_etsdm.samplers import SAMPLERS, build_sampler
 
 
 def load_model_for_sampling(checkpoint=None, workdir=None, use_ema=True):
-    """A ``DiffusionModel`` whose NETWORK holds the weights to sample with.
+    """``checkpoint.load_model`` (the one loader, and its EMA rule) for ``bin/sample``,
+    ``bin/eval`` and ``bin/lipschitz``: a ``.keras`` file or a training work directory."""
+    from keras_etsdm.checkpoint import load_model
 
-    Args:
-        checkpoint: a ``.keras`` file (``DiffusionModel.save``).
-        workdir: a training work directory (``keras_etsdm.training`` checkpoints, or else the
-            newest ``*.keras`` under ``workdir/checkpoints``).
-        use_ema: sample with the EMA weights (default) instead of the raw training weights.
-
-    The EMA rule (as ``training.load_checkpoint``): with ``use_ema`` the network holds a COPY
-    of the EMA and ``ema_weights`` still hold the EMA; without it the network holds the raw
-    weights. Either way ``ema_weights`` are the EMA, so ``model.sample()`` samples the EMA.
-    """
-    if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"Checkpoint {checkpoint!r} does not exist (expected a "
-                                    f".keras file written by DiffusionModel.save).")
-        model = keras.saving.load_model(checkpoint)
-        if use_ema:
-            # A copy, not a swap: the EMA stays in ema_weights, so a later model.sample()
-            # (use_ema=True swaps them in) still samples the EMA, not the raw weights.
-            model.load_ema_into_network()
-        return model
-    if not workdir:
-        raise ValueError("Give --checkpoint (a .keras file) or --workdir (a training directory).")
-    from keras_etsdm import training
-
-    if training.list_checkpoints(workdir):
-        return training.load_checkpoint(workdir, use_ema=use_ema)
-    files = sorted(glob.glob(os.path.join(workdir, "checkpoints", "*.keras")),
-                   key=os.path.getmtime)
-    if not files:
-        raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, 'checkpoints')} "
-                                f"(neither training checkpoints nor *.keras files).")
-    return load_model_for_sampling(files[-1], use_ema=use_ema)
+    return load_model(workdir=workdir, checkpoint=checkpoint, use_ema=use_ema)
 
 
 def generate(model, sampler, num_samples, batch_size=64, seed=0, progress=False, labels=None,

@@ -1,0 +1,82 @@
+"""The optimizer of training: Adam with linear warm-up and replica-correct gradient clipping.
+
+``make_optimizer`` is the gin entry point (``make_optimizer.learning_rate`` etc.); the classes are
+Keras-serialisable, so compiled models save and load with their optimizer.
+"""
+
+import keras
+
+from keras_etsdm import distribute
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm")
+class WarmupConstant(keras.optimizers.schedules.LearningRateSchedule):
+    """``lr · min(1, (step + 1) / warmup_steps)``: linear warm-up, then constant.
+
+    ``step`` is the optimizer's iteration count before the update, so the first update already
+    uses ``lr / warmup_steps`` (not 0).
+    """
+
+    def __init__(self, learning_rate, warmup_steps=0):
+        self.learning_rate = float(learning_rate)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        lr = keras.ops.convert_to_tensor(self.learning_rate, "float32")
+        if self.warmup_steps <= 0:
+            return lr
+        step = keras.ops.cast(step, "float32")
+        return lr * keras.ops.minimum(1.0, (step + 1.0) / float(self.warmup_steps))
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "warmup_steps": self.warmup_steps}
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm")
+class ClippedAdam(keras.optimizers.Adam):
+    """Adam that records the global gradient norm and clips by it correctly under replicas.
+
+    ``grad_norm`` (an optimizer variable, checkpointed with the rest) holds the norm of the
+    full-batch gradient of the latest step, before clipping. Keras' own ``global_clipnorm``
+    clips each ``tf.distribute`` replica's partial gradient before the all-reduce, so the clip
+    would depend on the replica count; here the norm is taken of the all-reduced gradient and
+    every replica scales its part by the same factor (scaling commutes with the sum).
+
+    Args:
+        clip_norm: clip the gradient to this global norm (None or 0: no clipping).
+        **kwargs: ``keras.optimizers.Adam`` arguments.
+    """
+
+    def __init__(self, clip_norm=None, **kwargs):
+        super().__init__(**kwargs)
+        self.clip_norm = float(clip_norm) if clip_norm else None
+
+    def build(self, variables):
+        super().build(variables)
+        self.grad_norm = self.add_variable((), initializer="zeros", dtype="float32",
+                                           aggregation="only_first_replica", name="grad_norm")
+
+    def _clip_gradients(self, grads):
+        grads = super()._clip_gradients(grads)
+        present = [g for g in grads if g is not None]
+        summed = distribute.cross_replica_sum(present)
+        norm = keras.ops.sqrt(sum(keras.ops.sum(keras.ops.square(keras.ops.cast(g, "float32")))
+                                  for g in summed))
+        self.grad_norm.assign(norm)
+        if not self.clip_norm:
+            return grads
+        scale = keras.ops.minimum(1.0, self.clip_norm / keras.ops.maximum(norm, 1e-12))
+        return [None if g is None else g * keras.ops.cast(scale, g.dtype) for g in grads]
+
+    def get_config(self):
+        return {**super().get_config(), "clip_norm": self.clip_norm}
+
+
+def make_optimizer(learning_rate=2e-4, warmup_steps=0, grad_clip_norm=1.0, beta_1=0.9,
+                   beta_2=0.999, epsilon=1e-8, weight_decay=None):
+    """``ClippedAdam`` with a linear warm-up (the DDPM / ADM recipe: Adam, clip 1.0)."""
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
+    return ClippedAdam(clip_norm=grad_clip_norm,
+                       learning_rate=WarmupConstant(learning_rate, warmup_steps),
+                       beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
