@@ -218,3 +218,47 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     training.atomic_write_text(path, "second")
     assert open(path).read() == "second"
     assert os.listdir(str(tmp_path)) == ["f.txt"]
+
+
+class _CtrlCAtStep:
+    """A progress stream that presses Ctrl-C (SIGINT to this process) once step ``n`` is
+    logged: the run's own signal handler must save a checkpoint and stop after that step."""
+
+    def __init__(self, n):
+        self.prefix, self.sent = f"step {n}/", False
+
+    def write(self, text):
+        if not self.sent and text.startswith(self.prefix):
+            import signal
+
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_ctrl_c_saves_and_the_resumed_run_equals_an_uninterrupted_one(runs, tmp_path):
+    workdir = str(tmp_path / "interrupted")
+    first = training.train(workdir, max_steps=100, stream=_CtrlCAtStep(1),
+                           **run_kwargs(handle_signals=True))
+    assert first.interrupted and 1 <= first.step < TOTAL
+    assert [s for s, _ in training.list_checkpoints(workdir)][-1] == first.step
+    second = training.train(workdir, max_steps=TOTAL, **run_kwargs())
+    for a, b in zip(all_state(runs["full"].model), all_state(second.model)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+                    reason="JAX always compiles; the runs above cover it")
+def test_xla_compiled_tf_resume_equals_an_uninterrupted_run(tmp_path):
+    """What bin/train runs on TensorFlow: jit_compile=True, stopped and resumed."""
+    full = training.train(str(tmp_path / "full"), max_steps=TOTAL,
+                          **run_kwargs(jit_compile=True))
+    training.train(str(tmp_path / "split"), max_steps=SPLIT, **run_kwargs(jit_compile=True))
+    resumed = training.train(str(tmp_path / "split"), max_steps=TOTAL,
+                             **run_kwargs(jit_compile=True))
+    assert len({round(l, 6) for _, l in full.history}) == TOTAL  # the loss moved
+    for a, b in zip(all_state(full.model), all_state(resumed.model)):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)

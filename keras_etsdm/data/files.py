@@ -152,7 +152,7 @@ def class_folders(path, files):
     ``class_names`` are the sorted names of the sub-folders of ``path`` that hold images;
     ``labels[i]`` is the id (index in ``class_names``) of ``files[i]``.
     """
-    names, labels = [], []
+    names = []
     for file in files:
         parts = os.path.relpath(file, path).split(os.sep)
         if len(parts) < 2:
@@ -186,7 +186,6 @@ def check_class_list(class_names, class_list_path, source):
                 f"{added[:5]}, missing: {missing[:5]}): class ids would change meaning. Use "
                 f"the original data layout or a new work directory.")
         return
-    os.makedirs(os.path.dirname(os.path.abspath(class_list_path)), exist_ok=True)
     atomic_write_text(class_list_path, json.dumps(list(class_names), indent=1))
 
 
