@@ -120,8 +120,6 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
     reference = fid.ReferenceStatistics.load(stats_path)  # fail before sampling, not after
     ex = make_extractor(extractor, inception_path)
     model = sampling.load_model_for_sampling(checkpoint, workdir, use_ema)
-    if labels is not None and not isinstance(labels, str):
-        labels = ",".join(str(int(v)) for v in np.asarray(labels).reshape(-1))
     labels, num_samples = sampling.parse_labels(labels, num_samples, model.num_classes)
     sampler_obj = build_sampler(key, model.schedule, steps, sampler_options)
     images = fid.to_uint8(sampling.generate(model, sampler_obj, num_samples, batch_size, seed,

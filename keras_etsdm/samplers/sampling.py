@@ -60,13 +60,15 @@ def parse_labels(text, num_samples=None, num_classes=None):
     * ``"3,3,7"``: these labels; with ``num_samples`` (a multiple of their count) repeated
       to fill it, without it one sample per label.
     * ``"balanced"``: ``i mod K`` for sample i (every class equally often; needs K).
-    * ``None`` / ``""``: no labels (unconditional).
+    * ``None`` / ``""``: no labels (unconditional); a list or array of ids is taken as is.
 
     Returns ``(labels int32 [N] or None, N)``.
     """
-    if text is None or str(text).strip() == "":
+    if text is None or (isinstance(text, str) and text.strip() == ""):
         return None, num_samples
-    text = str(text).strip()
+    if not isinstance(text, str):  # already ids (a list or an array)
+        text = ",".join(str(int(v)) for v in np.asarray(text).reshape(-1))
+    text = text.strip()
     if text.lower() == "balanced":
         if num_classes is None:
             raise ValueError("--labels=balanced needs a class-conditional model.")
@@ -133,8 +135,6 @@ def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, wo
     if key not in SAMPLERS:  # before the (slow) model load
         raise ValueError(f"Unknown sampler {sampler_name!r}; expected one of {sorted(SAMPLERS)}.")
     model = load_model_for_sampling(checkpoint, workdir, use_ema)
-    if labels is not None and not isinstance(labels, str):
-        labels = ",".join(str(int(v)) for v in np.asarray(labels).reshape(-1))
     labels, num_samples = parse_labels(labels, num_samples, model.num_classes)
     num_samples = 64 if num_samples is None else num_samples
     sampler = build_sampler(key, model.schedule, steps, options)
