@@ -27,7 +27,6 @@ often it is called.
 """
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ import numpy as np
 from keras_etsdm import folding  # noqa: F401  (registers the folding layers for loading)
 from keras_etsdm import model as _model  # noqa: F401  (registers DiffusionModel for loading)
 from keras_etsdm.io_utils import fsync_path as _fsync_path
+from keras_etsdm.io_utils import sha256_file as _sha256
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "ckpt-"
@@ -161,14 +161,6 @@ def _normalised_path(path, what):
     if what == "optimizer":
         path = path.split("/", 1)[-1]
     return re.sub(r"(^|/)seed_generator(_\d+)?/", r"\1seed_generator/", path)
-
-
-def _sha256(file):
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _verify(path, meta):

@@ -6,6 +6,7 @@ file the library writes (checkpoint metadata, grids, samples, evaluation records
 goes through it.
 """
 
+import hashlib
 import io
 import json
 import math
@@ -51,6 +52,15 @@ def atomic_write_bytes(path, data):
 def atomic_write_text(path, text):
     """``atomic_write_bytes`` of UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path):
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path, value, indent=1, sort_keys=False):

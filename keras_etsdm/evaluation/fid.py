@@ -16,7 +16,6 @@ and outputs are numpy.
 """
 
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,8 @@ import os
 import numpy as np
 
 from keras_etsdm.evaluation.tfgan import load_tfgan_eval
-from keras_etsdm.io_utils import atomic_write_bytes, to_uint8, write_json  # noqa: F401
+from keras_etsdm.io_utils import (atomic_write_bytes, sha256_file, to_uint8,  # noqa: F401
+                                  write_json)
 
 STATS_FORMAT_VERSION = 1
 
@@ -389,10 +389,6 @@ def write_result_json(path, record):
 def _sha256(path):
     if path is None or not os.path.exists(path):
         return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path)
 
 
