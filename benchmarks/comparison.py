@@ -27,7 +27,7 @@ import keras
 import numpy as np
 
 from keras_etsdm.evaluation import fid
-from keras_etsdm.io_utils import atomic_write_text, write_json
+from keras_etsdm.io_utils import atomic_write_text, to_uint8, write_json
 from keras_etsdm.evaluation.lipschitz import (GaussianMixtureEpsStar, lipschitz_curve,
                                               model_denoise_fn, write_lipschitz_outputs)
 
@@ -226,7 +226,7 @@ def evaluate_samples(testbed, samples, reference):
                 "energy": energy_distance(points, reference),
                 "fd_raw2d": fid.frechet_distance_from_activations(points, reference)}
     extractor, stats = reference
-    return fid.evaluate_images(fid.to_uint8(samples), extractor, stats, batch_size=500)
+    return fid.evaluate_images(to_uint8(samples), extractor, stats, batch_size=500)
 
 
 PRIMARY_METRIC = {"gauss2d": "sliced_w1", "digits8": "fd"}
@@ -275,7 +275,7 @@ def _run_testbed(testbed, settings, output_dir, log):
         from keras_etsdm.evaluation.features import ClassifierExtractor
 
         extractor = ClassifierExtractor("digits8")
-        real = fid.to_uint8(training_data("digits8", settings))
+        real = to_uint8(training_data("digits8", settings))
         reference = (extractor, fid.compute_reference_statistics(real, extractor, 500))
         pick = np.random.default_rng(777).choice(len(real), settings.lipschitz_images, False)
         lipschitz_x0 = real[np.sort(pick)].astype(np.float32) / 127.5 - 1.0
@@ -346,7 +346,7 @@ def _save_samples(output_dir, testbed, arm, seed, sampler_name, samples):
     else:
         from keras_etsdm.io_utils import image_grid
 
-        grid = image_grid(fid.to_uint8(samples[:64]))
+        grid = image_grid(to_uint8(samples[:64]))
         ax.imshow(grid[..., 0], cmap="gray")
         ax.axis("off")
     ax.set_title(f"{arm} seed {seed} {sampler_name}", fontsize=8)

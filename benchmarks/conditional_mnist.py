@@ -82,10 +82,12 @@ def main(argv):
     import keras
 
     from benchmarks.harness import machine_description
+    from keras_etsdm import cli
+    from keras_etsdm.checkpoint import load_model
     from keras_etsdm.evaluation import evaluate, fid
     from keras_etsdm.evaluation.features import make_extractor
+    from keras_etsdm.io_utils import save_png, to_uint8
     from keras_etsdm.samplers import build_sampler, sampling
-    from keras_etsdm.io_utils import save_png
 
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     started = time.time()
@@ -93,11 +95,11 @@ def main(argv):
     reference_images = evaluate.load_reference_images("embedded:mnist", 32)
     reference = fid.compute_reference_statistics(reference_images, extractor,
                                                  metadata={"data": "embedded:mnist"})
-    model = sampling.load_model_for_sampling(None, FLAGS.workdir, use_ema=True)
+    model = load_model(workdir=FLAGS.workdir, use_ema=True)
     if not model.conditional:
         raise SystemExit(f"{FLAGS.workdir} holds an unconditional model.")
     sampler = build_sampler(FLAGS.sampler, model.schedule, FLAGS.steps)
-    labels, n = sampling.parse_labels("balanced", FLAGS.num_samples, model.num_classes)
+    labels, n = cli.parse_labels("balanced", FLAGS.num_samples, model.num_classes)
     with open(os.path.join(FLAGS.workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     results = {
@@ -119,7 +121,7 @@ def main(argv):
     for text in FLAGS.scales:
         w = float(text)
         t0 = time.time()
-        images = fid.to_uint8(sampling.generate(model, sampler, n, FLAGS.batch_size,
+        images = to_uint8(sampling.generate(model, sampler, n, FLAGS.batch_size,
                                                 FLAGS.seed, labels=labels, guidance_scale=w))
         sample_seconds = time.time() - t0
         metrics = fid.evaluate_images(images, extractor, reference, labels=labels)

@@ -9,6 +9,8 @@ import os
 import keras
 import numpy as np
 
+from keras_etsdm import cpu_tuning
+
 
 def backend_name():
     return keras.backend.backend()
@@ -72,8 +74,6 @@ def _per_tap_kernel_gradient():
     if FAST_CONV_KERNEL_GRAD is not None:
         return bool(FAST_CONV_KERNEL_GRAD)
     import jax
-
-    from keras_etsdm import cpu_tuning
 
     return (jax.default_backend() == "cpu"
             and cpu_tuning.ynn_convolutions_enabled(os.environ.get("XLA_FLAGS", "")))

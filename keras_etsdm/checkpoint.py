@@ -306,7 +306,14 @@ def load_model(workdir=None, checkpoint=None, step=None, use_ema=True):
 
     Returns:
         ``DiffusionModel`` (not compiled); ``checkpoint_step`` is set for work directories.
+
+    Raises:
+        ValueError: neither or both of ``workdir`` and ``checkpoint``.
+        FileNotFoundError: no checkpoint there (with what was looked for).
     """
+    if bool(workdir) == bool(checkpoint):
+        raise ValueError("Give exactly one of --checkpoint (a .keras file) or --workdir (a "
+                         "training directory).")
     if checkpoint:
         checkpoint = os.fspath(checkpoint)
         if not os.path.isfile(checkpoint):
@@ -330,8 +337,6 @@ def load_model(workdir=None, checkpoint=None, step=None, use_ema=True):
                 f"{CHECKPOINTS}/{CHECKPOINT_PREFIX}<step> directories and "
                 f"{CHECKPOINTS}/*.keras files); train first with bin/train --workdir={workdir}.")
         return load_model(checkpoint=files[-1], use_ema=use_ema)
-    else:
-        raise ValueError("Give --checkpoint (a .keras file) or --workdir (a training directory).")
     if use_ema:
         model.load_ema_into_network()
     return model

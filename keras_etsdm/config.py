@@ -11,8 +11,7 @@ the ``keras_etsdm.`` prefix:
 * ``make_optimizer``        Adam + warm-up + gradient clipping
 * ``grid_sampler``          the sampler of the training sample grids (DDIM)
 * ``DiscreteVPSchedule``, ``TimestepSharing``
-* the samplers (``DDIMSampler``, ``DDPMSampler``, ``DPMSolverSampler``, ``get_sampler``),
-  registered by ``keras_etsdm.samplers`` itself.
+* the samplers: ``DDIMSampler``, ``DDPMSampler``, ``DPMSolverSampler``, ``get_sampler``
 
 ``@gin.configurable`` on a Keras Layer subclass breaks (IndexError), so classes and functions are
 registered from outside with ``gin.external_configurable``; the functions above are plain
@@ -23,11 +22,9 @@ import logging
 
 import gin
 
-from keras_etsdm import data, folding, training
+from keras_etsdm import data, folding, samplers, training
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
-
-import keras_etsdm.samplers  # noqa: F401  (the sampler classes register with gin on import)
 
 MODULE = "keras_etsdm"
 
@@ -41,6 +38,9 @@ grid_sampler = gin.external_configurable(training.default_grid_sampler, "grid_sa
                                          module=MODULE)
 gin.external_configurable(DiscreteVPSchedule, "DiscreteVPSchedule", module=MODULE)
 gin.external_configurable(TimestepSharing, "TimestepSharing", module=MODULE)
+for _sampler_class in (samplers.DDPMSampler, samplers.DDIMSampler, samplers.DPMSolverSampler):
+    gin.register(_sampler_class, module=MODULE)
+gin.register(samplers.get_sampler, module=MODULE)
 
 DEFAULT_CONFIG = "default.gin"
 

@@ -51,7 +51,10 @@ import uuid
 import keras
 from keras import ops
 
+from keras_etsdm import __version__, samplers
 from keras_etsdm import backend as etsdm_backend
+from keras_etsdm.guidance import ClassifierFreeGuidance
+from keras_etsdm.model import DiffusionModel
 
 EXPORT_FORMAT = "keras_etsdm.savedmodel"
 FORMAT_VERSION = 1
@@ -87,7 +90,7 @@ def check_export_backend():
     return name
 
 
-def _check_out_dir(out_dir, overwrite):
+def check_out_dir(out_dir, overwrite):
     """Fail early (before the slow tracing) if ``out_dir`` may not be written."""
     if os.path.exists(out_dir) or os.path.islink(out_dir):
         if not overwrite:
@@ -108,10 +111,8 @@ def _sampler_description(sampler):
     if sampler is None:
         return None
     try:
-        from keras_etsdm import samplers as samplers_lib
-
-        described = samplers_lib.serialize(sampler)
-    except (ImportError, TypeError):  # an unregistered sampler class still exports
+        described = samplers.serialize(sampler)
+    except TypeError:  # an unregistered sampler class still exports
         described = {"class_name": type(sampler).__name__, "config": sampler.get_config()}
     return described
 
@@ -123,8 +124,6 @@ def _json_safe(value):
 
 def export_metadata(model, sampler=None, use_ema=True, platforms=None):
     """The metadata dictionary stored in the export (see the module docstring)."""
-    from keras_etsdm import __version__  # here: the package __init__ may import this module
-
     height, width, channels = model.image_shape
     sharing = model.sharing
     meta = {
@@ -195,8 +194,6 @@ def _signature_docs(model, sampler):
 
 
 def _check_exportable(model, sampler):
-    from keras_etsdm.model import DiffusionModel
-
     if not isinstance(model, DiffusionModel):
         raise TypeError(f"export_savedmodel expects a keras_etsdm.DiffusionModel, got "
                         f"{type(model).__name__}.")
@@ -222,8 +219,6 @@ def _endpoint_functions(model, sampler):
     class-conditional model ``denoise`` takes ``labels`` and ``sample`` takes ``labels`` and a
     classifier-free ``guidance_scale`` (both branches in one 2B call per NFE).
     """
-    from keras_etsdm.guidance import ClassifierFreeGuidance
-
     h, w, c = model.image_shape
 
     def denoise_fn(x, t, **conditioning):
@@ -381,7 +376,7 @@ def export_savedmodel(model, out_dir, sampler=None, use_ema=True, overwrite=Fals
     check_export_backend()
     _check_exportable(model, sampler)
     out_dir = os.path.abspath(os.fspath(out_dir))
-    _check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     meta = export_metadata(model, sampler, use_ema=use_ema, platforms=platforms)
     meta_json = json.dumps(meta, indent=1, sort_keys=True)
 
@@ -400,7 +395,7 @@ def export_savedmodel(model, out_dir, sampler=None, use_ema=True, overwrite=Fals
         os.makedirs(extra, exist_ok=True)
         with open(os.path.join(extra, METADATA_FILE), "w") as f:
             f.write(meta_json)
-        _check_out_dir(out_dir, overwrite)  # it may have appeared while we were tracing
+        check_out_dir(out_dir, overwrite)  # it may have appeared while we were tracing
         _replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -414,48 +409,3 @@ def read_export_metadata(export_dir):
         raise FileNotFoundError(f"{path} not found: {export_dir!r} is not a keras_etsdm export.")
     with open(path) as f:
         return json.load(f)
-
-
-# ----- from a checkpoint (what bin/export calls) ---------------------------------------------
-def load_model_for_export(workdir=None, checkpoint=None, step=None):
-    """The ``DiffusionModel`` to export, with its raw AND EMA weights (EMA chosen at export):
-    ``checkpoint.load_model(..., use_ema=False)``.
-
-    Raises:
-        FileNotFoundError: no checkpoint there (with what was looked for).
-        ValueError: neither or both of ``workdir`` and ``checkpoint``.
-    """
-    from keras_etsdm.checkpoint import load_model
-
-    if (workdir is None) == (checkpoint is None):
-        raise ValueError("Give exactly one of workdir (a training work directory) or "
-                         "checkpoint (a .keras file).")
-    return load_model(workdir=workdir, checkpoint=checkpoint, step=step, use_ema=False)
-
-
-def make_export_sampler(model, name="ddim", steps=50, options=None):
-    """A sampler for the ``sample`` signature, built for ``model.schedule``
-    (``samplers.build_sampler``: name "ddim", "dpm_solver" or "ddpm", ``steps``, further
-    constructor ``options`` such as ``{"order": 3, "algorithm": "dpmsolver++"}``)."""
-    from keras_etsdm import samplers
-
-    return samplers.build_sampler(name, model.schedule, steps, options)
-
-
-def export_checkpoint(out_dir, workdir=None, checkpoint=None, step=None, sampler="ddim",
-                      steps=50, sampler_options=None, use_ema=True, overwrite=False,
-                      platforms=None):
-    """Load a checkpoint and export it with a sampler (the library side of ``bin/export``).
-
-    ``sampler=None`` (or "none") exports only ``denoise``. Other arguments as in
-    ``load_model_for_export``, ``make_export_sampler`` and ``export_savedmodel``. Checks the
-    backend and ``out_dir`` before loading anything. Returns the metadata dictionary.
-    """
-    check_export_backend()
-    _check_out_dir(os.path.abspath(os.fspath(out_dir)), overwrite)
-    model = load_model_for_export(workdir=workdir, checkpoint=checkpoint, step=step)
-    sampler_obj = None
-    if sampler is not None and str(sampler).lower() != "none":
-        sampler_obj = make_export_sampler(model, sampler, steps, sampler_options)
-    return export_savedmodel(model, out_dir, sampler=sampler_obj, use_ema=use_ema,
-                             overwrite=overwrite, platforms=platforms)

@@ -18,6 +18,8 @@ import numpy as np
 from keras import ops
 
 from keras_etsdm import backend as etsdm_backend
+from keras_etsdm.callbacks import StopOnNonFiniteLoss
+from keras_etsdm.guidance import sampling_inputs
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
 from keras_etsdm.unet import check_num_classes, network_num_classes
@@ -351,8 +353,6 @@ class DiffusionModel(keras.Model):
                 hold non-finite weights. False: exactly the callbacks given.
             *args, callbacks, **kwargs: as ``keras.Model.fit``.
         """
-        from keras_etsdm.callbacks import StopOnNonFiniteLoss
-
         callbacks = list(callbacks or [])
         if stop_on_non_finite and not any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks):
             callbacks.insert(0, StopOnNonFiniteLoss())
@@ -376,8 +376,6 @@ class DiffusionModel(keras.Model):
 
         Returns float images ``[N, H, W, C]`` (nominally in [−1, 1]).
         """
-        from keras_etsdm.guidance import sampling_inputs
-
         if self.image_shape is None:
             raise ValueError("The network has no static image shape; call sampler.sample "
                              "with your own noise instead.")

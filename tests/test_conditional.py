@@ -18,8 +18,9 @@ from keras import ops
 
 from keras_etsdm import (ADM_IMAGENET64, ClassifierFreeGuidance, DiffusionModel,
                          DiscreteVPSchedule, TimestepSharing, build_unet)
+from keras_etsdm import cli
 from keras_etsdm.guidance import sampling_inputs
-from keras_etsdm.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler, sampling
+from keras_etsdm.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 3
@@ -309,7 +310,7 @@ def test_labels_for_an_unconditional_model_are_an_error():
 
 
 def test_parse_labels():
-    parse = sampling.parse_labels
+    parse = cli.parse_labels
     np.testing.assert_array_equal(parse("3,3,7")[0], [3, 3, 7])
     assert parse("3,3,7")[1] == 3
     np.testing.assert_array_equal(parse("1,2", 6)[0], [1, 2, 1, 2, 1, 2])
@@ -330,7 +331,7 @@ def test_keras_round_trip_and_bin_sample_with_labels(model, tmp_path):
     x, t = NOISE, np.array([7.0, 55.0, 150.0, 999.0], np.float32)
     np.testing.assert_allclose(to_np(loaded.denoise(x, t, y=LABELS)),
                                to_np(model.denoise(x, t, y=LABELS)), atol=1e-6)
-    npz, png = sampling.run_sample("ddim", 3, None, str(tmp_path / "s"), checkpoint=path,
+    npz, png = cli.run_sample("ddim", 3, None, str(tmp_path / "s"), checkpoint=path,
                                    batch_size=2, seed=1, labels="2,0,1", guidance_scale=1.5)
     with np.load(npz) as f:
         assert f["images"].shape == (3, 8, 8, 1)

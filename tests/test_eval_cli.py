@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from keras_etsdm import DiffusionModel, TimestepSharing, build_unet
+from keras_etsdm import cli
 from keras_etsdm.evaluation import evaluate, fid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +35,7 @@ def test_compute_stats_and_eval_write_provenance(saved_digits_model, tmp_path):
     assert ref.count == 1797 and os.path.exists(stats_path)  # 1797 = 3·500 + 297: none dropped
 
     out = str(tmp_path / "eval" / "result.json")
-    record = evaluate.run_eval("ddim", 5, 40, stats_path, checkpoint=saved_digits_model,
+    record = cli.run_eval("ddim", 5, 40, stats_path, checkpoint=saved_digits_model,
                                extractor="classifier_digits8", batch_size=16, seed=3,
                                output=out)
     saved = json.load(open(out))
@@ -54,10 +55,10 @@ def test_compute_stats_and_eval_write_provenance(saved_digits_model, tmp_path):
 
 def test_eval_errors(saved_digits_model, tmp_path):
     with pytest.raises(FileNotFoundError, match="--compute_stats"):
-        evaluate.run_eval("ddim", 5, 10, str(tmp_path / "none.npz"),
+        cli.run_eval("ddim", 5, 10, str(tmp_path / "none.npz"),
                           checkpoint=saved_digits_model, extractor="classifier_digits8")
     with pytest.raises(ValueError, match="Unknown sampler"):
-        evaluate.run_eval("heun", 5, 10, str(tmp_path / "none.npz"),
+        cli.run_eval("heun", 5, 10, str(tmp_path / "none.npz"),
                           checkpoint=saved_digits_model)
     with pytest.raises(ValueError, match="No reference data"):
         evaluate.load_reference_images(None)
@@ -141,7 +142,7 @@ def test_eval_of_a_guided_conditional_model(tmp_path):
     stats_path = str(tmp_path / "ref.npz")
     evaluate.compute_stats("embedded:digits", stats_path, extractor="classifier_digits8",
                            max_images=200)
-    record = evaluate.run_eval("ddim", 3, 20, stats_path, checkpoint=path,
+    record = cli.run_eval("ddim", 3, 20, stats_path, checkpoint=path,
                                extractor="classifier_digits8", batch_size=20,
                                labels="balanced", guidance_scale=1.0)
     assert record["output"].endswith("ddim_3_ema_seed0_w1.json")
@@ -152,5 +153,5 @@ def test_eval_of_a_guided_conditional_model(tmp_path):
     assert saved["guidance_scale"] == 1.0 and saved["num_classes"] == 10
     assert saved["class_labels"]["counts"] == [2] * 10 + [0]
     with pytest.raises(ValueError, match="needs class labels"):
-        evaluate.run_eval("ddim", 3, 20, stats_path, checkpoint=path,
+        cli.run_eval("ddim", 3, 20, stats_path, checkpoint=path,
                           extractor="classifier_digits8", guidance_scale=1.0)

@@ -10,6 +10,7 @@ import scipy.linalg
 
 from keras_etsdm.evaluation import fid
 from keras_etsdm.evaluation.tfgan import load_tfgan_eval
+from keras_etsdm.io_utils import to_uint8
 
 
 def _random_activations(n, dim, seed, shift=0.0):
@@ -207,9 +208,9 @@ def test_classifier_score_extremes():
 
 def test_to_uint8_and_batches():
     x = np.array([-1.0, -0.999, 0.0, 0.5, 1.0, 1.7, -3.0])
-    np.testing.assert_array_equal(fid.to_uint8(x), [0, 0, 128, 191, 255, 255, 0])
+    np.testing.assert_array_equal(to_uint8(x), [0, 0, 128, 191, 255, 255, 0])
     with pytest.raises(ValueError, match="NaN"):
-        fid.to_uint8(np.array([np.nan]))
+        to_uint8(np.array([np.nan]))
     assert [len(b) for b in fid.iterate_batches(np.zeros(10), 4)] == [4, 4, 2]
     with pytest.raises(ValueError, match="uint8"):
         fid.extract_activations(np.zeros((2, 8, 8, 1), np.float32), _MeanPixelExtractor())

@@ -17,7 +17,7 @@ import pytest
 
 from keras_etsdm import DiffusionModel, DiscreteVPSchedule, TimestepSharing, build_unet
 from keras_etsdm import backend as etsdm_backend
-from keras_etsdm import export
+from keras_etsdm import cli, export
 from keras_etsdm.samplers import DDIMSampler
 
 IMAGE = (8, 8, 1)
@@ -133,7 +133,7 @@ def exported(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
     _write_workdir(model, workdir, step=7)
     out_dir = tmp_path_factory.mktemp("export") / "model"
-    meta = export.export_checkpoint(out_dir, workdir=workdir, sampler="ddim", steps=4)
+    meta = cli.export_checkpoint(out_dir, workdir=workdir, sampler="ddim", steps=4)
     inputs = _inputs()
     served = _serve(out_dir, inputs, tmp_path_factory.mktemp("serve"))
     return {"model": model, "sampler": sampler, "dir": out_dir, "meta": meta,
@@ -268,7 +268,7 @@ def test_torch_backend_is_refused(monkeypatch, tmp_path):
     with pytest.raises(export.ExportError, match="torch.*KERAS_BACKEND=jax"):
         export.export_savedmodel(_tiny_model(), tmp_path / "out")
     with pytest.raises(export.ExportError, match="torch"):
-        export.export_checkpoint(tmp_path / "out", workdir=tmp_path)
+        cli.export_checkpoint(tmp_path / "out", workdir=tmp_path)
     assert not (tmp_path / "out").exists()
 
 
@@ -282,13 +282,13 @@ def test_missing_checkpoint_errors(tmp_path):
     empty = tmp_path / "run"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="No checkpoint in work directory"):
-        export.export_checkpoint(tmp_path / "out", workdir=empty)
+        cli.export_checkpoint(tmp_path / "out", workdir=empty)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.export_checkpoint(tmp_path / "out", workdir=tmp_path / "nowhere")
+        cli.export_checkpoint(tmp_path / "out", workdir=tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        export.export_checkpoint(tmp_path / "out", checkpoint=tmp_path / "model.keras")
+        cli.export_checkpoint(tmp_path / "out", checkpoint=tmp_path / "model.keras")
     with pytest.raises(ValueError, match="exactly one"):
-        export.load_model_for_export()
+        cli.export_checkpoint(tmp_path / "out", workdir=tmp_path, checkpoint=tmp_path / "m.keras")
     assert not (tmp_path / "out").exists()
 
 

@@ -419,6 +419,8 @@ def _gin_run(sampler=None):
 
 
 def test_gin_configurable():
+    import keras_etsdm.config  # noqa: F401  (registers the gin names, samplers included)
+
     gin.clear_config()
     try:
         gin.parse_config("""

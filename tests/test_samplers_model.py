@@ -11,7 +11,8 @@ from keras import ops
 
 from keras_etsdm import DiffusionModel, TimestepSharing, build_unet
 from keras_etsdm.samplers import DDPMSampler, DPMSolverSampler
-from keras_etsdm.samplers import sampling
+from keras_etsdm import cli
+from keras_etsdm.checkpoint import load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,12 +75,12 @@ def checkpoint(model, tmp_path_factory):
 
 def test_run_sample_end_to_end(checkpoint, tmp_path):
     out = str(tmp_path / "a")
-    npz, png = sampling.run_sample("dpm_solver", 3, 4, out, checkpoint=checkpoint, batch_size=2,
-                                   seed=7, options=sampling.parse_options("order=3"))
+    npz, png = cli.run_sample("dpm_solver", 3, 4, out, checkpoint=checkpoint, batch_size=2,
+                                   seed=7, options=cli.parse_options("order=3"))
     images = np.load(npz)["images"]
     assert images.dtype == np.uint8 and images.shape == (4, 8, 8, 1)
     assert os.path.getsize(png) > 0
-    npz2, _ = sampling.run_sample("dpm_solver", 3, 4, str(tmp_path / "b"), checkpoint=checkpoint,
+    npz2, _ = cli.run_sample("dpm_solver", 3, 4, str(tmp_path / "b"), checkpoint=checkpoint,
                                   batch_size=4, seed=7, options={"order": 3})
     np.testing.assert_array_equal(np.load(npz2)["images"], images)  # seed, not batching, decides
 
@@ -97,7 +98,7 @@ def test_load_for_sampling_from_workdir_uses_newest_checkpoint_and_ema(model, ch
     ema = [ops.convert_to_numpy(w) for w in model.ema_weights]
     raw = [ops.convert_to_numpy(w) for w in model.network.trainable_variables]
     for use_ema, expected in ((True, ema), (False, raw)):
-        loaded = sampling.load_model_for_sampling(workdir=str(workdir), use_ema=use_ema)
+        loaded = load_model(workdir=str(workdir), use_ema=use_ema)
         for got, want in zip(loaded.network.trainable_variables, expected):
             np.testing.assert_array_equal(ops.convert_to_numpy(got), want)
 
@@ -113,7 +114,7 @@ def test_run_sample_errors(checkpoint, tmp_path, kwargs, error, match):
     kwargs = dict(kwargs)
     kwargs.setdefault("checkpoint", checkpoint)
     with pytest.raises(error, match=match):
-        sampling.run_sample(num_samples=1, output_dir=str(tmp_path), **kwargs)
+        cli.run_sample(num_samples=1, output_dir=str(tmp_path), **kwargs)
 
 
 def test_bin_sample_reports_errors(tmp_path):
@@ -131,7 +132,7 @@ def test_loaded_model_samples_the_ema_every_time(model, checkpoint, tmp_path):
     sampler = DPMSolverSampler(3, order=2)
     with model.ema_scope():
         expected = ops.convert_to_numpy(sampler.sample(model, NOISE))
-    loaded = sampling.load_model_for_sampling(checkpoint)
+    loaded = load_model(checkpoint=checkpoint)
     for _ in range(2):
         with loaded.ema_scope():
             got = ops.convert_to_numpy(sampler.sample(loaded, NOISE))

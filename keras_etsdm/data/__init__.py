@@ -13,6 +13,13 @@ from keras_etsdm.data.files import (DECODE_STATS, check_class_list, class_folder
                                     tfds_dataset, tfrecord_dataset)
 from keras_etsdm.data.pipeline import array_dataset, indexed_dataset, stream_dataset
 
+__all__ = [
+    "make_dataset", "SOURCES", "LABELLED", "load_digits", "load_embedded", "load_mnist",
+    "load_synthetic", "DECODE_STATS", "check_class_list", "class_folders", "folder_dataset",
+    "list_image_files", "lsun_lmdb_dataset", "tfds_dataset", "tfrecord_dataset", "array_dataset",
+    "indexed_dataset", "stream_dataset",
+]
+
 SOURCES = ("embedded", "folder", "tfrecord", "lmdb", "tfds")
 
 

@@ -5,7 +5,15 @@ from keras_etsdm.evaluation.fid import (ActivationStatistics, ReferenceStatistic
                                         classifier_score, compute_reference_statistics,
                                         evaluate_images, frechet_distance,
                                         frechet_distance_from_activations, kernel_distance,
-                                        make_result_record, to_uint8, write_result_json)
+                                        make_result_record, write_result_json)
 from keras_etsdm.evaluation.features import (ClassifierExtractor, InceptionExtractor,
                                              make_extractor)
 from keras_etsdm.evaluation.tfgan import load_tfgan_eval
+
+__all__ = [
+    "ActivationStatistics", "ReferenceStatistics", "classifier_score",
+    "compute_reference_statistics", "evaluate_images", "frechet_distance",
+    "frechet_distance_from_activations", "kernel_distance", "make_result_record",
+    "write_result_json", "ClassifierExtractor", "InceptionExtractor", "make_extractor",
+    "load_tfgan_eval",
+]

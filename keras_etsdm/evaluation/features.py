@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from keras_etsdm.evaluation.classifier import load_classifier
+
 INCEPTION_DOWNLOAD_HELP = (
     "Download tensorflow-gan's Inception-v3 module once on a machine with internet access and "
     "point --inception_path at the extracted directory (the one containing saved_model.pb):\n"
@@ -63,8 +65,6 @@ class ClassifierExtractor(FeatureExtractor):
     """
 
     def __init__(self, name="mnist32", directory=None):
-        from keras_etsdm.evaluation.classifier import load_classifier
-
         self.classifier_name = name
         self.model, self.info = load_classifier(name, directory)
         self.image_size = int(self.info["image_size"])

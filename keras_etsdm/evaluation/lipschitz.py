@@ -24,7 +24,9 @@ import os
 
 import numpy as np
 
-from keras_etsdm.evaluation.fid import atomic_write_bytes
+from keras_etsdm.backend import to_numpy
+from keras_etsdm.io_utils import atomic_write_bytes
+from keras_etsdm.samplers._compiled import compiled_denoiser
 
 
 # ----- noise-level lookup ----------------------------------------------------------------------
@@ -90,7 +92,6 @@ class GaussianMixtureEpsStar:
     def _labels(self, t, n):
         t = np.broadcast_to(np.asarray(t, np.float64), (n,))
         if self.sharing is not None and self.sharing.enabled:
-            from keras_etsdm.backend import to_numpy
             t = to_numpy(self.sharing(t.astype(np.float32))).astype(np.float64)
         return t
 
@@ -136,9 +137,6 @@ def model_denoise_fn(model, label=None):
         label: class-conditional models: the class id to condition on (None: the null class,
             i.e. the unconditional ε̂ that guidance also uses).
     """
-    from keras_etsdm.backend import to_numpy
-    from keras_etsdm.samplers._compiled import compiled_denoiser
-
     compiled = compiled_denoiser(model)
     if label is not None:
         model.check_labels([label])
@@ -195,7 +193,6 @@ def lipschitz_curve(denoise_fn, x0, schedule, timesteps=None, sharing=None, step
     queries = [(t, t, t + step, step) for t in timesteps]
     shared_index = []
     if shared_on:
-        from keras_etsdm.backend import to_numpy
         f = to_numpy(sharing(timesteps.astype(np.float32))).astype(np.float64)
         for i, t in enumerate(timesteps):
             if t < sharing.t_tilde:

@@ -4,11 +4,9 @@
     images = model.sample(sampler, num_samples=16, seed=0)      # or sampler.sample(model, noise)
 
 See ``base.py`` for the interface, the compiled loop and the pure ``build_loop`` used by export.
-The sampler classes are registered with gin under the module ``keras_etsdm`` (e.g.
-``@keras_etsdm.DPMSolverSampler()`` in a config); gin only applies bindings when it builds them.
+Gin names for the sampler classes are registered in ``keras_etsdm.config`` (e.g.
+``@keras_etsdm.DPMSolverSampler()`` in a config).
 """
-
-import gin
 
 from keras_etsdm.samplers.base import Sampler, clear_compiled_cache, labels_below, seed_tensor
 from keras_etsdm.samplers.ddim import DDIM_SPACINGS, DDIMSampler, ddim_timesteps
@@ -79,25 +77,10 @@ def deserialize(config):
     return SAMPLERS[name].from_config(config.get("config", {}))
 
 
-def _register_with_gin():
-    # Idempotent: keras_etsdm.config may import this module again (or re-register).
-    for cls in (DDPMSampler, DDIMSampler, DPMSolverSampler):
-        try:
-            gin.register(cls, module="keras_etsdm")
-        except ValueError:  # already registered under this name
-            pass
-    try:
-        gin.register(get_sampler, module="keras_etsdm")
-    except ValueError:
-        pass
-
-
-_register_with_gin()
-
 __all__ = [
     "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "get_sampler", "build_sampler",
-    "labels_below", "serialize",
-    "deserialize", "SAMPLERS", "seed_tensor", "clear_compiled_cache", "ddim_timesteps", "respaced_timesteps",
+    "labels_below", "serialize", "deserialize", "SAMPLERS", "seed_tensor", "clear_compiled_cache",
+    "ddim_timesteps", "respaced_timesteps",
     "time_grid", "singlestep_orders", "multistep_orders", "DDIM_SPACINGS", "DDPM_VARIANCES",
     "SKIP_TYPES", "METHODS", "ALGORITHMS",
 ]

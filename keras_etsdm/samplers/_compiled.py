@@ -21,6 +21,7 @@ noise for bit-comparable runs across backends or compile modes.
 import keras
 
 from keras_etsdm import backend as etsdm_backend
+from keras_etsdm.model import DiffusionModel
 
 
 def stateless_normal(shape, seed, step, dtype="float32"):
@@ -51,8 +52,6 @@ def stateless_normal(shape, seed, step, dtype="float32"):
 def bound_model(denoiser):
     """The ``DiffusionModel`` behind a denoiser (the model itself, or a wrapper's ``.model``
     such as ``ClassifierFreeGuidance``), or None for a plain callable."""
-    from keras_etsdm.model import DiffusionModel
-
     if isinstance(denoiser, DiffusionModel):
         return denoiser
     model = getattr(denoiser, "model", None)
@@ -62,8 +61,6 @@ def bound_model(denoiser):
 def denoise_callable(denoiser):
     """``(x, t, **conditioning) -> eps`` for a denoiser: a model's ``denoise`` (THE seam), a
     wrapper's or a plain callable's ``__call__``."""
-    from keras_etsdm.model import DiffusionModel
-
     return denoiser.denoise if isinstance(denoiser, DiffusionModel) else denoiser
 
 
