@@ -1,8 +1,16 @@
-"""Keras callbacks for the side jobs of training."""
+"""Keras callbacks for the side jobs of training, and the TensorBoard writer they share:
+progress / metrics logging, checkpoints, sample grids, held-out quality, a non-finite guard."""
 
+import json
 import math
+import os
+import sys
+import time
 
 import keras
+import numpy as np
+
+from keras_etsdm.io_utils import image_grid, save_png
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -28,15 +36,56 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
                 f"rate, enable gradient clipping or check the data for NaN/inf values.")
 
 
+# ----- TensorBoard ---------------------------------------------------------------------------
+class SummaryWriter:
+    """TensorBoard event files via ``tf.summary.write`` (works whichever Keras backend trains).
+
+    ``tf.summary.scalar`` / ``image`` / ``text`` live in the ``tensorboard`` package, which is not
+    a dependency; the raw ``tf.summary.write`` with the plugin metadata those functions would
+    attach writes the same records, readable by any TensorBoard.
+    """
+
+    def __init__(self, logdir):
+        import tensorflow as tf  # here: only training runs write TensorBoard files
+        from tensorflow.core.framework import summary_pb2
+
+        self._tf = tf
+        self._metadata = {
+            plugin: summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
+            for plugin in ("scalars", "images", "text")}
+        self._writer = tf.summary.create_file_writer(logdir)
+
+    def scalars(self, step, values):
+        tf = self._tf
+        with self._writer.as_default():
+            for name, value in values.items():
+                tf.summary.write(name, tf.constant(float(value), tf.float32), step=step,
+                                 metadata=self._metadata["scalars"])
+        self._writer.flush()
+
+    def image(self, name, image_uint8, step):
+        tf = self._tf
+        height, width = image_uint8.shape[:2]
+        png = tf.io.encode_png(tf.constant(image_uint8, tf.uint8))
+        tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height)), png])
+        with self._writer.as_default():
+            tf.summary.write(name, tensor, step=step, metadata=self._metadata["images"])
+        self._writer.flush()
+
+    def text(self, name, text, step=0):
+        tf = self._tf
+        with self._writer.as_default():
+            tf.summary.write(name, tf.constant(text), step=step, metadata=self._metadata["text"])
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
 # ----- training-run callbacks (used by keras_etsdm.training) ---------------------------------
 # They count global steps themselves (``initial_step + batch + 1``) so that nothing has to read
 # model state every step: on JAX, touching ``self.model`` forces a host sync of all variables.
-
-import json
-import sys
-import time
-
-import numpy as np
 
 
 @keras.saving.register_keras_serializable(package="keras_etsdm")
@@ -210,3 +259,88 @@ class SampleGrid(keras.callbacks.Callback):
         if self.every and self.last_step != self.step and self.step != self.initial_step:
             self.grid_fn(self.model, self.step)
             self.last_step = self.step
+
+
+def grid_labels(num_classes, num_samples):
+    """Labels for a class grid: one row per class, ``max(1, num_samples // K)`` per row."""
+    per_class = max(1, num_samples // num_classes)
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class), per_class
+
+
+def make_grid_fn(workdir, sampler, num_samples, seed, writer=None, guidance_scale=0.0):
+    """``grid_fn(model, step)`` for ``SampleGrid``: EMA samples → ``samples/grid-<step>.png``
+    and TensorBoard. Class-conditional models: one row per class (``grid_labels``), guided
+    with ``guidance_scale``."""
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+
+    def grid_fn(model, step):
+        if model.conditional:
+            labels, columns = grid_labels(model.num_classes, num_samples)
+            images = model.sample(sampler, len(labels), seed=seed, use_ema=True, labels=labels,
+                                  guidance_scale=guidance_scale)
+        else:
+            images = model.sample(sampler, num_samples, seed=seed, use_ema=True)
+            columns = None
+        grid = image_grid(keras.ops.convert_to_numpy(images), columns=columns)
+        save_png(os.path.join(workdir, "samples", f"grid-{int(step):08d}.png"), grid)
+        if writer is not None:
+            writer.image("samples_ema", grid, step)
+
+    return grid_fn
+
+
+class PeriodicEvaluation(keras.callbacks.Callback):
+    """Every ``every`` steps (and at the end) score the model, e.g. held-out FD / KID.
+
+    ``eval_fn(model, step)`` returns ``{"metrics": {name: float}, "info": {...}}``; each call
+    appends ``{"step", "eval/<name>": value, ..., **info}`` to ``metrics.jsonl``, writes the
+    metrics as TensorBoard scalars ``eval/<name>`` and prints one line.
+
+    Args:
+        eval_fn: see above (``evaluation.evaluate.sample_quality_fn`` builds one).
+        initial_step, every, stop_flag: as in ``SampleGrid`` (no evaluation when stopping on a
+            signal: the checkpoint is what matters then).
+        metrics_path, summary_writer, stream: where records go (None: not written).
+    """
+
+    def __init__(self, eval_fn, initial_step, every, stop_flag=None, metrics_path=None,
+                 summary_writer=None, stream=None):
+        super().__init__()
+        self.eval_fn = eval_fn
+        self.initial_step = initial_step
+        self.every = int(every)
+        self.stop_flag = stop_flag
+        self.metrics_path = metrics_path
+        self.summary_writer = summary_writer
+        self.stream = stream or sys.stdout
+        self.step = initial_step
+        self.last_step = None
+        self.records = []
+
+    def _evaluate(self):
+        start = time.perf_counter()
+        result = self.eval_fn(self.model, self.step)
+        metrics = {f"eval/{k}": float(v) for k, v in result["metrics"].items()}
+        record = {"step": self.step, **metrics, **result.get("info", {}),
+                  "eval_seconds": time.perf_counter() - start}
+        self.records.append(record)
+        self.last_step = self.step
+        shown = "  ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items())
+        print(f"step {self.step}  eval: {shown}  ({record['eval_seconds']:.0f} s)",
+              file=self.stream, flush=True)
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.summary_writer is not None:
+            self.summary_writer.scalars(self.step, metrics)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step = self.initial_step + batch + 1
+        if self.every and self.step % self.every == 0:
+            self._evaluate()
+
+    def on_train_end(self, logs=None):
+        if self.stop_flag is not None and self.stop_flag.requested:
+            return
+        if self.every and self.last_step != self.step and self.step != self.initial_step:
+            self._evaluate()

@@ -11,6 +11,7 @@ Work directory layout::
       operative_config.gin        the gin configuration in effect (bin/train)
       model_config.json           DiffusionModel config (keras serialisation): rebuilds the model
       metrics.jsonl               one JSON record per logged step (loss, lr, grad norm, speed)
+                                  and per evaluation (eval/fd, eval/kid, sampler, N)
       classes.json                class-conditional folder data: the class names, id order
       checkpoints/ckpt-<step>/    atomic checkpoints (``keras_etsdm.checkpoint`` has their layout)
       samples/grid-00001000.png   sample grids (DDIM from the EMA weights)
@@ -31,7 +32,6 @@ import sys
 import threading
 
 import keras
-import numpy as np
 
 from keras_etsdm import callbacks as etsdm_callbacks
 from keras_etsdm import distribute, folding
@@ -41,8 +41,11 @@ from keras_etsdm.checkpoint import (  # noqa: F401  (re-exported: the run driver
     model_from_workdir, restore_checkpoint, save_checkpoint)
 from keras_etsdm.io_utils import (atomic_write_bytes, atomic_write_text,  # noqa: F401
                                   image_grid, save_png)
+from keras_etsdm.data import make_dataset
+from keras_etsdm.evaluation import evaluate
 from keras_etsdm.model import DiffusionModel
 from keras_etsdm.optimizers import ClippedAdam, WarmupConstant, make_optimizer  # noqa: F401
+from keras_etsdm.samplers import DDIMSampler
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
 
@@ -81,88 +84,10 @@ def build_model(image_size=32, channels=1, network_fn=None, schedule=None, shari
                           name="diffusion_model")
 
 
-# ----- logging helpers --------------------------------------------------------------------
-class SummaryWriter:
-    """TensorBoard event files via ``tf.summary.write`` (works whichever Keras backend trains).
-
-    ``tf.summary.scalar`` / ``image`` / ``text`` live in the ``tensorboard`` package, which is not
-    a dependency; the raw ``tf.summary.write`` with the plugin metadata those functions would
-    attach writes the same records, readable by any TensorBoard.
-    """
-
-    def __init__(self, logdir):
-        import tensorflow as tf
-        from tensorflow.core.framework import summary_pb2
-
-        self._tf = tf
-        self._metadata = {
-            plugin: summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin))
-            for plugin in ("scalars", "images", "text")}
-        self._writer = tf.summary.create_file_writer(logdir)
-
-    def scalars(self, step, values):
-        tf = self._tf
-        with self._writer.as_default():
-            for name, value in values.items():
-                tf.summary.write(name, tf.constant(float(value), tf.float32), step=step,
-                                 metadata=self._metadata["scalars"])
-        self._writer.flush()
-
-    def image(self, name, image_uint8, step):
-        tf = self._tf
-        height, width = image_uint8.shape[:2]
-        png = tf.io.encode_png(tf.constant(image_uint8, tf.uint8))
-        tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height)), png])
-        with self._writer.as_default():
-            tf.summary.write(name, tensor, step=step, metadata=self._metadata["images"])
-        self._writer.flush()
-
-    def text(self, name, text, step=0):
-        tf = self._tf
-        with self._writer.as_default():
-            tf.summary.write(name, tf.constant(text), step=step, metadata=self._metadata["text"])
-        self._writer.flush()
-
-    def close(self):
-        self._writer.close()
-
-
-def grid_labels(num_classes, num_samples):
-    """Labels for a class grid: one row per class, ``max(1, num_samples // K)`` per row."""
-    per_class = max(1, num_samples // num_classes)
-    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class), per_class
-
-
+# ----- samplers of the side jobs ----------------------------------------------------------
 def default_grid_sampler(schedule=None, num_steps=20, spacing="uniform"):
     """DDIM (η = 0) with ``num_steps`` steps on the model's schedule (the grids' sampler)."""
-    from keras_etsdm.samplers import DDIMSampler
-
     return DDIMSampler(num_steps, spacing=spacing, schedule=schedule)
-
-
-def make_grid_fn(workdir, sampler, num_samples, seed, writer=None, guidance_scale=0.0):
-    """``grid_fn(model, step)``: EMA samples → ``samples/grid-<step>.png`` and TensorBoard.
-
-    Class-conditional models: one row per class (``grid_labels``), guided with
-    ``guidance_scale``.
-    """
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-
-    def grid_fn(model, step):
-        if model.conditional:
-            labels, columns = grid_labels(model.num_classes, num_samples)
-            images = model.sample(sampler, len(labels), seed=seed, use_ema=True, labels=labels,
-                                  guidance_scale=guidance_scale)
-        else:
-            images = model.sample(sampler, num_samples, seed=seed, use_ema=True)
-            columns = None
-        grid = image_grid(keras.ops.convert_to_numpy(images), columns=columns)
-        save_png(os.path.join(workdir, "samples", f"grid-{int(step):08d}.png"), grid)
-        if writer is not None:
-            writer.image("samples_ema", grid, step)
-
-    return grid_fn
 
 
 class _StopFlag:
@@ -226,7 +151,8 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
           batch_size=64, max_steps=20_000, mixed_precision=None, checkpoint_every=1000,
           keep_checkpoints=3, log_every=50, sample_every=1000, num_grid_samples=64,
           grid_sampler_fn=default_grid_sampler, grid_seed=0, grid_guidance_scale=0.0,
-          data_seed=0, distribution="auto",
+          eval_every=0, eval_num_samples=1000, eval_reference="mnist32_test",
+          eval_sampler_fn=default_grid_sampler, eval_seed=0, data_seed=0, distribution="auto",
           seed=0, jit_compile=True, operative_config_fn=None, handle_signals=True, stream=None):
     """Train (or resume) a diffusion model in ``workdir``.
 
@@ -246,6 +172,12 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
             from ``grid_sampler_fn(schedule)`` (DDIM, 20 steps) with noise seed ``grid_seed``;
             class-conditional models get one row per class, guided with
             ``grid_guidance_scale``.
+        eval_every: steps between quality evaluations (0 disables; also one at the end):
+            FD and KID of ``eval_num_samples`` EMA samples from ``eval_sampler_fn(schedule)``
+            (DDIM-20) with noise seed ``eval_seed`` against ``eval_reference`` (shipped
+            statistics such as "mnist32_test", the MNIST test set, or a
+            ``fid.ReferenceStatistics``), logged to ``metrics.jsonl`` (``eval/fd``,
+            ``eval/kid``, with sampler, N, seed, time) and TensorBoard.
         data_seed: shuffling / flip seed of the input pipeline.
         seed: global seed (``keras.utils.set_random_seed``) for the weight initialisation.
         distribution: see ``keras_etsdm.distribute`` ("auto", "none", "mirrored", ...).
@@ -273,10 +205,10 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
 
 def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,
            checkpoint_every, keep_checkpoints, log_every, sample_every, num_grid_samples,
-           grid_sampler_fn, grid_seed, grid_guidance_scale, data_seed, distribution, seed,
+           grid_sampler_fn, grid_seed, grid_guidance_scale, eval_every, eval_num_samples,
+           eval_reference, eval_sampler_fn, eval_seed, data_seed, distribution, seed,
            jit_compile, operative_config_fn, handle_signals, stream, previous_policy=None):
-    if dataset_fn is None:
-        from keras_etsdm.data import make_dataset as dataset_fn
+    dataset_fn = dataset_fn or make_dataset
     dist = distribute.setup_distribution(distribution)
     dist.check_global_batch(batch_size)
     keras.utils.set_random_seed(seed)
@@ -327,7 +259,7 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
     dataset = dataset_fn(global_batch_size=batch_size, image_size=image_size, channels=channels,
                          seed=data_seed, start_step=start_step, **class_kwargs)
 
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if dist.is_chief else None
+    writer = etsdm_callbacks.SummaryWriter(os.path.join(workdir, "tensorboard")) if dist.is_chief else None
     operative_config = operative_config_fn() if operative_config_fn is not None else None
     if operative_config is not None and dist.is_chief:
         atomic_write_text(os.path.join(workdir, "operative_config.gin"), operative_config)
@@ -348,9 +280,14 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
                  etsdm_callbacks.PeriodicCheckpoint(save_fn, start_step, checkpoint_every, flag)]
     sampler = grid_sampler_fn(model.schedule) if sample_every and dist.is_chief else None
     if sampler is not None:
-        grid_fn = make_grid_fn(workdir, sampler, num_grid_samples, grid_seed, writer,
+        grid_fn = etsdm_callbacks.make_grid_fn(workdir, sampler, num_grid_samples, grid_seed, writer,
                                guidance_scale=grid_guidance_scale)
         callbacks.append(etsdm_callbacks.SampleGrid(grid_fn, start_step, sample_every, flag))
+    if eval_every and dist.is_chief:
+        eval_fn = evaluate.sample_quality_fn(eval_reference, eval_sampler_fn(model.schedule),
+                                             eval_num_samples, eval_seed)
+        callbacks.append(etsdm_callbacks.PeriodicEvaluation(
+            eval_fn, start_step, eval_every, flag, metrics_path, writer, stream))
 
     print(f"Training {model.network.count_params():,} parameters on {dist.num_replicas} "
           f"replica(s), global batch {batch_size}, steps {start_step} → {max_steps}.",

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from keras_etsdm import distribute, folding, training
-from keras_etsdm.data import make_dataset
+from keras_etsdm.data import embedded, make_dataset
+from keras_etsdm.evaluation import evaluate, fid
+from keras_etsdm.evaluation.features import make_extractor
+from keras_etsdm.io_utils import to_uint8
 
 TOTAL, SPLIT = 4, 2
 
@@ -47,13 +50,28 @@ def all_state(model):
     return values
 
 
+EVAL_SAMPLES = 24
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One uninterrupted run of TOTAL steps and one stopped at SPLIT and resumed."""
+def digits_reference():
+    """FD / KID reference statistics of the 8×8 digits (the tiny model's image shape)."""
+    images = to_uint8(embedded.load_digits(8))
+    return fid.compute_reference_statistics(images, make_extractor("classifier_digits8"),
+                                            metadata={"data": "digits8"})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, digits_reference):
+    """One uninterrupted run of TOTAL steps (with sample grids and held-out evaluations) and
+    one stopped at SPLIT and resumed (with neither: they must not change training)."""
     root = tmp_path_factory.mktemp("runs")
     full = training.train(str(root / "full"), max_steps=TOTAL,
                           **run_kwargs(sample_every=TOTAL, num_grid_samples=4,
                                        grid_sampler_fn=tiny_grid_sampler,
+                                       eval_every=SPLIT, eval_num_samples=EVAL_SAMPLES,
+                                       eval_reference=digits_reference,
+                                       eval_sampler_fn=tiny_grid_sampler, eval_seed=5,
                                        operative_config_fn=lambda: "# operative config\n"))
     first = training.train(str(root / "split"), max_steps=SPLIT, **run_kwargs())
     second = training.train(str(root / "split"), max_steps=TOTAL, **run_kwargs())
@@ -93,7 +111,7 @@ def test_checkpoint_layout_keep_last_k_and_logs(runs):
     assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints"))
                 if n.startswith(".tmp")]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+        records = [r for r in map(json.loads, f) if "loss" in r]  # (not the eval records)
     assert [r["step"] for r in records] == list(range(1, TOTAL + 1))
     assert all({"loss", "learning_rate", "grad_norm", "images_per_second"} <= set(r)
                for r in records)
@@ -107,6 +125,38 @@ def test_checkpoint_layout_keep_last_k_and_logs(runs):
     # The resumed run's metrics file has each step once.
     with open(str(runs["root"] / "split" / "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == list(range(1, TOTAL + 1))
+
+
+def test_quality_is_evaluated_during_training_and_logged(runs, digits_reference):
+    workdir = str(runs["root"] / "full")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if "eval/fd" in r]
+    assert [r["step"] for r in evals] == [SPLIT, TOTAL]
+    for r in evals:
+        assert (r["eval_sampler"], r["eval_nfe"], r["eval_num_samples"], r["eval_seed"],
+                r["eval_weights"], r["eval_extractor"]) == \
+            ("DDIMSampler", 2, EVAL_SAMPLES, 5, "ema", "classifier_digits8")
+        assert r["eval/fd"] > 0 and np.isfinite(r["eval/kid"]) and r["eval_seconds"] > 0
+    # The last record is exactly what scoring the final model gives (same noise, EMA weights).
+    model = runs["full"].model
+    again = evaluate.sample_quality_fn(digits_reference, tiny_grid_sampler(model.schedule),
+                                       EVAL_SAMPLES, seed=5)(model, TOTAL)
+    np.testing.assert_allclose(evals[-1]["eval/fd"], again["metrics"]["fd"], rtol=1e-5)
+    np.testing.assert_allclose(evals[-1]["eval/kid"], again["metrics"]["kid"], rtol=1e-4,
+                               atol=1e-7)
+
+
+def test_quality_evaluation_refuses_statistics_of_another_image_shape(runs):
+    reference = fid.ReferenceStatistics(np.zeros(2), np.eye(2), 10, "classifier_mnist32",
+                                        metadata={"image_shape": [32, 32, 1]})
+    eval_fn = evaluate.sample_quality_fn(reference, tiny_grid_sampler(None), 4,
+                                         extractor=make_extractor("classifier_mnist32"))
+    with pytest.raises(ValueError, match=r"\[32, 32, 1\] images but the model makes \[8, 8, 1\]"):
+        eval_fn(runs["full"].model, 1)
+    with pytest.raises(ValueError, match="num_samples must be >= 2"):
+        evaluate.sample_quality_fn(reference, tiny_grid_sampler(None), 1,
+                                   extractor=make_extractor("classifier_mnist32"))
 
 
 def test_sample_grid_png_written(runs):

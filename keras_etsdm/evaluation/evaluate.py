@@ -1,19 +1,23 @@
-"""The logic of ``bin/eval`` and ``bin/lipschitz`` (the scripts only parse flags).
+"""Reference data and statistics for sample-quality metrics.
 
     compute_stats(data="embedded:mnist", image_size=32, extractor=..., stats_path=...)
-    run_eval(workdir=..., sampler="ddim", steps=20, num_samples=N, stats_path=...)
-    run_lipschitz(workdirs={"ddpm": ..., "etsdm": ...}, data="embedded:mnist", output_dir=...)
+
+Scoring a trained model (``bin/eval``) is ``cli.run_eval``.
 """
 
 import os
 
 import numpy as np
 
-from keras_etsdm.evaluation import fid
+from keras_etsdm.data import embedded
+from keras_etsdm.data.files import list_image_files
+from keras_etsdm.evaluation import fid, heldout
 from keras_etsdm.evaluation.features import make_extractor
+from keras_etsdm.io_utils import to_uint8
+from keras_etsdm.samplers.sampling import generate
 
 
-# ----- data for reference statistics ---------------------------------------------------------------
+# ----- data for reference statistics ------------------------------------------------------------
 def load_reference_images(data, image_size=None, channels=None, max_images=None):
     """uint8 images ``[N, S, S, C]`` for reference statistics.
 
@@ -29,15 +33,13 @@ def load_reference_images(data, image_size=None, channels=None, max_images=None)
         raise ValueError("No reference data given: use --data=embedded:mnist, a .npz of uint8 "
                          "images (key 'images') or a folder of images.")
     if data.startswith("embedded:"):
-        from keras_etsdm.data import embedded
-
         name = data.split(":", 1)[1]
         loaders = {"mnist": (embedded.load_mnist, 32), "digits": (embedded.load_digits, 8)}
         if name not in loaders:
             raise ValueError(f"Unknown embedded data set {name!r}; expected one of "
                              f"{sorted(loaders)}.")
         loader, default = loaders[name]
-        images = fid.to_uint8(loader(image_size or default))
+        images = to_uint8(loader(image_size or default))
     elif data.endswith(".npz"):
         if not os.path.isfile(data):
             raise FileNotFoundError(f"Reference image file {data!r} does not exist.")
@@ -56,8 +58,6 @@ def load_reference_images(data, image_size=None, channels=None, max_images=None)
 
 def _load_folder(path, image_size, channels, max_images):
     from PIL import Image
-
-    from keras_etsdm.data.files import list_image_files
 
     if not image_size:
         raise ValueError("A folder of images needs --image_size (centre crop + resize).")
@@ -92,92 +92,46 @@ def compute_stats(data, stats_path, extractor="classifier_mnist32", inception_pa
     return ref
 
 
-# ----- sample-quality evaluation -------------------------------------------------------------------
-def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdir=None,
-             checkpoint=None, extractor="classifier_mnist32", inception_path=None,
-             batch_size=250, seed=0, use_ema=True, sampler_options=None, output=None,
-             save_samples=True, progress=False, labels=None, guidance_scale=0.0):
-    """Draw samples and score them against reference statistics; write a provenance JSON.
+# ----- quality during training ----------------------------------------------------------------
+def sample_quality_fn(reference, sampler, num_samples=1000, seed=0, batch_size=250,
+                      extractor=None, use_ema=True):
+    """``eval_fn(model, step)`` for ``callbacks.PeriodicEvaluation``: FD and KID of
+    ``num_samples`` samples against ``reference``.
 
-    Class-conditional models: ``labels`` (a ``sampling.parse_labels`` string — ``"balanced"``
-    for every class equally often, ``"3"`` for one class — or int ids) and classifier-free
-    guidance ``guidance_scale``; with a project digit classifier as extractor the record also
-    holds ``class_agreement`` (fraction of samples the classifier assigns to the requested
-    label) overall and per class.
+    Args:
+        reference: ``fid.ReferenceStatistics``, or the name of shipped statistics
+            (``"mnist32_test"``: the MNIST test set, see ``heldout``).
+        sampler: built on the model's schedule (``bin/train``: DDIM-20).
+        num_samples, seed: N and the noise seed (the same noise at every evaluation, so the
+            curve moves with the model only).
+        extractor: feature extractor (default: the one the reference was computed with).
+        use_ema: sample with the EMA weights (the weights a user samples).
 
-    Returns the result record (dict). The JSON goes to ``output`` (default
-    ``<workdir>/eval/<sampler>_<steps>_<ema|raw>_seed<seed>[_w<w>].json``).
+    The returned dict holds ``metrics`` (``fd``, ``kid``, ``kid_std``) and ``info`` (sampler,
+    N, seed, weights, reference and extractor names), all written to ``metrics.jsonl``.
     """
-    from keras_etsdm.samplers import SAMPLERS, build_sampler, labels_below
-    from keras_etsdm.samplers import sampling
-
-    key = str(sampler).lower().replace("-", "_")
-    if key not in SAMPLERS:
-        raise ValueError(f"Unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}.")
+    name = reference if isinstance(reference, str) else reference.metadata.get("data", "custom")
+    if isinstance(reference, str):
+        reference = heldout.load_reference(reference)
+    extractor = extractor or make_extractor(reference.extractor)
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a covariance needs two), got {num_samples}.")
-    stats_path = stats_path or default_stats_path(workdir, extractor)
-    reference = fid.ReferenceStatistics.load(stats_path)  # fail before sampling, not after
-    ex = make_extractor(extractor, inception_path)
-    model = sampling.load_model_for_sampling(checkpoint, workdir, use_ema)
-    labels, num_samples = sampling.parse_labels(labels, num_samples, model.num_classes)
-    sampler_obj = build_sampler(key, model.schedule, steps, sampler_options)
-    images = fid.to_uint8(sampling.generate(model, sampler_obj, num_samples, batch_size, seed,
-                                            progress, labels, guidance_scale))
-    metrics = fid.evaluate_images(images, ex, reference, batch_size, labels=labels)
-    weights = "ema" if use_ema else "raw"
-    config = {k: v for k, v in sampler_obj.get_config().items() if k != "schedule"}
-    record = fid.make_result_record(
-        metrics=metrics, num_samples=num_samples, sampler=key, steps=sampler_obj.num_iterations,
-        seed=seed, weights=weights, extractor=ex.name, reference_file=stats_path,
-        sampler_config=config, workdir=workdir and os.path.abspath(workdir),
-        checkpoint=checkpoint or getattr(model, "checkpoint_step", None),
-        extra={"metric_names": {"fd": "FID" if ex.name == "inception_v3"
-                                else f"FD ({ex.name})"},
-               "reference_count": reference.count,
-               "sharing": model.sharing.get_config(),
-               "labels_below_t_tilde": labels_below(
-                   sampler_obj, model.sharing.t_tilde if model.sharing.enabled else 100.0),
-               **({} if not model.conditional else {
-                   "num_classes": model.num_classes,
-                   "guidance_scale": float(guidance_scale),
-                   "class_labels": None if labels is None else
-                   {"counts": np.bincount(labels, minlength=model.num_classes + 1).tolist()}})})
-    if output is None:
-        guided = f"_w{float(guidance_scale):g}" if model.conditional else ""
-        output = os.path.join(workdir or os.path.dirname(stats_path), "eval",
-                              f"{key}_{sampler_obj.num_iterations}_{weights}_seed{seed}"
-                              f"{guided}.json")
-    fid.write_result_json(output, record)
-    if save_samples:
-        sampling.write_outputs(images, os.path.dirname(output),
-                               name=os.path.splitext(os.path.basename(output))[0] + "_samples")
-    record["output"] = output
-    return record
+    info = {"eval_sampler": type(sampler).__name__, "eval_nfe": int(sampler.num_iterations),
+            "eval_num_samples": int(num_samples), "eval_seed": int(seed),
+            "eval_weights": "ema" if use_ema else "raw", "eval_reference": name,
+            "eval_extractor": extractor.name}
+    expected = reference.metadata.get("image_shape")
 
+    def eval_fn(model, step):
+        del step
+        if expected is not None and list(model.image_shape) != list(expected):
+            raise ValueError(f"Reference statistics {name!r} are of {expected} images but the "
+                             f"model makes {list(model.image_shape)}; evaluate against "
+                             f"statistics of data of the model's shape.")
+        with model.ema_scope(use_ema):
+            images = generate(model, sampler, num_samples, batch_size=batch_size, seed=seed)
+        metrics = fid.evaluate_images(to_uint8(images), extractor, reference, batch_size)
+        return {"metrics": {k: metrics[k] for k in ("fd", "kid", "kid_std") if k in metrics},
+                "info": info}
 
-# ----- Lipschitz diagnostic on trained models ----------------------------------------------------------
-def run_lipschitz(workdirs, data, output_dir, num_images=64, use_ema=True, seed=0,
-                  timesteps=None, zoom=200, title=None, label=None):
-    """K(t) of one or more trained models (name → workdir) on the same data and noise.
-
-    Writes ``lipschitz.csv`` and ``lipschitz.png`` into ``output_dir``; returns the curves.
-    Class-conditional models are evaluated at class ``label`` (None: the null class, i.e. the
-    unconditional ε̂).
-    """
-    from keras_etsdm.evaluation import lipschitz
-    from keras_etsdm.samplers import sampling
-
-    curves = {}
-    for name, workdir in workdirs.items():
-        model = sampling.load_model_for_sampling(None, workdir, use_ema)
-        size = model.image_shape[0]
-        images = load_reference_images(data, size)
-        rng = np.random.default_rng(seed)
-        pick = rng.choice(len(images), min(num_images, len(images)), replace=False)
-        x0 = images[np.sort(pick)].astype(np.float32) / 127.5 - 1.0
-        fn = lipschitz.model_denoise_fn(model, label=label)
-        curves[name] = lipschitz.lipschitz_curve(fn, x0, model.schedule, timesteps,
-                                                 sharing=model.sharing, seed=seed)
-    lipschitz.write_lipschitz_outputs(output_dir, curves, zoom=zoom, title=title)
-    return curves
+    return eval_fn

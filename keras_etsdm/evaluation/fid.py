@@ -23,8 +23,7 @@ import os
 import numpy as np
 
 from keras_etsdm.evaluation.tfgan import load_tfgan_eval
-from keras_etsdm.io_utils import (atomic_write_bytes, sha256_file, to_uint8,  # noqa: F401
-                                  write_json)
+from keras_etsdm.io_utils import atomic_write_bytes, sha256_file, write_json
 
 STATS_FORMAT_VERSION = 1
 
@@ -126,7 +125,8 @@ def frechet_distance(mean1, cov1, mean2, cov2):
                          f"{cov2.shape}.")
     tf = _tf()
     tfgan_eval = load_tfgan_eval()
-    trace_sqrt = tfgan_eval.classifier_metrics.trace_sqrt_product(tf.constant(cov1), tf.constant(cov2))
+    trace_sqrt = tfgan_eval.classifier_metrics.trace_sqrt_product(tf.constant(cov1),
+                                                                  tf.constant(cov2))
     value = (np.sum((mean1 - mean2) ** 2) + np.trace(cov1) + np.trace(cov2)
              - 2.0 * float(trace_sqrt))
     return float(value)
@@ -309,7 +309,9 @@ def evaluate_images(images_uint8, extractor, reference, batch_size=250, kid_bloc
     stats = ActivationStatistics().update(out["features"])
     metrics = {"fd": frechet_distance_to_statistics(stats, reference)}
     if reference.activations is not None and len(out["features"]) >= 2:
-        kid, kid_std = kernel_distance(reference.activations, out["features"], kid_block_size)
+        # tfgan's block estimator assumes random order; samples may come sorted by class.
+        shuffled = out["features"][np.random.default_rng(0).permutation(len(out["features"]))]
+        kid, kid_std = kernel_distance(reference.activations, shuffled, kid_block_size)
         metrics["kid"], metrics["kid_std"] = kid, kid_std
     if out["logits"] is not None:
         metrics["classifier_score"] = classifier_score(out["logits"])
