@@ -146,7 +146,8 @@ def save_checkpoint(model, workdir, step, keep=3, extra_meta=None):
     return final
 
 
-def _remove_stale_temporaries(workdir):
+def remove_stale_temporaries(workdir):
+    """Delete temporary directories that a killed checkpoint write left behind."""
     root = os.path.join(workdir, CHECKPOINTS)
     if os.path.isdir(root):
         for name in os.listdir(root):

@@ -22,7 +22,7 @@ import logging
 
 import gin
 
-from keras_etsdm import data, folding, samplers, training
+from keras_etsdm import data, folding, optimizers, samplers, training
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
 
@@ -32,7 +32,7 @@ train = gin.external_configurable(training.train, "train", module=MODULE)
 build_model = gin.external_configurable(training.build_model, "build_model", module=MODULE)
 build_network = gin.external_configurable(folding.build_network, "build_network", module=MODULE)
 make_dataset = gin.external_configurable(data.make_dataset, "make_dataset", module=MODULE)
-make_optimizer = gin.external_configurable(training.make_optimizer, "make_optimizer",
+make_optimizer = gin.external_configurable(optimizers.make_optimizer, "make_optimizer",
                                            module=MODULE)
 grid_sampler = gin.external_configurable(training.default_grid_sampler, "grid_sampler",
                                          module=MODULE)

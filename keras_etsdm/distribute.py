@@ -43,6 +43,26 @@ class Distribution:
         """Context to build and compile the model in (the tf.distribute strategy scope)."""
         return self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def process_local(self):
+        """Context for work that one process does alone (the chief's checkpoints).
+
+        Under multi-process JAX a new variable goes to the global device mesh, and placing it
+        there is a collective across processes: work on the chief alone that creates one
+        (Keras' ``save_weights`` builds a throwaway optimizer) would wait for the other
+        processes forever. Inside, the global Keras distribution is unset, so new arrays stay
+        on this process. Elsewhere a no-op.
+        """
+        if self.kind != "data_parallel" or self.num_processes < 2:
+            yield
+            return
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(None)
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(previous)
+
     def check_global_batch(self, global_batch_size):
         """Raise unless the global batch splits evenly across the replicas."""
         if global_batch_size % self.num_replicas:
@@ -75,6 +95,7 @@ def _setup_tensorflow(mode):
     if mode == "multi_worker" or (mode == "auto" and tf_config and
                                   sum(len(v) for v in tf_config.get("cluster", {}).values()) > 1):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        _fix_keras_multi_worker_logs()
         task = (tf_config or {}).get("task", {})
         is_chief = task.get("type", "worker") in ("chief", "worker") and task.get("index", 0) == 0
         if "chief" in (tf_config or {}).get("cluster", {}):
@@ -91,13 +112,50 @@ def _setup_tensorflow(mode):
     return Distribution("mirrored", strategy.num_replicas_in_sync, strategy)
 
 
+def _fix_keras_multi_worker_logs():
+    """Let Keras 3 ``fit`` run under a multi-worker ``MultiWorkerMirroredStrategy``.
+
+    Keras reduces the per-replica logs of every step (metric results: scalars) with
+    ``strategy.reduce("MEAN", value, axis=0)`` when the strategy spans several workers, which
+    fails for scalars ("Invalid reduction dimension 0 for input with 0 dimensions",
+    tensorflow/tensorflow#72388; Keras 3.15, TF 2.21). Scalars are reduced over the replicas
+    with ``axis=None`` instead (the same mean over replicas that one worker's replicas get);
+    everything else as Keras does. Idempotent; a no-op if Keras' internals have moved (the
+    multi-worker test then fails loudly).
+    """
+    try:
+        from keras.src.backend.tensorflow import trainer
+        is_multi_worker = trainer._collective_all_reduce_multi_worker
+        original = trainer.reduce_per_replica
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "_etsdm_scalar_safe", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
+            return original(values, strategy, reduction)
+
+        def reduce(value):
+            if strategy.experimental_local_results(value)[0].shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction)
+
+        return keras.tree.map_structure(reduce, values)
+
+    reduce_per_replica._etsdm_scalar_safe = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
 def _setup_jax(mode):
     import jax
 
     multi_process = (mode == "multi_worker"
                      or int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) > 1
                      or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
-    if multi_process and jax.process_count() == 1:
+    # Not ``jax.process_count()``: that starts the XLA backend, after which
+    # ``jax.distributed.initialize`` refuses to run.
+    if multi_process and not jax.distributed.is_initialized():
         keras.distribution.initialize()  # → jax.distributed.initialize from the environment
     devices = keras.distribution.list_devices()
     if mode == "none" or (mode == "auto" and len(devices) < 2):

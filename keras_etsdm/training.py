@@ -35,16 +35,14 @@ import keras
 
 from keras_etsdm import callbacks as etsdm_callbacks
 from keras_etsdm import distribute, folding
-from keras_etsdm.checkpoint import (  # noqa: F401  (re-exported: the run driver's own API)
-    CHECKPOINT_PREFIX, CHECKPOINTS, CLASS_LIST, META_FILE, MODEL_CONFIG, OPTIMIZER_FILE, RNG_FILE,
-    WEIGHTS_FILE, _remove_stale_temporaries, latest_checkpoint, list_checkpoints, load_checkpoint,
-    model_from_workdir, restore_checkpoint, save_checkpoint)
-from keras_etsdm.io_utils import (atomic_write_bytes, atomic_write_text,  # noqa: F401
-                                  image_grid, save_png)
+from keras_etsdm.checkpoint import (CLASS_LIST, MODEL_CONFIG, latest_checkpoint,
+                                    remove_stale_temporaries, restore_checkpoint,
+                                    save_checkpoint)
 from keras_etsdm.data import make_dataset
 from keras_etsdm.evaluation import evaluate
+from keras_etsdm.io_utils import atomic_write_text
 from keras_etsdm.model import DiffusionModel
-from keras_etsdm.optimizers import ClippedAdam, WarmupConstant, make_optimizer  # noqa: F401
+from keras_etsdm.optimizers import make_optimizer
 from keras_etsdm.samplers import DDIMSampler
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
@@ -194,7 +192,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
     os.makedirs(workdir, exist_ok=True)
-    _remove_stale_temporaries(workdir)
+    remove_stale_temporaries(workdir)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(mixed_precision or "float32")
     try:
@@ -259,7 +257,8 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
     dataset = dataset_fn(global_batch_size=batch_size, image_size=image_size, channels=channels,
                          seed=data_seed, start_step=start_step, **class_kwargs)
 
-    writer = etsdm_callbacks.SummaryWriter(os.path.join(workdir, "tensorboard")) if dist.is_chief else None
+    writer = (etsdm_callbacks.SummaryWriter(os.path.join(workdir, "tensorboard"))
+              if dist.is_chief else None)
     operative_config = operative_config_fn() if operative_config_fn is not None else None
     if operative_config is not None and dist.is_chief:
         atomic_write_text(os.path.join(workdir, "operative_config.gin"), operative_config)
@@ -272,16 +271,17 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
 
     def save_fn(m, step):
         if dist.is_chief:
-            save_checkpoint(m, workdir, step, keep=keep_checkpoints,
-                            extra_meta={"global_batch_size": batch_size,
-                                        "num_replicas": dist.num_replicas})
+            with dist.process_local():  # the chief saves alone (multi-process JAX)
+                save_checkpoint(m, workdir, step, keep=keep_checkpoints,
+                                extra_meta={"global_batch_size": batch_size,
+                                            "num_replicas": dist.num_replicas})
 
     callbacks = [etsdm_callbacks.StopOnNonFiniteLoss(), logger,
                  etsdm_callbacks.PeriodicCheckpoint(save_fn, start_step, checkpoint_every, flag)]
     sampler = grid_sampler_fn(model.schedule) if sample_every and dist.is_chief else None
     if sampler is not None:
-        grid_fn = etsdm_callbacks.make_grid_fn(workdir, sampler, num_grid_samples, grid_seed, writer,
-                               guidance_scale=grid_guidance_scale)
+        grid_fn = etsdm_callbacks.make_grid_fn(workdir, sampler, num_grid_samples, grid_seed,
+                                               writer, guidance_scale=grid_guidance_scale)
         callbacks.append(etsdm_callbacks.SampleGrid(grid_fn, start_step, sample_every, flag))
     if eval_every and dist.is_chief:
         eval_fn = evaluate.sample_quality_fn(eval_reference, eval_sampler_fn(model.schedule),

@@ -22,7 +22,7 @@ if keras.backend.backend() == "tensorflow":
     tf.config.set_logical_device_configuration(
         cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
 
-from keras_etsdm import folding, training  # noqa: E402
+from keras_etsdm import checkpoint, folding, optimizers, training  # noqa: E402
 from keras_etsdm.data import make_dataset  # noqa: E402
 
 STEPS = 3
@@ -38,7 +38,7 @@ def run(mode, workdir):
         model_fn=functools.partial(training.build_model, image_size=8, channels=1,
                                    network_fn=network, ema_decay=0.9, seed=3),
         dataset_fn=functools.partial(make_dataset, source="embedded", name="digits"),
-        optimizer_fn=functools.partial(training.make_optimizer, learning_rate=1e-3,
+        optimizer_fn=functools.partial(optimizers.make_optimizer, learning_rate=1e-3,
                                        grad_clip_norm=1.0))
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
@@ -62,7 +62,7 @@ else:
     import jax
 
     replicas = len(jax.devices())
-reloaded = training.load_checkpoint(os.path.join(out_dir, "parallel"))
+reloaded = checkpoint.load_checkpoint(os.path.join(out_dir, "parallel"))
 np.savez(os.path.join(out_dir, "result.npz"),
          single_loss=[r["loss"] for r in single_records],
          parallel_loss=[r["loss"] for r in parallel_records],

@@ -103,7 +103,7 @@ KILL_WORKER = textwrap.dedent("""
                      num_res_blocks=1, attention_resolutions=())
     model = DiffusionModel(net)
     workdir = sys.argv[1]
-    checkpoint._remove_stale_temporaries(workdir)
+    checkpoint.remove_stale_temporaries(workdir)
     step = max([s for s, _ in checkpoint.list_checkpoints(workdir)] or [0])
     print("ready", flush=True)
     while True:
@@ -150,7 +150,7 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_bad_checkpoint(tmp_path
         steps_seen.append(step)
     assert len(steps_seen) >= 15 and steps_seen == sorted(steps_seen)
     assert torn >= 3, torn  # the kills did land inside checkpoint writes
-    checkpoint._remove_stale_temporaries(str(workdir))
+    checkpoint.remove_stale_temporaries(str(workdir))
     leftovers = [n for n in os.listdir(workdir / checkpoint.CHECKPOINTS)
                  if not n.startswith(checkpoint.CHECKPOINT_PREFIX)]
     assert leftovers == []

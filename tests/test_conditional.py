@@ -486,7 +486,7 @@ def test_conditional_gin_configs(repo_root):
 def test_conditional_training_run_writes_a_grid_with_one_row_per_class(tmp_path):
     from PIL import Image
 
-    from keras_etsdm import training
+    from keras_etsdm import checkpoint, training
 
     def model_fn():
         return training.build_model(
@@ -507,7 +507,7 @@ def test_conditional_training_run_writes_a_grid_with_one_row_per_class(tmp_path)
     assert result.step == 2 and result.model.conditional
     grid = np.asarray(Image.open(tmp_path / "samples" / "grid-00000002.png"))
     assert grid.shape[:2] == (10 * 9 + 1, 2 * 9 + 1)  # 10 rows (classes) of 2, 1-px padding
-    loaded = training.load_checkpoint(str(tmp_path))
+    loaded = checkpoint.load_checkpoint(str(tmp_path))
     assert loaded.num_classes == 10
 
 

@@ -116,13 +116,13 @@ def _inputs(seed=0):
 
 def _write_workdir(model, workdir, step):
     """A training work directory as bin/train leaves it: model config + one checkpoint."""
-    from keras_etsdm import training
+    from keras_etsdm import checkpoint
 
     os.makedirs(workdir, exist_ok=True)
     config = keras.saving.serialize_keras_object(model)
-    with open(os.path.join(workdir, training.MODEL_CONFIG), "w") as f:
+    with open(os.path.join(workdir, checkpoint.MODEL_CONFIG), "w") as f:
         json.dump(config, f, default=str)
-    training.save_checkpoint(model, workdir, step)
+    checkpoint.save_checkpoint(model, workdir, step)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_etsdm import distribute, folding, training
+from keras_etsdm import checkpoint, distribute, folding, io_utils, optimizers, training
 from keras_etsdm.data import embedded, make_dataset
 from keras_etsdm.evaluation import evaluate, fid
 from keras_etsdm.evaluation.features import make_extractor
@@ -31,7 +31,7 @@ def tiny_grid_sampler(schedule):
 def run_kwargs(**overrides):
     kwargs = dict(model_fn=tiny_model_fn(),
                   dataset_fn=functools.partial(make_dataset, source="embedded", name="digits"),
-                  optimizer_fn=functools.partial(training.make_optimizer, learning_rate=1e-3,
+                  optimizer_fn=functools.partial(optimizers.make_optimizer, learning_rate=1e-3,
                                                  warmup_steps=2, grad_clip_norm=1.0),
                   batch_size=8, log_every=1, checkpoint_every=1, keep_checkpoints=2,
                   sample_every=0, distribution="none", handle_signals=False,
@@ -99,12 +99,12 @@ def test_resume_reproduces_weights_ema_optimizer_and_rng(runs):
 
 def test_checkpoint_layout_keep_last_k_and_logs(runs):
     workdir = str(runs["root"] / "full")
-    steps = [s for s, _ in training.list_checkpoints(workdir)]
+    steps = [s for s, _ in checkpoint.list_checkpoints(workdir)]
     assert steps == [TOTAL - 1, TOTAL]  # keep_checkpoints=2
-    latest = training.latest_checkpoint(workdir)
-    assert sorted(os.listdir(latest)) == sorted([training.WEIGHTS_FILE, training.OPTIMIZER_FILE,
-                                                 training.RNG_FILE, training.META_FILE])
-    with open(os.path.join(latest, training.META_FILE)) as f:
+    latest = checkpoint.latest_checkpoint(workdir)
+    assert sorted(os.listdir(latest)) == sorted([checkpoint.WEIGHTS_FILE, checkpoint.OPTIMIZER_FILE,
+                                                 checkpoint.RNG_FILE, checkpoint.META_FILE])
+    with open(os.path.join(latest, checkpoint.META_FILE)) as f:
         meta = json.load(f)
     assert meta["step"] == TOTAL and meta["global_batch_size"] == 8
     assert meta["rng_variables"]  # dropout seed states are saved
@@ -171,18 +171,18 @@ def test_sample_grid_png_written(runs):
 def test_load_checkpoint_ema_and_raw(runs):
     workdir = str(runs["root"] / "full")
     trained = runs["full"].model
-    ema = training.load_checkpoint(workdir)
-    raw = training.load_checkpoint(workdir, use_ema=False)
+    ema = checkpoint.load_checkpoint(workdir)
+    raw = checkpoint.load_checkpoint(workdir, use_ema=False)
     assert ema.checkpoint_step == TOTAL
     for w_ema, w_raw, e, w in zip(ema.network.trainable_variables,
                                   raw.network.trainable_variables, trained.ema_weights,
                                   trained.network.trainable_variables):
         np.testing.assert_allclose(np.asarray(w_ema.value), np.asarray(e.value), atol=1e-7)
         np.testing.assert_allclose(np.asarray(w_raw.value), np.asarray(w.value), atol=1e-7)
-    older = training.load_checkpoint(workdir, step=TOTAL - 1)
+    older = checkpoint.load_checkpoint(workdir, step=TOTAL - 1)
     assert older.checkpoint_step == TOTAL - 1
     with pytest.raises(ValueError, match="No checkpoint for step 1 .*available steps"):
-        training.load_checkpoint(workdir, step=1)
+        checkpoint.load_checkpoint(workdir, step=1)
 
 
 def test_resume_when_finished_is_a_no_op(runs):
@@ -198,8 +198,8 @@ def test_incomplete_or_temporary_checkpoints_are_ignored_and_cleaned(runs, tmp_p
     root = os.path.join(workdir, "checkpoints")
     os.makedirs(os.path.join(root, ".tmp-ckpt-00000099-123"))     # killed mid-write
     os.makedirs(os.path.join(root, "ckpt-00000050"))              # no meta.json: incomplete
-    assert training.latest_checkpoint(workdir).endswith(f"ckpt-{TOTAL:08d}")
-    training._remove_stale_temporaries(workdir)
+    assert checkpoint.latest_checkpoint(workdir).endswith(f"ckpt-{TOTAL:08d}")
+    checkpoint.remove_stale_temporaries(workdir)
     assert not os.path.exists(os.path.join(root, ".tmp-ckpt-00000099-123"))
 
 
@@ -208,7 +208,7 @@ def test_different_model_in_same_workdir_is_a_clear_error(runs, tmp_path):
 
     workdir = str(tmp_path / "changed")
     shutil.copytree(str(runs["root"] / "split"), workdir)
-    config_path = os.path.join(workdir, training.MODEL_CONFIG)
+    config_path = os.path.join(workdir, checkpoint.MODEL_CONFIG)
     with open(config_path) as f:
         config = json.load(f)
     config["config"]["ema_decay"] = 0.5  # as if the run had been started with another config
@@ -220,15 +220,15 @@ def test_different_model_in_same_workdir_is_a_clear_error(runs, tmp_path):
 
 # ----- pieces that need no training ---------------------------------------------------------
 def test_warmup_schedule_values():
-    schedule = training.WarmupConstant(1e-3, warmup_steps=4)
+    schedule = optimizers.WarmupConstant(1e-3, warmup_steps=4)
     got = [float(keras.ops.convert_to_numpy(schedule(s))) for s in range(6)]
     np.testing.assert_allclose(got, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
-    constant = training.WarmupConstant(1e-3)
+    constant = optimizers.WarmupConstant(1e-3)
     assert float(keras.ops.convert_to_numpy(constant(0))) == pytest.approx(1e-3)
 
 
 def test_clipped_adam_records_norm_and_clips():
-    optimizer = training.ClippedAdam(clip_norm=1.0, learning_rate=0.1)
+    optimizer = optimizers.ClippedAdam(clip_norm=1.0, learning_rate=0.1)
     variables = [keras.Variable(np.zeros(2, np.float32)), keras.Variable(np.zeros((), np.float32))]
     optimizer.build(variables)
     grads = [keras.ops.convert_to_tensor(np.array([3.0, 0.0], np.float32)),
@@ -237,7 +237,7 @@ def test_clipped_adam_records_norm_and_clips():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(clipped[0]), [0.6, 0.0], rtol=1e-6)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(clipped[1]), 0.8, rtol=1e-6)
     assert float(keras.ops.convert_to_numpy(optimizer.grad_norm)) == pytest.approx(5.0)
-    loose = training.ClippedAdam(clip_norm=None, learning_rate=0.1)
+    loose = optimizers.ClippedAdam(clip_norm=None, learning_rate=0.1)
     loose.build(variables)
     unclipped = loose._clip_gradients(grads)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(unclipped[0]), [3.0, 0.0])
@@ -245,12 +245,12 @@ def test_clipped_adam_records_norm_and_clips():
 
 def test_image_grid_layout():
     images = np.stack([np.full((2, 3, 1), v, np.float32) for v in (-1.0, 0.0, 1.0)])
-    grid = training.image_grid(images, columns=2, padding=1)
+    grid = io_utils.image_grid(images, columns=2, padding=1)
     assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 1) and grid.dtype == np.uint8
     assert np.all(grid[1:3, 1:4] == 0) and np.all(grid[1:3, 5:8] == 128)
     assert np.all(grid[4:6, 1:4] == 255) and np.all(grid[4:6, 5:8] == 255)  # empty cell: white
     with pytest.raises(ValueError, match=r"\[N, H, W, C\]"):
-        training.image_grid(np.zeros((2, 3, 4)))
+        io_utils.image_grid(np.zeros((2, 3, 4)))
 
 
 def test_global_batch_must_divide_across_replicas():
@@ -264,8 +264,8 @@ def test_global_batch_must_divide_across_replicas():
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = str(tmp_path / "f.txt")
-    training.atomic_write_text(path, "first")
-    training.atomic_write_text(path, "second")
+    io_utils.atomic_write_text(path, "first")
+    io_utils.atomic_write_text(path, "second")
     assert open(path).read() == "second"
     assert os.listdir(str(tmp_path)) == ["f.txt"]
 
@@ -294,7 +294,7 @@ def test_ctrl_c_saves_and_the_resumed_run_equals_an_uninterrupted_one(runs, tmp_
     first = training.train(workdir, max_steps=100, stream=_CtrlCAtStep(1),
                            **run_kwargs(handle_signals=True))
     assert first.interrupted and 1 <= first.step < TOTAL
-    assert [s for s, _ in training.list_checkpoints(workdir)][-1] == first.step
+    assert [s for s, _ in checkpoint.list_checkpoints(workdir)][-1] == first.step
     second = training.train(workdir, max_steps=TOTAL, **run_kwargs())
     for a, b in zip(all_state(runs["full"].model), all_state(second.model)):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
