@@ -37,18 +37,21 @@ def peak_rss_mib():
 
 def machine_description():
     """One line: CPU model, core count, load average (the numbers depend on all three)."""
-    model = "unknown CPU"
+    model, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith("model name") and model == "unknown CPU":
                     model = line.split(":", 1)[1].strip()
-                    break
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                       "amx_tile") if f in flags]
     load = os.getloadavg()
-    return (f"{model}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} "
-            f"{load[2]:.2f}")
+    return (f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa) or 'unknown'}, load average "
+            f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 # ----- float32 matmul rates -----------------------------------------------------------------
