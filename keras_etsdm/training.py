@@ -286,6 +286,7 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
     if eval_every and dist.is_chief:
         eval_fn = evaluate.sample_quality_fn(eval_reference, eval_sampler_fn(model.schedule),
                                              eval_num_samples, eval_seed)
+        eval_fn.check(model)  # a wrong reference fails now, not after eval_every steps
         callbacks.append(etsdm_callbacks.PeriodicEvaluation(
             eval_fn, start_step, eval_every, flag, metrics_path, writer, stream))
 

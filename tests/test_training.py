@@ -159,6 +159,15 @@ def test_quality_evaluation_refuses_statistics_of_another_image_shape(runs):
                                    extractor=make_extractor("classifier_mnist32"))
 
 
+def test_reference_of_another_shape_fails_before_training(tmp_path):
+    reference = fid.ReferenceStatistics(np.zeros(2), np.eye(2), 10, "classifier_mnist32",
+                                        metadata={"image_shape": [32, 32, 1]})
+    with pytest.raises(ValueError, match=r"are of \[32, 32, 1\] images"):
+        training.train(str(tmp_path), max_steps=2,
+                       **run_kwargs(eval_every=1, eval_reference=reference, eval_num_samples=4))
+    assert checkpoint.list_checkpoints(str(tmp_path)) == []  # failed before the first step
+
+
 def test_sample_grid_png_written(runs):
     from PIL import Image
 

@@ -107,7 +107,8 @@ def sample_quality_fn(reference, sampler, num_samples=1000, seed=0, batch_size=2
         extractor: feature extractor (default: the one the reference was computed with).
         use_ema: sample with the EMA weights (the weights a user samples).
 
-    The returned dict holds ``metrics`` (``fd``, ``kid``, ``kid_std``) and ``info`` (sampler,
+    ``eval_fn.check(model)`` raises the same clear error as a call would when the reference is
+    of another image shape. The returned dict holds ``metrics`` (``fd``, ``kid``, ``kid_std``) and ``info`` (sampler,
     N, seed, weights, reference and extractor names), all written to ``metrics.jsonl``.
     """
     name = reference if isinstance(reference, str) else reference.metadata.get("data", "custom")
@@ -122,16 +123,20 @@ def sample_quality_fn(reference, sampler, num_samples=1000, seed=0, batch_size=2
             "eval_extractor": extractor.name}
     expected = reference.metadata.get("image_shape")
 
-    def eval_fn(model, step):
-        del step
+    def check(model):
         if expected is not None and list(model.image_shape) != list(expected):
             raise ValueError(f"Reference statistics {name!r} are of {expected} images but the "
                              f"model makes {list(model.image_shape)}; evaluate against "
                              f"statistics of data of the model's shape.")
+
+    def eval_fn(model, step):
+        del step
+        check(model)
         with model.ema_scope(use_ema):
             images = generate(model, sampler, num_samples, batch_size=batch_size, seed=seed)
         metrics = fid.evaluate_images(to_uint8(images), extractor, reference, batch_size)
         return {"metrics": {k: metrics[k] for k in ("fd", "kid", "kid_std") if k in metrics},
                 "info": info}
 
+    eval_fn.check = check  # the run driver checks the model before training, not after
     return eval_fn
