@@ -108,8 +108,9 @@ def sample_quality_fn(reference, sampler, num_samples=1000, seed=0, batch_size=2
         use_ema: sample with the EMA weights (the weights a user samples).
 
     ``eval_fn.check(model)`` raises the same clear error as a call would when the reference is
-    of another image shape. The returned dict holds ``metrics`` (``fd``, ``kid``, ``kid_std``) and ``info`` (sampler,
-    N, seed, weights, reference and extractor names), all written to ``metrics.jsonl``.
+    of another image shape. The returned dict holds ``metrics`` (``fd``, ``kid``, ``kid_std``)
+    and ``info`` (sampler, N, seed, weights, reference and extractor names), all written to
+    ``metrics.jsonl``.
     """
     name = reference if isinstance(reference, str) else reference.metadata.get("data", "custom")
     if isinstance(reference, str):
