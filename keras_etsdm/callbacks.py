@@ -289,8 +289,9 @@ def make_grid_fn(workdir, sampler, num_samples, seed, writer=None, guidance_scal
     return grid_fn
 
 
-class PeriodicEvaluation(keras.callbacks.Callback):
-    """Every ``every`` steps (and at the end) score the model, e.g. held-out FD / KID.
+class PeriodicEvaluation(SampleGrid):
+    """Every ``every`` steps (and at the end) score the model, e.g. held-out FD / KID; the
+    schedule is ``SampleGrid``'s.
 
     ``eval_fn(model, step)`` returns ``{"metrics": {name: float}, "info": {...}}``; each call
     appends ``{"step", "eval/<name>": value, ..., **info}`` to ``metrics.jsonl``, writes the
@@ -305,42 +306,25 @@ class PeriodicEvaluation(keras.callbacks.Callback):
 
     def __init__(self, eval_fn, initial_step, every, stop_flag=None, metrics_path=None,
                  summary_writer=None, stream=None):
-        super().__init__()
+        super().__init__(self._evaluate, initial_step, every, stop_flag)
         self.eval_fn = eval_fn
-        self.initial_step = initial_step
-        self.every = int(every)
-        self.stop_flag = stop_flag
         self.metrics_path = metrics_path
         self.summary_writer = summary_writer
         self.stream = stream or sys.stdout
-        self.step = initial_step
-        self.last_step = None
         self.records = []
 
-    def _evaluate(self):
+    def _evaluate(self, model, step):
         start = time.perf_counter()
-        result = self.eval_fn(self.model, self.step)
+        result = self.eval_fn(model, step)
         metrics = {f"eval/{k}": float(v) for k, v in result["metrics"].items()}
-        record = {"step": self.step, **metrics, **result.get("info", {}),
+        record = {"step": step, **metrics, **result.get("info", {}),
                   "eval_seconds": time.perf_counter() - start}
         self.records.append(record)
-        self.last_step = self.step
         shown = "  ".join(f"{k[5:]} {v:.4g}" for k, v in metrics.items())
-        print(f"step {self.step}  eval: {shown}  ({record['eval_seconds']:.0f} s)",
+        print(f"step {step}  eval: {shown}  ({record['eval_seconds']:.0f} s)",
               file=self.stream, flush=True)
         if self.metrics_path:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if self.summary_writer is not None:
-            self.summary_writer.scalars(self.step, metrics)
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.step = self.initial_step + batch + 1
-        if self.every and self.step % self.every == 0:
-            self._evaluate()
-
-    def on_train_end(self, logs=None):
-        if self.stop_flag is not None and self.stop_flag.requested:
-            return
-        if self.every and self.last_step != self.step and self.step != self.initial_step:
-            self._evaluate()
+            self.summary_writer.scalars(step, metrics)
