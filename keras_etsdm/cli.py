@@ -103,7 +103,7 @@ def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, wo
     model = load_model(workdir=workdir, checkpoint=checkpoint, use_ema=use_ema)
     labels, num_samples = parse_labels(labels, num_samples, model.num_classes)
     num_samples = 64 if num_samples is None else num_samples
-    sampler = build_sampler(key, model.schedule, steps, options)
+    sampler = build_sampler(key, model.schedule, steps, options, model.sharing)
     images = generate(model, sampler, num_samples, batch_size, seed, progress, labels,
                       guidance_scale)
     meta = {"sampler": key, "sampler_config": repr(sampler.get_config()), "seed": seed,
@@ -140,7 +140,7 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
     ex = features.make_extractor(extractor, inception_path)
     model = load_model(workdir=workdir, checkpoint=checkpoint, use_ema=use_ema)
     labels, num_samples = parse_labels(labels, num_samples, model.num_classes)
-    sampler_obj = build_sampler(key, model.schedule, steps, sampler_options)
+    sampler_obj = build_sampler(key, model.schedule, steps, sampler_options, model.sharing)
     images = to_uint8(generate(model, sampler_obj, num_samples, batch_size, seed,
                                             progress, labels, guidance_scale))
     metrics = fid.evaluate_images(images, ex, reference, batch_size, labels=labels)
@@ -215,6 +215,7 @@ def export_checkpoint(out_dir, workdir=None, checkpoint=None, step=None, sampler
     model = load_model(workdir=workdir, checkpoint=checkpoint, step=step, use_ema=False)
     sampler_obj = None
     if sampler is not None and str(sampler).lower() != "none":
-        sampler_obj = build_sampler(sampler, model.schedule, steps, sampler_options)
+        sampler_obj = build_sampler(sampler, model.schedule, steps, sampler_options,
+                                    model.sharing)
     return export.export_savedmodel(model, out_dir, sampler=sampler_obj, use_ema=use_ema,
                              overwrite=overwrite, platforms=platforms)

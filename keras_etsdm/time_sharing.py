@@ -9,6 +9,7 @@ With ``t_tilde = 0`` or ``n = 0`` the map is the identity (the DDPM baseline).
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 # Labels within this fraction of a piece of a boundary snap onto it, so that float rounding
@@ -71,6 +72,28 @@ class TimestepSharing:
     def boundaries(self):
         """The shared condition values ``[0, Δ, 2Δ, …, (n−1)Δ]`` (python floats)."""
         return [i * self.delta for i in range(self.n)] if self.enabled else []
+
+    def knots(self):
+        """The piece boundaries ``[t̃, t̃ − Δ, …, Δ]``, descending (python floats; empty when
+        disabled): a sampler grid with a knot on each of them never straddles a jump of the
+        shared network. (0, the lower end of the first piece, is the end of every grid.)"""
+        return [(self.n - i) * self.delta for i in range(self.n)] if self.enabled else []
+
+    def piece_label(self, label):
+        """The label a shared network sees on a step that starts at ``label`` and goes down
+        without leaving its piece (numpy float64, any shape).
+
+        Inside a piece this is ``f(label)``. On a piece's upper boundary ``label = c + Δ`` (and
+        at ``t̃``) it is ``c``, the condition of the piece the step integrates through, where
+        ``f`` would give the condition of the piece above. Labels above ``t̃`` are returned
+        unchanged.
+        """
+        label = np.asarray(label, np.float64)
+        if not self.enabled:
+            return label
+        piece = np.ceil(label / self.delta - _BOUNDARY_TOLERANCE) - 1.0
+        shared = np.clip(piece, 0.0, float(self.n - 1)) * self.delta
+        return np.where(label <= self.t_tilde * (1.0 + _BOUNDARY_TOLERANCE), shared, label)
 
     def get_config(self):
         return {"t_tilde": self.t_tilde, "n": self.n, "num_timesteps": self.num_timesteps}

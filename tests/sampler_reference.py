@@ -172,3 +172,87 @@ class ReferenceDPMSolver:
             else:
                 x = self.single3(x, s, t, (lam[1] - lam[0]) / h, (lam[2] - lam[0]) / h)
         return x
+
+
+def gaussian_eps_shared(schedule, mu, s, sharing):
+    """ε*(x, f(label)): the closed-form denoiser with E-TSDM's time condition (float64)."""
+    eps = gaussian_eps(schedule, mu, s)
+
+    def shared(x, label):
+        label = np.asarray(label, np.float64)
+        piece = np.clip(np.floor(label / sharing.delta + 1e-5), 0, sharing.n - 1) * sharing.delta
+        return eps(x, np.where(label < sharing.t_tilde, piece, label))
+
+    return shared
+
+
+def _expm1_ratio(k, d):
+    """(e^{k d} − 1) / k, → d as k → 0."""
+    k = np.asarray(k, np.float64)
+    small = np.abs(k) < 1e-12
+    return np.where(small, d, np.expm1(k * d) / np.where(small, 1.0, k))
+
+
+def frozen_condition_flow(x, mu, s, alpha_c, sigma_c, lambda_from, lambda_to):
+    """Exact PF-ODE map over [λ_from, λ_to] for data N(μ, s²) when the denoiser's condition is
+    frozen at the label with (α_c, σ_c): ε = a (x − b), a = σ_c / (α_c² s² + σ_c²), b = α_c μ.
+
+    With y = x/α the ODE dy/dλ = −e^{−λ} ε is linear, y' + a σ(λ) y = a b e^{−λ}, and with
+    w = asinh(e^{−λ}) (so dw/dλ = −σ) it integrates to
+    y e^{−a w} |_from^to = −a b ∫ cosh(w) e^{−a w} dw. ``lambda_to = inf`` ends at α = 1.
+    """
+    a = sigma_c / (alpha_c**2 * s * s + sigma_c**2)
+    b = alpha_c * mu
+    w0 = np.arcsinh(np.exp(-lambda_from))
+    w1 = 0.0 if np.isinf(lambda_to) else np.arcsinh(np.exp(-lambda_to))
+    alpha0 = 1.0 / np.sqrt(1.0 + np.exp(-2.0 * lambda_from))
+    alpha1 = 1.0 if np.isinf(lambda_to) else 1.0 / np.sqrt(1.0 + np.exp(-2.0 * lambda_to))
+    # ∫_{w0}^{w1} cosh(w) e^{−a w} dw = ½ [e^{(1−a)w}/(1−a) − e^{−(1+a)w}/(1+a)]_{w0}^{w1}
+    integral = 0.5 * (np.exp((1 - a) * w0) * _expm1_ratio(1 - a, w1 - w0)
+                      + np.exp(-(1 + a) * w0) * _expm1_ratio(-(1 + a), w1 - w0))
+    y0 = np.asarray(x, np.float64) / alpha0
+    y1 = (y0 * np.exp(-a * w0) - a * b * integral) * np.exp(a * w1)
+    return alpha1 * y1
+
+
+def shared_gaussian_flow(x_T, mu, s, schedule, sharing, clean_end=False):
+    """The exact PF-ODE solution from label T−1 for data N(μ, s²) when the denoiser is the
+    time-shared ε*(x, f(label)) of ``gaussian_eps_shared``: the plain flow down to t̃, then one
+    frozen-condition flow per piece [c, c + Δ] at condition c. Ends at label 0 (DPM-Solver's
+    t = 1/T) or, with ``clean_end``, at ᾱ = 1 (DDIM's last step, still in the first piece)."""
+    T = schedule.num_timesteps
+    top = int(round(sharing.t_tilde))
+    x = gaussian_flow(x_T, mu, s, schedule.alphas[T - 1], schedule.sigmas[T - 1],
+                      schedule.alphas[top], schedule.sigmas[top])
+    for hi, c in zip(sharing.knots(), sharing.knots()[1:] + [0.0]):
+        hi, c = int(round(hi)), int(round(c))
+        lambda_to = np.inf if (c == 0 and clean_end) else schedule.lambdas[c]
+        x = frozen_condition_flow(x, mu, s, schedule.alphas[c], schedule.sigmas[c],
+                                  schedule.lambdas[hi], lambda_to)
+    return x
+
+
+def execute_tables_float64(sampler, eps_fn, x):
+    """Run a DPMSolverSampler's coefficient tables with the loop's state machine in float64."""
+    tables, x = sampler.tables, np.asarray(x, np.float64)
+    anchor, history = x, [np.zeros_like(x)] * sampler.order
+    for i in range(sampler.num_iterations):
+        eps = eps_fn(x, tables["label"][i])
+        model_out = (tables["x0_from_x"][i] * x + tables["x0_from_eps"][i] * eps
+                     if sampler.algorithm == "dpmsolver++" else eps)
+        history = [model_out] + history[:-1]
+        x = tables["anchor"][i] * anchor + sum(tables[f"c{k}"][i] * history[k]
+                                               for k in range(sampler.order))
+        if tables["end"][i] > 0.5:
+            anchor = x
+    return x
+
+
+def execute_ddim_float64(sampler, eps_fn, x):
+    """A deterministic (η = 0) DDIMSampler's tables executed in float64."""
+    t, x = sampler.tables, np.asarray(x, np.float64)
+    for i in range(sampler.num_iterations):
+        eps = eps_fn(x, t["label"][i])
+        x0 = (x - t["sigma"][i] * eps) / t["alpha"][i]
+        x = t["alpha_prev"][i] * x0 + t["direction"][i] * eps
+    return x

@@ -15,7 +15,8 @@ import pytest
 from keras import ops
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sampler_reference import ReferenceDPMSolver, gaussian_eps, gaussian_flow  # noqa: E402
+from sampler_reference import (ReferenceDPMSolver, execute_tables_float64, gaussian_eps,  # noqa: E402
+                               gaussian_flow)
 
 from keras_etsdm.samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler, ddim_timesteps,  # noqa: E402
                                   get_sampler, multistep_orders, serialize, singlestep_orders)
@@ -74,22 +75,6 @@ _COMBOS = [(a, m, o) for a in ("dpmsolver", "dpmsolver++") for m in ("multistep"
 # Every order meets every grid across the combinations (12 compiled loops instead of 36).
 REF_CASES = [combo + (_SKIPS[(i + i // 3) % 3],) for i, combo in enumerate(_COMBOS)
              if combo[2] > 1 or combo[1] == "singlestep"]
-
-
-def execute_tables_float64(sampler, eps_fn, x):
-    """Run a DPMSolverSampler's coefficient tables with the loop's state machine in float64."""
-    tables, x = sampler.tables, np.asarray(x, np.float64)
-    anchor, history = x, [np.zeros_like(x)] * sampler.order
-    for i in range(sampler.num_iterations):
-        eps = eps_fn(x, tables["label"][i])
-        model_out = (tables["x0_from_x"][i] * x + tables["x0_from_eps"][i] * eps
-                     if sampler.algorithm == "dpmsolver++" else eps)
-        history = [model_out] + history[:-1]
-        x = tables["anchor"][i] * anchor + sum(tables[f"c{k}"][i] * history[k]
-                                               for k in range(sampler.order))
-        if tables["end"][i] > 0.5:
-            anchor = x
-    return x
 
 
 @pytest.mark.parametrize("alg", ["dpmsolver", "dpmsolver++"])

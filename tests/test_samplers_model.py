@@ -10,7 +10,7 @@ import pytest
 from keras import ops
 
 from keras_etsdm import DiffusionModel, TimestepSharing, build_unet
-from keras_etsdm.samplers import DDPMSampler, DPMSolverSampler
+from keras_etsdm.samplers import DDIMSampler, DDPMSampler, DPMSolverSampler
 from keras_etsdm import cli
 from keras_etsdm.checkpoint import load_model
 
@@ -54,6 +54,26 @@ def test_compiled_model_loop_matches_eager_and_does_not_retrace(model):
     np.testing.assert_array_equal(ops.convert_to_numpy(sampler.sample(model, NOISE)), compiled)
 
 
+def test_sharing_aware_sampler_calls_denoise_at_the_piece_labels(model):
+    """A sharing-aware DDIM on the model == its tables executed step by step through
+    ``model.denoise`` (the one seam), boundary steps at the label of the piece below; a sampler
+    built for another sharing map is refused."""
+    sampler = DDIMSampler(8, sharing=model.sharing)
+    np.testing.assert_array_equal(sampler.labels, [999, 699, 400, 80, 60, 40, 20, 0])
+    x, t = NOISE.astype(np.float64), sampler.tables
+    for i in range(sampler.num_iterations):
+        label = np.full((NOISE.shape[0],), t["label"][i], np.float32)
+        eps = np.asarray(ops.convert_to_numpy(model.denoise(x.astype(np.float32), label)),
+                         np.float64)
+        x0 = (x - t["sigma"][i] * eps) / t["alpha"][i]
+        x = t["alpha_prev"][i] * x0 + t["direction"][i] * eps
+    got = ops.convert_to_numpy(sampler.sample(model, NOISE))
+    np.testing.assert_allclose(got, x, rtol=0, atol=64 * np.finfo(np.float32).eps
+                               * np.max(np.abs(x)))
+    with pytest.raises(ValueError, match="sharing-aware for TimestepSharing\\(t_tilde=50"):
+        DDIMSampler(8, sharing=TimestepSharing(50, 5)).sample(model, NOISE)
+
+
 def test_model_sample_is_seeded_and_uses_ema(model):
     """``model.sample`` with a stochastic sampler (the DDIM η=1 loop body is covered by the
     closed-form tests): same seed → same images, another seed → others, EMA by default."""
@@ -83,6 +103,11 @@ def test_run_sample_end_to_end(checkpoint, tmp_path):
     npz2, _ = cli.run_sample("dpm_solver", 3, 4, str(tmp_path / "b"), checkpoint=checkpoint,
                                   batch_size=4, seed=7, options={"order": 3})
     np.testing.assert_array_equal(np.load(npz2)["images"], images)  # seed, not batching, decides
+    # --sampler_options=sharing_aware=true: the model's own sharing map aligns the grid.
+    npz3, _ = cli.run_sample("dpm_solver", 6, 2, str(tmp_path / "c"), checkpoint=checkpoint,
+                             batch_size=2, seed=7,
+                             options=cli.parse_options("order=2,sharing_aware=true"))
+    assert "'sharing': {'t_tilde': 100, 'n': 5" in str(np.load(npz3)["sampler_config"])
 
 
 def test_load_for_sampling_from_workdir_uses_newest_checkpoint_and_ema(model, checkpoint,

@@ -34,7 +34,7 @@ def get_sampler(name, **kwargs):
     return SAMPLERS[key](**kwargs)
 
 
-def build_sampler(name, schedule, steps=None, options=None):
+def build_sampler(name, schedule, steps=None, options=None, sharing=None):
     """The one place that builds and checks a sampler from a name, a step count and options
     (``bin/sample``, ``bin/eval``, ``bin/export``, the benchmarks).
 
@@ -43,7 +43,9 @@ def build_sampler(name, schedule, steps=None, options=None):
         schedule: the model's ``DiscreteVPSchedule``.
         steps: ``num_steps`` in ``[1, T]``; None keeps the sampler's default.
         options: further constructor arguments, e.g. ``{"order": 3, "method": "singlestep"}``
-            (``num_steps`` and ``schedule`` are set by the arguments above).
+            (``num_steps`` and ``schedule`` are set by the arguments above). The option
+            ``sharing_aware=True`` makes the grid sharing-aware for ``sharing``.
+        sharing: the model's ``TimestepSharing`` (used only with ``sharing_aware``).
     """
     key = str(name).lower().replace("-", "_")
     if key not in SAMPLERS:
@@ -54,12 +56,36 @@ def build_sampler(name, schedule, steps=None, options=None):
         if reserved in options:
             raise ValueError(f"Sampler option {reserved!r} is set from {instead}; remove it "
                              f"from the options.")
+    if _flag(options.pop("sharing_aware", False), "sharing_aware"):
+        if "sharing" in options:
+            raise ValueError("Give either sharing_aware=True (the model's sharing) or sharing, "
+                             "not both.")
+        if sharing is None:
+            raise ValueError("sharing_aware needs the model's TimestepSharing "
+                             "(build_sampler(..., sharing=model.sharing)).")
+        if not sharing.enabled:
+            raise ValueError(f"sharing_aware=True but the model has no E-TSDM sharing "
+                             f"({sharing!r}): there are no pieces to align the grid with.")
+        options["sharing"] = sharing
     T = schedule.num_timesteps
     if steps is not None:
         if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= T:
             raise ValueError(f"steps must be between 1 and the model's T={T}, got {steps}.")
         options["num_steps"] = int(steps)
     return SAMPLERS[key](schedule=schedule, **options)
+
+
+def _flag(value, name):
+    """A boolean option given as a bool, 0/1 or a "true"/"false" string (command lines)."""
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no", ""):
+            return False
+    elif isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"Sampler option {name} must be true or false, got {value!r}.")
 
 
 def serialize(sampler):

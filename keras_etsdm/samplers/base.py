@@ -57,6 +57,7 @@ same shapes does not retrace, and neither does a sampler that only differs in it
 """
 
 import collections
+import itertools
 import math
 import types
 
@@ -66,6 +67,7 @@ from keras import ops
 
 from keras_etsdm.samplers import _compiled
 from keras_etsdm.schedules import DiscreteVPSchedule
+from keras_etsdm.time_sharing import TimestepSharing
 
 _CACHE_SIZE = 32
 # (denoiser key, sampler trace key) -> CompiledSegment, least recently used first.
@@ -102,14 +104,17 @@ class Sampler:
 
     Args:
         schedule: the ``DiscreteVPSchedule`` the denoiser was trained with.
+        sharing: None (default) or the model's ``TimestepSharing`` (or its config dict): makes
+            the grid sharing-aware (see ``sharing_segments``); the denoiser must then use this
+            very sharing map.
     """
 
     stochastic = False
     # get_config() keys that only change the coefficient tables, never the traced loop body.
     # Every other key is part of the compiled loop's cache key (safe default for new options).
-    _TABLE_ONLY_CONFIG = ("schedule",)
+    _TABLE_ONLY_CONFIG = ("schedule", "sharing")
 
-    def __init__(self, schedule=None):
+    def __init__(self, schedule=None, sharing=None):
         if schedule is None:
             schedule = DiscreteVPSchedule()
         if isinstance(schedule, dict):
@@ -117,6 +122,7 @@ class Sampler:
         if not isinstance(schedule, DiscreteVPSchedule):
             raise TypeError(f"schedule must be a DiscreteVPSchedule, got {type(schedule)}.")
         self.schedule = schedule
+        self.sharing = _parse_sharing(sharing, schedule.num_timesteps)
         self._loop_tables_cache = None
 
     # ----- to implement -----------------------------------------------------------------------
@@ -254,6 +260,13 @@ class Sampler:
                     f"{type(self).__name__} was built for {self.schedule.get_config()} but the "
                     f"denoiser uses {schedule.get_config()}; build the sampler with "
                     f"schedule=model.schedule.")
+        model_sharing = getattr(denoiser, "sharing", None)
+        if self.sharing is not None and isinstance(model_sharing, TimestepSharing) \
+                and not same_pieces(model_sharing, self.sharing):
+            raise ValueError(
+                f"{type(self).__name__} is sharing-aware for {self.sharing!r} but the denoiser "
+                f"shares its time condition with {model_sharing!r}; build the sampler with "
+                f"sharing=model.sharing (a model without E-TSDM needs sharing=None).")
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a DiffusionModel or a callable (x, t) -> eps, got "
                             f"{type(denoiser)}.")
@@ -322,15 +335,109 @@ class Sampler:
 
     # ----- serialisation ----------------------------------------------------------------------
     def get_config(self):
-        return {"schedule": self.schedule.get_config()}
+        return {"schedule": self.schedule.get_config(), "sharing": self._sharing_config()}
+
+    def _sharing_config(self):
+        return None if self.sharing is None else self.sharing.get_config()
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items() if k != "schedule")
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
+                         if k != "schedule" and not (k == "sharing" and v is None))
         return f"{type(self).__name__}({args})"
+
+
+def _parse_sharing(sharing, num_timesteps):
+    if sharing is None:
+        return None
+    if isinstance(sharing, dict):
+        sharing = TimestepSharing.from_config(sharing)
+    if not isinstance(sharing, TimestepSharing):
+        raise TypeError(f"sharing must be a TimestepSharing (the model's .sharing), its config "
+                        f"dict or None, got {type(sharing)}.")
+    if not sharing.enabled:
+        return None  # the baseline: no pieces, the plain grid
+    if sharing.t_tilde >= num_timesteps - 1:
+        raise ValueError(f"sharing t_tilde={sharing.t_tilde} must be below the largest label "
+                         f"{num_timesteps - 1} of the schedule.")
+    return sharing
+
+
+def same_pieces(a, b):
+    """Whether two ``TimestepSharing`` maps have the same pieces (``num_timesteps`` aside)."""
+    if not a.enabled or not b.enabled:
+        return a.enabled == b.enabled
+    return float(a.t_tilde) == float(b.t_tilde) and a.n == b.n
+
+
+def sharing_segments(sharing, start, end):
+    """Split the label interval ``[end, start]`` (walked downwards) at the sharing knots.
+
+    Args:
+        sharing: an enabled ``TimestepSharing`` or None (one segment).
+        start, end: labels (float), ``start > end``.
+    Returns:
+        The segment ends, descending: ``[start, t̃, t̃ − Δ, …, Δ, end]`` restricted to the knots
+        strictly between ``end`` and ``start``.
+    """
+    knots = [] if sharing is None else sharing.knots()
+    return [float(start)] + [float(k) for k in knots if end < k < start] + [float(end)]
+
+
+def allocate_steps(lengths, total, caps=None):
+    """Split ``total`` steps over segments of the given ``lengths`` (in the grid's variable):
+    one step each, then each further step to the segment whose steps are currently longest
+    (ties: the earlier one). This minimises the longest step of the grid; a segment never gets
+    more than its ``caps`` entry (e.g. the number of integer labels it holds).
+
+    Returns:
+        list of ints, one per segment, summing to ``total``.
+    """
+    lengths = [float(v) for v in lengths]
+    caps = [None] * len(lengths) if caps is None else list(caps)
+    if total < len(lengths):
+        raise ValueError(f"a sharing-aware grid needs at least one step per segment: "
+                         f"{len(lengths)} segments, got {total} steps.")
+    if sum(total if c is None else c for c in caps) < total:
+        raise ValueError(f"{total} steps do not fit into segments holding {caps} labels.")
+    counts = [1] * len(lengths)
+    for _ in range(total - len(lengths)):
+        open_ = [i for i in range(len(lengths)) if caps[i] is None or counts[i] < caps[i]]
+        best = max(open_, key=lambda i: (lengths[i] / counts[i], -i))
+        counts[best] += 1
+    return counts
+
+
+def sharing_aware_labels(sharing, num_steps, top, end, measure=None):
+    """Integer labels of a DDIM/DDPM grid with a knot on every sharing boundary.
+
+    The labels ``[end, top]`` are cut at the knots (``sharing_segments``); each segment
+    ``(hi, lo)`` gets ``m`` steps (``allocate_steps`` over its length in ``measure(label)``,
+    default the label itself, at most ``hi − lo``) and visits ``hi − round(j (hi − lo) / m)``,
+    j = 0..m−1, so every piece boundary is visited and no step crosses one.
+
+    Args:
+        num_steps: S, the number of labels visited.
+        top: the first (largest) label visited, T − 1.
+        end: where the last step lands: −1 for ᾱ = 1 (x̂0), 0 for label 0.
+    Returns:
+        int64 ``[S]``, strictly increasing.
+    """
+    measure = measure or (lambda label: label)
+    segments = list(itertools.pairwise(sharing_segments(sharing, top, end)))
+    lengths = [measure(hi) - measure(lo) for hi, lo in segments]
+    caps = [round(hi - lo) for hi, lo in segments]  # integer labels in (lo, hi]
+    counts = allocate_steps(lengths, num_steps, caps)
+    labels = []
+    for (hi, lo), m in zip(segments, counts):
+        labels.extend(round(hi - j * (hi - lo) / m) for j in range(m))
+    labels = np.asarray(labels[::-1], np.int64)
+    if np.any(np.diff(labels) <= 0):
+        raise AssertionError(f"sharing-aware labels not strictly increasing: {labels}")
+    return labels
 
 
 def _conditioning_tensors(conditioning, batch):

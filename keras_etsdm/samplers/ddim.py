@@ -13,7 +13,7 @@ goes to ᾱ of label 0. No noise is added on the last step.
 import numpy as np
 
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
-                                       predict_eps_and_x0)
+                                       predict_eps_and_x0, sharing_aware_labels)
 
 DDIM_SPACINGS = ("uniform", "quad", "trailing")
 
@@ -61,15 +61,22 @@ class DDIMSampler(Sampler):
         clip_x0: clip x̂0 to [−1, 1] (and re-derive ε̂ from it) at every step, as guided-diffusion
             does for images. Off by default (exact ODE maths).
         schedule: the ``DiscreteVPSchedule`` of the model.
+        sharing: None, or the model's ``TimestepSharing`` for a sharing-aware grid: every piece
+            boundary below t̃ is a visited label (``sharing_aware_labels``: steps spread over the
+            pieces by their length in labels, or in √label for ``spacing="quad"``, uniform in
+            the label inside a piece), and each step is evaluated at the shared label of the
+            piece it crosses, so the step leaving a boundary label b uses the condition of the
+            piece below b, not the one above. Needs ``num_steps >= n + 1``; not with
+            ``timesteps``.
     """
 
     # Options that only change the coefficient tables (see Sampler._trace_key).
     _TABLE_ONLY_CONFIG = ("num_steps", "eta", "spacing", "timesteps", "set_alpha_to_one",
-                          "schedule")
+                          "schedule", "sharing")
 
     def __init__(self, num_steps=50, eta=0.0, spacing="uniform", timesteps=None,
-                 set_alpha_to_one=True, clip_x0=False, schedule=None):
-        super().__init__(schedule)
+                 set_alpha_to_one=True, clip_x0=False, schedule=None, sharing=None):
+        super().__init__(schedule, sharing)
         T = self.schedule.num_timesteps
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}.")
@@ -84,6 +91,9 @@ class DDIMSampler(Sampler):
             if steps.size != len(timesteps) or steps[0] < 0 or steps[-1] > T - 1:
                 raise ValueError(f"timesteps must be distinct labels in [0, {T - 1}], got "
                                  f"{timesteps!r}.")
+            if self.sharing is not None:
+                raise ValueError("timesteps and sharing exclude each other: a sharing-aware "
+                                 "grid places its own labels on the piece boundaries.")
             self.timesteps = [int(s) for s in steps]
             self.num_steps = len(self.timesteps)
         else:
@@ -98,7 +108,12 @@ class DDIMSampler(Sampler):
         """Increasing int64 labels of the grid."""
         if self.timesteps is not None:
             return np.asarray(self.timesteps, dtype=np.int64)
-        return ddim_timesteps(self.num_steps, self.schedule.num_timesteps, self.spacing)
+        T = self.schedule.num_timesteps
+        if self.sharing is not None:
+            measure = (lambda label: np.sqrt(label + 1.0)) if self.spacing == "quad" else None
+            return sharing_aware_labels(self.sharing, self.num_steps, T - 1,
+                                        -1 if self.set_alpha_to_one else 0, measure)
+        return ddim_timesteps(self.num_steps, T, self.spacing)
 
     def _make_tables(self):
         sched = self.schedule
@@ -110,8 +125,11 @@ class DDIMSampler(Sampler):
                      * np.sqrt(1.0 - alpha_bar / alpha_bar_prev))
         noise_std[-1] = 0.0  # no noise on the last step
         direction = np.sqrt(np.maximum(1.0 - alpha_bar_prev - noise_std**2, 0.0))
+        network_labels = labels.astype(np.float64)
+        if self.sharing is not None:
+            network_labels = self.sharing.piece_label(network_labels)
         return {
-            "label": labels.astype(np.float64),
+            "label": network_labels,
             "alpha": np.sqrt(alpha_bar),
             "sigma": np.sqrt(1.0 - alpha_bar),
             "alpha_prev": np.sqrt(alpha_bar_prev),
@@ -130,4 +148,5 @@ class DDIMSampler(Sampler):
     def get_config(self):
         return {"num_steps": self.num_steps, "eta": self.eta, "spacing": self.spacing,
                 "timesteps": self.timesteps, "set_alpha_to_one": self.set_alpha_to_one,
-                "clip_x0": self.clip_x0, "schedule": self.schedule.get_config()}
+                "clip_x0": self.clip_x0, "schedule": self.schedule.get_config(),
+                "sharing": self._sharing_config()}

@@ -15,7 +15,7 @@ the original labels.
 import numpy as np
 
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
-                                       predict_eps_and_x0)
+                                       predict_eps_and_x0, sharing_aware_labels)
 
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 
@@ -37,14 +37,21 @@ class DDPMSampler(Sampler):
         clip_x0: clip x̂0 to [−1, 1] before forming the posterior mean (guided-diffusion's
             ``clip_denoised``). Off by default (exact maths).
         schedule: the ``DiscreteVPSchedule`` of the model.
+        sharing: None, or the model's ``TimestepSharing``: a respaced grid (``num_steps < T``)
+            then visits every piece boundary below t̃ (``sharing_aware_labels``), so no step
+            crosses one. Unlike DDIM and DPM-Solver the network is still called at the true
+            labels: an ancestral step from label s is the reverse conditional the network learnt
+            at s (condition f(s)), not a quadrature of an ODE over the piece below. With all T
+            steps every label is a knot already and the grid is the plain one.
     """
 
     stochastic = True
     # Options that only change the coefficient tables (see Sampler._trace_key).
-    _TABLE_ONLY_CONFIG = ("num_steps", "variance", "schedule")
+    _TABLE_ONLY_CONFIG = ("num_steps", "variance", "schedule", "sharing")
 
-    def __init__(self, num_steps=None, variance="fixed_small", clip_x0=False, schedule=None):
-        super().__init__(schedule)
+    def __init__(self, num_steps=None, variance="fixed_small", clip_x0=False, schedule=None,
+                 sharing=None):
+        super().__init__(schedule, sharing)
         T = self.schedule.num_timesteps
         self.num_steps = T if num_steps is None else _validate_num_steps(num_steps, T)
         self.variance = _check_choice("variance", variance, DDPM_VARIANCES)
@@ -52,7 +59,10 @@ class DDPMSampler(Sampler):
         self._finish_init()
 
     def step_labels(self):
-        return respaced_timesteps(self.num_steps, self.schedule.num_timesteps)
+        T = self.schedule.num_timesteps
+        if self.sharing is not None and self.num_steps < T:
+            return sharing_aware_labels(self.sharing, self.num_steps, T - 1, -1)
+        return respaced_timesteps(self.num_steps, T)
 
     def _make_tables(self):
         sched = self.schedule
@@ -85,4 +95,4 @@ class DDPMSampler(Sampler):
 
     def get_config(self):
         return {"num_steps": self.num_steps, "variance": self.variance, "clip_x0": self.clip_x0,
-                "schedule": self.schedule.get_config()}
+                "schedule": self.schedule.get_config(), "sharing": self._sharing_config()}

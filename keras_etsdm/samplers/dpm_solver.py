@@ -24,7 +24,7 @@ import numpy as np
 from keras import ops
 
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
-                                       broadcast_label)
+                                       allocate_steps, broadcast_label, sharing_segments)
 
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 METHODS = ("multistep", "singlestep")
@@ -94,18 +94,26 @@ class DPMSolverSampler(Sampler):
         thresholding: Imagen dynamic thresholding of x̂0 (dpmsolver++ only).
         dynamic_thresholding_ratio, thresholding_max_val: its quantile p and floor s ≥ max_val.
         schedule: the ``DiscreteVPSchedule`` of the model.
+        sharing: None, or the model's ``TimestepSharing`` for a sharing-aware grid: a knot on
+            every piece boundary below t̃ (NFE spread over the pieces in the grid's variable,
+            at least one per piece), the multistep history and the singlestep order schedule
+            restarted in every piece, and every evaluation inside a piece made at that piece's
+            shared label (the condition the network holds over the whole step, including the
+            step that starts on the piece's upper boundary). Needs ``num_steps >= n + 1``.
 
     The multistep order-3 solver is asymptotically second order (its first-order warm-up step's
     local error is never damped); singlestep order 3 shows order ≈ 3 on a logSNR grid.
     """
 
     # Options that only change the coefficient tables (see Sampler._trace_key).
-    _TABLE_ONLY_CONFIG = ("num_steps", "method", "skip_type", "lower_order_final", "schedule")
+    _TABLE_ONLY_CONFIG = ("num_steps", "method", "skip_type", "lower_order_final", "schedule",
+                          "sharing")
 
     def __init__(self, num_steps=20, order=2, method="multistep", algorithm="dpmsolver++",
                  skip_type="time_uniform", lower_order_final=True, thresholding=False,
-                 dynamic_thresholding_ratio=0.995, thresholding_max_val=1.0, schedule=None):
-        super().__init__(schedule)
+                 dynamic_thresholding_ratio=0.995, thresholding_max_val=1.0, schedule=None,
+                 sharing=None):
+        super().__init__(schedule, sharing)
         self.num_steps = _validate_num_steps(num_steps, self.schedule.num_timesteps)
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {order!r}.")
@@ -179,25 +187,73 @@ class DPMSolverSampler(Sampler):
                 c = c - scale * phi_2 * d1 - scale * phi_3 * d2
         return c
 
+    def _segments(self):
+        """``[(t_hi, t_lo, nfe), …]``: the whole interval [1/T, 1] with every NFE, or with
+        ``sharing`` one segment per piece below t̃ (and one above), NFE spread by
+        ``allocate_steps`` over their lengths in the grid's variable (λ, t or √t)."""
+        ns = self.schedule
+        if self.sharing is None:
+            return [(ns.T, ns.eps, self.num_steps)]
+        T = ns.num_timesteps
+        ends = [(label + 1.0) / T for label in sharing_segments(self.sharing, T - 1, 0)]
+        ends[0], ends[-1] = ns.T, ns.eps  # exact ends
+        if self.skip_type == "logSNR":
+            measure = ns.marginal_lambda(np.asarray(ends))
+        elif self.skip_type == "time_uniform":
+            measure = -np.asarray(ends)
+        else:
+            measure = -np.sqrt(np.asarray(ends))
+        lengths = np.diff(measure)
+        unit = self.order if self.method == "singlestep" else 1
+        if self.num_steps // unit >= len(lengths):
+            # Singlestep: whole outer steps of full order per piece; the NFE left over go to
+            # the piece that got the most.
+            counts = [unit * c for c in allocate_steps(lengths, self.num_steps // unit)]
+            counts[int(np.argmax(counts))] += self.num_steps % unit
+        else:
+            counts = allocate_steps(lengths, self.num_steps)
+        return list(zip(ends[:-1], ends[1:], counts))
+
     def _multistep_rows(self):
         ns = self.schedule
-        grid = time_grid(ns, self.skip_type, ns.T, ns.eps, self.num_steps)
+        grid, orders = [ns.T], []
+        for t_hi, t_lo, nfe in self._segments():
+            grid.extend(time_grid(ns, self.skip_type, t_hi, t_lo, nfe)[1:])
+            # The history restarts on each piece boundary: a stencil never spans a jump.
+            orders.extend(multistep_orders(nfe, self.order, lower_order_final=False))
+        if self.lower_order_final and self.num_steps < LOWER_ORDER_FINAL_BELOW:
+            orders = [min(k, self.num_steps - j) for j, k in enumerate(orders)]
+        grid = np.asarray(grid)
         lambdas = ns.marginal_lambda(grid)
         rows = []
-        for j, k in enumerate(multistep_orders(self.num_steps, self.order,
-                                              self.lower_order_final)):
+        for j, k in enumerate(orders):
             s, t = grid[j], grid[j + 1]
             c = self._multistep_update(k, lambdas, j, t)
             rows.append((s, self._ratio(s, t), c, 1.0))
-        return rows
+        return rows, orders
 
     def _singlestep_rows(self):
+        if self.sharing is None:
+            orders = singlestep_orders(self.num_steps, self.order)
+            return self._singlestep_segment(self.schedule.T, self.schedule.eps, self.num_steps,
+                                            orders), orders
+        rows, orders = [], []
+        for t_hi, t_lo, nfe in self._segments():
+            # Full-order steps, one shorter lower-order step for the remainder; outer steps as
+            # long as their order on the fine grid, so no step of lower order is a long one.
+            segment_orders = [self.order] * (nfe // self.order) + (
+                [nfe % self.order] if nfe % self.order else [])
+            rows.extend(self._singlestep_segment(t_hi, t_lo, nfe, segment_orders,
+                                                 fine_outer=True))
+            orders.extend(segment_orders)
+        return rows, orders
+
+    def _singlestep_segment(self, t_start, t_end, nfe, orders, fine_outer=False):
         ns = self.schedule
-        orders = singlestep_orders(self.num_steps, self.order)
-        if self.skip_type == "logSNR":
-            outer = time_grid(ns, "logSNR", ns.T, ns.eps, len(orders))
+        if self.skip_type == "logSNR" and not fine_outer:
+            outer = time_grid(ns, "logSNR", t_start, t_end, len(orders))
         else:
-            fine = time_grid(ns, self.skip_type, ns.T, ns.eps, self.num_steps)
+            fine = time_grid(ns, self.skip_type, t_start, t_end, nfe)
             outer = fine[np.cumsum([0] + orders)]
         e = np.eye(3)
         rows = []
@@ -238,12 +294,16 @@ class DPMSolverSampler(Sampler):
 
     def _make_tables(self):
         ns = self.schedule
-        rows = self._multistep_rows() if self.method == "multistep" else self._singlestep_rows()
+        rows, self._orders = (self._multistep_rows() if self.method == "multistep"
+                              else self._singlestep_rows())
         times = np.array([r[0] for r in rows])
         coeffs = np.stack([r[2] for r in rows])
         alpha, sigma = ns.marginal_alpha(times), ns.marginal_std(times)
+        labels = ns.label(times)
+        if self.sharing is not None:
+            labels = self.sharing.piece_label(labels)
         tables = {
-            "label": ns.label(times),
+            "label": labels,
             "anchor": np.array([r[1] for r in rows]),
             "end": np.array([r[3] for r in rows]),
             "x0_from_x": 1.0 / alpha,  # x̂0 = x/α − (σ/α) ε̂ (used by dpmsolver++)
@@ -257,10 +317,9 @@ class DPMSolverSampler(Sampler):
 
     @property
     def orders(self):
-        """The order of each update (outer step), as the reference schedules them."""
-        if self.method == "multistep":
-            return multistep_orders(self.num_steps, self.order, self.lower_order_final)
-        return singlestep_orders(self.num_steps, self.order)
+        """The order of each update (outer step), as the reference schedules them (with
+        ``sharing``: restarted on every piece)."""
+        return list(self._orders)
 
     # ----- the loop body ----------------------------------------------------------------------
     def _init_carry(self, noise):
@@ -297,4 +356,4 @@ class DPMSolverSampler(Sampler):
                 "lower_order_final": self.lower_order_final, "thresholding": self.thresholding,
                 "dynamic_thresholding_ratio": self.dynamic_thresholding_ratio,
                 "thresholding_max_val": self.thresholding_max_val,
-                "schedule": self.schedule.get_config()}
+                "schedule": self.schedule.get_config(), "sharing": self._sharing_config()}
