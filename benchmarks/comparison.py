@@ -356,19 +356,22 @@ def _save_samples(output_dir, testbed, arm, seed, sampler_name, samples):
 
 # ----- report ------------------------------------------------------------------------------------------
 def summarise(testbed_result, metric):
-    """Per sampler: mean and half-range over seeds for each arm, and the relative change."""
+    """Per sampler: each arm's value per training seed, and the paired difference
+    E-TSDM − DDPM per seed (same seed = same data order and evaluation noise)."""
     rows = {}
     for name in testbed_result["nfe"]:
-        arms = {}
-        for arm in ("ddpm", "etsdm"):
-            values = [r["metrics"][name][metric] for r in testbed_result["runs"]
-                      if r["arm"] == arm and name in r["metrics"] and metric in r["metrics"][name]]
-            if values:
-                arms[arm] = (float(np.mean(values)), float(np.ptp(values) / 2), len(values))
-        change = None
-        if "ddpm" in arms and "etsdm" in arms and arms["ddpm"][0] != 0:
-            change = 100.0 * (arms["etsdm"][0] - arms["ddpm"][0]) / abs(arms["ddpm"][0])
-        rows[name] = {"arms": arms, "change_percent": change}
+        per_seed = {}
+        for r in testbed_result["runs"]:
+            if name in r["metrics"] and metric in r["metrics"][name]:
+                per_seed.setdefault(str(r["seed"]), {})[r["arm"]] = r["metrics"][name][metric]
+        seeds = sorted(per_seed)
+        diffs = [per_seed[s]["etsdm"] - per_seed[s]["ddpm"] for s in seeds
+                 if {"ddpm", "etsdm"} <= set(per_seed[s])]
+        sign = None
+        if diffs:
+            sign = ("E-TSDM lower on every seed" if all(d < 0 for d in diffs) else
+                    "E-TSDM higher on every seed" if all(d > 0 for d in diffs) else "mixed")
+        rows[name] = {"seeds": seeds, "per_seed": per_seed, "diffs": diffs, "sign": sign}
     return rows
 
 
@@ -377,33 +380,30 @@ def format_markdown(results):
     for testbed, res in results["testbeds"].items():
         metrics = (("sliced_w1", "energy", "fd_raw2d") if testbed == "gauss2d"
                    else ("fd", "kid", "classifier_score"))
-        seeds = sorted({r["seed"] for r in res["runs"]})
+        seeds = sorted({str(r["seed"]) for r in res["runs"]})
         lines.append(f"### {testbed}: {res['train_steps']} steps, batch {res['batch_size']}, "
-                     f"{res['num_eval_samples']} samples, EMA weights, seeds {seeds}")
+                     f"{res['num_eval_samples']} samples, EMA weights, training seeds "
+                     f"{', '.join(seeds)}")
         lines.append("")
         for metric in metrics:
-            lines.append(f"**{METRIC_LABELS[metric]}** (mean ± half-range over seeds; lower is "
-                         f"better{' except classifier score' if metric == 'classifier_score' else ''})")
+            better = "higher" if metric == "classifier_score" else "lower"
+            lines.append(f"**{METRIC_LABELS[metric]}** ({better} is better; values per training "
+                         f"seed {' / '.join(seeds)}; paired difference E-TSDM − DDPM per seed; "
+                         f"a difference counts only where its sign holds on every seed)")
             lines.append("")
-            lines.append("| sampler | NFE | samples | DDPM | E-TSDM | change | "
+            lines.append("| sampler | NFE | samples | DDPM | E-TSDM | E-TSDM − DDPM | sign | "
                          "labels visited in [0, 100) |")
-            lines.append("|---|---|---|---|---|---|---|")
+            lines.append("|---|---|---|---|---|---|---|---|")
             for name, row in summarise(res, metric).items():
-                cells = []
-                for arm in ("ddpm", "etsdm"):
-                    if arm in row["arms"]:
-                        mean, half, _ = row["arms"][arm]
-                        cells.append(f"{mean:.4g} ± {half:.2g}")
-                    else:
-                        cells.append("–")
-                change = ("–" if row["change_percent"] is None
-                          else f"{row['change_percent']:+.1f} %")
+                cells = [" / ".join(f"{row['per_seed'][s][arm]:.4g}" if arm in row["per_seed"][s]
+                                    else "–" for s in row["seeds"]) for arm in ("ddpm", "etsdm")]
+                diffs = " / ".join(f"{d:+.2g}" for d in row["diffs"]) or "–"
                 visited = res["labels_below_t_tilde"][name]
                 shown = (", ".join(f"{v:g}" for v in visited) if len(visited) <= 12
                          else f"{len(visited)} labels: {visited[0]:g} … {visited[-1]:g}")
                 lines.append(f"| {name} | {res['nfe'][name]} | {res['num_samples'][name]} | "
-                             f"{cells[0]} | {cells[1]} | "
-                             f"{change} | {shown} |")
+                             f"{cells[0]} | {cells[1]} | {diffs} | {row['sign'] or '–'} | "
+                             f"{shown} |")
             lines.append("")
         train = {arm: np.mean([r["train_seconds"] for r in res["runs"] if r["arm"] == arm])
                  for arm in ("ddpm", "etsdm")}
