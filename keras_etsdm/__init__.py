@@ -8,12 +8,12 @@ from keras_etsdm.unet import build_unet, DDPM_CIFAR10, DDPM_256, ADM_IMAGENET64
 from keras_etsdm.model import DiffusionModel
 from keras_etsdm.guidance import ClassifierFreeGuidance
 from keras_etsdm.callbacks import StopOnNonFiniteLoss, NonFiniteLossError
-from keras_etsdm.samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler, Sampler,
-                                  get_sampler)
+from keras_etsdm.samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler,
+                                  ProbabilityFlowSampler, Sampler, get_sampler)
 
 __all__ = [
     "DiscreteVPSchedule", "LinearVPSDE", "make_betas", "TimestepSharing", "build_unet",
     "DDPM_CIFAR10", "DDPM_256", "ADM_IMAGENET64", "DiffusionModel", "ClassifierFreeGuidance",
     "StopOnNonFiniteLoss", "NonFiniteLossError", "DDIMSampler", "DDPMSampler",
-    "DPMSolverSampler", "Sampler", "get_sampler",
+    "DPMSolverSampler", "ProbabilityFlowSampler", "Sampler", "get_sampler",
 ]

@@ -129,3 +129,38 @@ def _jax_conv2d_same():
 
     conv_same.defvjp(forward, backward)
     return conv_same
+
+
+# ----- vector-Jacobian products (the likelihood's divergence) ---------------------------------
+def vector_jacobian_products(fn, x, cotangents):
+    """``fn(x)`` and ``vᵀ ∂fn/∂x`` for each cotangent ``v``, by reverse-mode autodiff.
+
+    The Hutchinson divergence ``E[vᵀ J v]`` of ``evaluation/likelihood.py`` needs one VJP per
+    probe; this is the only place that touches the backends' autodiff for it. Works inside
+    ``jax.jit`` and ``tf.function(jit_compile=True)``.
+
+    Args:
+        fn: a pure ``keras.ops`` function of one tensor, ``x [B, ...] -> y`` (shape of ``x``).
+        x: the point ``[B, ...]``.
+        cotangents: a list of K tensors of ``y``'s shape.
+    Returns:
+        ``(y, [vᵀJ for v in cotangents])``, each ``vᵀJ`` of ``x``'s shape. ``fn`` runs once.
+    """
+    name = backend_name()
+    if name == "jax":
+        import jax
+
+        y, pullback = jax.vjp(fn, x)
+        return y, [pullback(v)[0] for v in cotangents]
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        # A persistent tape: K backward passes over one forward pass.
+        with tf.GradientTape(persistent=len(cotangents) > 1) as tape:
+            tape.watch(x)
+            y = fn(x)
+        products = [tape.gradient(y, x, output_gradients=v) for v in cotangents]
+        del tape
+        return y, products
+    raise NotImplementedError(f"vector_jacobian_products supports the jax and tensorflow "
+                              f"backends, not {name!r}.")

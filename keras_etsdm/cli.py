@@ -106,8 +106,10 @@ def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, wo
     sampler = build_sampler(key, model.schedule, steps, options, model.sharing)
     images = generate(model, sampler, num_samples, batch_size, seed, progress, labels,
                       guidance_scale)
+    # An adaptive sampler (pf_ode) chooses its NFE per batch: record every batch's.
+    nfe = sampler.nfe_history if getattr(sampler, "adaptive", False) else sampler.num_iterations
     meta = {"sampler": key, "sampler_config": repr(sampler.get_config()), "seed": seed,
-            "use_ema": use_ema, "nfe": sampler.num_iterations,
+            "use_ema": use_ema, "nfe": nfe,
             "guidance_scale": float(guidance_scale)}
     if labels is not None:
         meta["labels"] = labels
@@ -115,11 +117,36 @@ def run_sample(sampler_name, steps, num_samples, output_dir, checkpoint=None, wo
 
 
 # ----- bin/eval ---------------------------------------------------------------------------------
-def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdir=None,
+EVAL_METRICS = ("fd", "bpd")
+DEFAULT_STEPS = 20  # bin/eval's step count for the step-based samplers
+
+
+def parse_metrics(metrics):
+    """``"fd,bpd"`` (or a list) → a tuple of known metric groups, in the given order."""
+    names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str)
+                                         else metrics) if m.strip()]
+    unknown = [m for m in names if m not in EVAL_METRICS]
+    if unknown or not names:
+        raise ValueError(f"Unknown metric(s) {unknown or metrics!r}; expected a comma-separated "
+                         f"subset of {EVAL_METRICS} (fd: FD/FID, KID and classifier score of "
+                         f"samples; bpd: bits/dim of data through the PF-ODE).")
+    return tuple(dict.fromkeys(names))
+
+
+def run_eval(sampler="ddim", steps=None, num_samples=1000, stats_path=None, workdir=None,
              checkpoint=None, extractor="classifier_mnist32", inception_path=None,
              batch_size=250, seed=0, use_ema=True, sampler_options=None, output=None,
-             save_samples=True, progress=False, labels=None, guidance_scale=0.0):
-    """Draw samples and score them against reference statistics; write a provenance JSON.
+             save_samples=True, progress=False, labels=None, guidance_scale=0.0, metrics="fd",
+             data=None, bpd_num_images=256, bpd_options=None):
+    """Score a model; write a provenance JSON.
+
+    ``metrics``: "fd" (default: draw ``num_samples`` samples with ``sampler`` and score them
+    against reference statistics), "bpd" (bits per dimension of the first ``bpd_num_images``
+    images of ``data`` through the probability-flow ODE, ``evaluation.likelihood``; its own N,
+    no sampling; ``bpd_options`` go to ``likelihood.log_likelihood``, e.g. ``{"rtol": 1e-5,
+    "probe": "gaussian"}``; the dequantization noise and probes of batch b use the seed
+    ``[seed, b]``), or both ("fd,bpd").
+    ``steps``: None → 20 for the step-based samplers; must be None for "pf_ode" (adaptive).
 
     Class-conditional models: ``labels`` (a ``parse_labels`` string — ``"balanced"``
     for every class equally often, ``"3"`` for one class — or int ids) and classifier-free
@@ -130,11 +157,20 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
     Returns the result record (dict). The JSON goes to ``output`` (default
     ``<workdir>/eval/<sampler>_<steps>_<ema|raw>_seed<seed>[_w<w>].json``).
     """
+    metrics = parse_metrics(metrics)
+    if "fd" not in metrics:
+        return _run_bpd_only(workdir, checkpoint, use_ema, data, bpd_num_images, batch_size,
+                             seed, bpd_options, output)
     key = str(sampler).lower().replace("-", "_")
     if key not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}.")
+    adaptive = getattr(SAMPLERS[key], "adaptive", False)
+    if steps is None and not adaptive:
+        steps = DEFAULT_STEPS
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a covariance needs two), got {num_samples}.")
+    if "bpd" in metrics:
+        _check_bpd_args(data, bpd_num_images)
     stats_path = stats_path or evaluate.default_stats_path(workdir, extractor)
     reference = fid.ReferenceStatistics.load(stats_path)  # fail before sampling, not after
     ex = features.make_extractor(extractor, inception_path)
@@ -143,11 +179,21 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
     sampler_obj = build_sampler(key, model.schedule, steps, sampler_options, model.sharing)
     images = to_uint8(generate(model, sampler_obj, num_samples, batch_size, seed,
                                             progress, labels, guidance_scale))
-    metrics = fid.evaluate_images(images, ex, reference, batch_size, labels=labels)
+    scores = fid.evaluate_images(images, ex, reference, batch_size, labels=labels)
+    bpd_extra = {}
+    if "bpd" in metrics:
+        bpd_scores, bpd_extra = compute_bpd(model, data, bpd_num_images, batch_size, seed,
+                                            bpd_options)
+        scores.update(bpd_scores)
     weights = "ema" if use_ema else "raw"
     config = {k: v for k, v in sampler_obj.get_config().items() if k != "schedule"}
+    # An adaptive sampler's NFE differs per batch: all of them are recorded, "steps" is the
+    # rounded mean (and the file name carries the tolerance instead).
+    nfe_history = list(getattr(sampler_obj, "nfe_history", []))
+    nfe_steps = (round(float(np.mean(nfe_history))) if adaptive
+                 else sampler_obj.num_iterations)
     record = fid.make_result_record(
-        metrics=metrics, num_samples=num_samples, sampler=key, steps=sampler_obj.num_iterations,
+        metrics=scores, num_samples=num_samples, sampler=key, steps=nfe_steps,
         seed=seed, weights=weights, extractor=ex.name, reference_file=stats_path,
         sampler_config=config, workdir=workdir and os.path.abspath(workdir),
         checkpoint=checkpoint or getattr(model, "checkpoint_step", None),
@@ -161,16 +207,80 @@ def run_eval(sampler="ddim", steps=20, num_samples=1000, stats_path=None, workdi
                    "num_classes": model.num_classes,
                    "guidance_scale": float(guidance_scale),
                    "class_labels": None if labels is None else
-                   {"counts": np.bincount(labels, minlength=model.num_classes + 1).tolist()}})})
+                   {"counts": np.bincount(labels, minlength=model.num_classes + 1).tolist()}}),
+               **({"nfe_per_batch": nfe_history} if adaptive else {}),
+               **bpd_extra})
     if output is None:
         guided = f"_w{float(guidance_scale):g}" if model.conditional else ""
+        steps_tag = f"rtol{sampler_obj.rtol:g}" if adaptive else sampler_obj.num_iterations
         output = os.path.join(workdir or os.path.dirname(stats_path), "eval",
-                              f"{key}_{sampler_obj.num_iterations}_{weights}_seed{seed}"
-                              f"{guided}.json")
+                              f"{key}_{steps_tag}_{weights}_seed{seed}{guided}.json")
     fid.write_result_json(output, record)
     if save_samples:
         write_outputs(images, os.path.dirname(output),
                                name=os.path.splitext(os.path.basename(output))[0] + "_samples")
+    record["output"] = output
+    return record
+
+
+def _check_bpd_args(data, num_images):
+    if not data:
+        raise ValueError("--metrics=bpd needs --data (the images whose likelihood is measured: "
+                         "embedded:mnist, embedded:digits, a .npz of uint8 images or a folder).")
+    if isinstance(num_images, bool) or int(num_images) != num_images or num_images < 1:
+        raise ValueError(f"bpd_num_images must be an integer >= 1, got {num_images!r}.")
+
+
+def compute_bpd(model, data, num_images, batch_size=250, seed=0, options=None):
+    """Bits/dim of the first ``num_images`` images of ``data`` under ``model``'s PF-ODE.
+
+    Returns ``(metrics, extra)``: ``{"bpd": mean, "bpd_std": standard deviation over images}``
+    and the provenance (``"bpd"``: N, data, options, dequantization, NFE per batch).
+    """
+    from keras_etsdm.evaluation import likelihood  # scipy: only for this metric
+    from keras_etsdm.guidance import sampling_inputs
+
+    _check_bpd_args(data, num_images)
+    options = dict(options or {})
+    height, width, channels = model.image_shape
+    images = evaluate.load_reference_images(data, height, channels, int(num_images))
+    if tuple(images.shape[1:]) != (height, width, channels):
+        raise ValueError(f"--data images have shape {tuple(images.shape[1:])}, the model "
+                         f"expects {(height, width, channels)}.")
+    values, nfes = [], []
+    for b, start in enumerate(range(0, images.shape[0], batch_size)):
+        batch = images[start:start + batch_size]
+        # Unconditional likelihood (a conditional model: its null class).
+        denoiser, conditioning = sampling_inputs(model, batch.shape[0])
+        bpd, nfe = likelihood.bits_per_dim(denoiser, batch, model.schedule, seed=[seed, b],
+                                           **options, **conditioning)
+        values.append(bpd)
+        nfes.append(int(nfe))
+    values = np.concatenate(values)
+    extra = {"bpd": {"num_images": int(values.size), "data": data, "options": options,
+                     "dequantization": "uniform"
+                     if options.get("uniform_dequantization", True) else "none",
+                     "nfe": nfes, "seed": seed}}
+    return {"bpd": float(np.mean(values)), "bpd_std": float(np.std(values))}, extra
+
+
+def _run_bpd_only(workdir, checkpoint, use_ema, data, num_images, batch_size, seed, options,
+                  output):
+    _check_bpd_args(data, num_images)
+    model = load_model(workdir=workdir, checkpoint=checkpoint, use_ema=use_ema)
+    scores, extra = compute_bpd(model, data, num_images, batch_size, seed, options)
+    weights = "ema" if use_ema else "raw"
+    record = fid.make_result_record(
+        metrics=scores, num_samples=extra["bpd"]["num_images"], sampler="pf_ode",
+        steps=round(float(np.mean(extra["bpd"]["nfe"]))), seed=seed, weights=weights,
+        extractor="none", reference_file=None, sampler_config=None,
+        workdir=workdir and os.path.abspath(workdir),
+        checkpoint=checkpoint or getattr(model, "checkpoint_step", None),
+        extra={"metric_names": {"bpd": "bits/dim (PF-ODE, uniform dequantization)"},
+               "sharing": model.sharing.get_config(), **extra})
+    if output is None:
+        output = os.path.join(workdir or ".", "eval", f"bpd_{weights}_seed{seed}.json")
+    fid.write_result_json(output, record)
     record["output"] = output
     return record
 
@@ -215,6 +325,9 @@ def export_checkpoint(out_dir, workdir=None, checkpoint=None, step=None, sampler
     model = load_model(workdir=workdir, checkpoint=checkpoint, step=step, use_ema=False)
     sampler_obj = None
     if sampler is not None and str(sampler).lower() != "none":
+        if getattr(SAMPLERS.get(str(sampler).lower().replace("-", "_")), "adaptive", False):
+            raise ValueError(f"Sampler {sampler!r} cannot be exported: its adaptive solver "
+                             f"runs in scipy on the host, not as a compiled loop.")
         sampler_obj = build_sampler(sampler, model.schedule, steps, sampler_options,
                                     model.sharing)
     return export.export_savedmodel(model, out_dir, sampler=sampler_obj, use_ema=use_ema,

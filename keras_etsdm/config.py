@@ -11,7 +11,8 @@ the ``keras_etsdm.`` prefix:
 * ``make_optimizer``        Adam + warm-up + gradient clipping
 * ``grid_sampler``          the sampler of the training sample grids (DDIM)
 * ``DiscreteVPSchedule``, ``TimestepSharing``
-* the samplers: ``DDIMSampler``, ``DDPMSampler``, ``DPMSolverSampler``, ``get_sampler``
+* the samplers: ``DDIMSampler``, ``DDPMSampler``, ``DPMSolverSampler``,
+  ``ProbabilityFlowSampler``, ``get_sampler``
 
 ``@gin.configurable`` on a Keras Layer subclass breaks (IndexError), so classes and functions are
 registered from outside with ``gin.external_configurable``; the functions above are plain
@@ -38,7 +39,8 @@ grid_sampler = gin.external_configurable(training.default_grid_sampler, "grid_sa
                                          module=MODULE)
 gin.external_configurable(DiscreteVPSchedule, "DiscreteVPSchedule", module=MODULE)
 gin.external_configurable(TimestepSharing, "TimestepSharing", module=MODULE)
-for _sampler_class in (samplers.DDPMSampler, samplers.DDIMSampler, samplers.DPMSolverSampler):
+for _sampler_class in (samplers.DDPMSampler, samplers.DDIMSampler, samplers.DPMSolverSampler,
+                       samplers.ProbabilityFlowSampler):
     gin.register(_sampler_class, module=MODULE)
 gin.register(samplers.get_sampler, module=MODULE)
 

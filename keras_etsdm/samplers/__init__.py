@@ -1,4 +1,5 @@
-"""Samplers: DDPM, DDIM and DPM-Solver / DPM-Solver++ as compiled ``keras.ops`` loops.
+"""Samplers: DDPM, DDIM and DPM-Solver / DPM-Solver++ as compiled ``keras.ops`` loops, and the
+probability-flow ODE with an adaptive scipy solver (``ode.py``, "pf_ode").
 
     sampler = get_sampler("dpm_solver", num_steps=20, order=3, schedule=model.schedule)
     images = model.sample(sampler, num_samples=16, seed=0)      # or sampler.sample(model, noise)
@@ -13,16 +14,19 @@ from keras_etsdm.samplers.ddim import DDIM_SPACINGS, DDIMSampler, ddim_timesteps
 from keras_etsdm.samplers.ddpm import DDPM_VARIANCES, DDPMSampler, respaced_timesteps
 from keras_etsdm.samplers.dpm_solver import (ALGORITHMS, METHODS, SKIP_TYPES, DPMSolverSampler,
                                              multistep_orders, singlestep_orders, time_grid)
+from keras_etsdm.samplers.ode import ODE_METHODS, ProbabilityFlowSampler
 
 SAMPLERS = {
     "ddpm": DDPMSampler,
     "ddim": DDIMSampler,
     "dpm_solver": DPMSolverSampler,
+    "pf_ode": ProbabilityFlowSampler,
 }
 
 
 def get_sampler(name, **kwargs):
-    """Build a sampler by name: "ddpm", "ddim" or "dpm_solver" (keyword arguments → constructor).
+    """Build a sampler by name: "ddpm", "ddim", "dpm_solver" or "pf_ode" (keyword arguments →
+    constructor).
 
     Also accepts a ``{"class_name": ..., "config": ...}`` dict as written by ``serialize``.
     """
@@ -39,9 +43,10 @@ def build_sampler(name, schedule, steps=None, options=None, sharing=None):
     (``bin/sample``, ``bin/eval``, ``bin/export``, the benchmarks).
 
     Args:
-        name: "ddpm", "ddim" or "dpm_solver" (case and "-" / "_" do not matter).
+        name: "ddpm", "ddim", "dpm_solver" or "pf_ode" (case and "-" / "_" do not matter).
         schedule: the model's ``DiscreteVPSchedule``.
-        steps: ``num_steps`` in ``[1, T]``; None keeps the sampler's default.
+        steps: ``num_steps`` in ``[1, T]``; None keeps the sampler's default. Must be None for
+            the adaptive "pf_ode" (its NFE follows from ``rtol`` / ``atol``).
         options: further constructor arguments, e.g. ``{"order": 3, "method": "singlestep"}``
             (``num_steps`` and ``schedule`` are set by the arguments above). The option
             ``sharing_aware=True`` makes the grid sharing-aware for ``sharing``.
@@ -51,6 +56,12 @@ def build_sampler(name, schedule, steps=None, options=None, sharing=None):
     if key not in SAMPLERS:
         raise ValueError(f"Unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}.")
     options = dict(options or {})
+    if getattr(SAMPLERS[key], "adaptive", False):
+        if steps is not None:
+            raise ValueError(f"Sampler {name!r} is adaptive: its NFE follows from rtol / atol "
+                             f"(options), not from a step count; omit steps (--steps).")
+        if "sharing_aware" in options:
+            raise ValueError(f"Sampler {name!r} has no step grid to make sharing-aware.")
     for reserved, instead in (("num_steps", "the steps argument"),
                               ("schedule", "the model's schedule")):
         if reserved in options:
@@ -104,7 +115,8 @@ def deserialize(config):
 
 
 __all__ = [
-    "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "get_sampler", "build_sampler",
+    "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "ProbabilityFlowSampler",
+    "get_sampler", "build_sampler", "ODE_METHODS",
     "labels_below", "serialize", "deserialize", "SAMPLERS", "seed_tensor", "clear_compiled_cache",
     "ddim_timesteps", "respaced_timesteps",
     "time_grid", "singlestep_orders", "multistep_orders", "DDIM_SPACINGS", "DDPM_VARIANCES",

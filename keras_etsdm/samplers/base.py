@@ -277,13 +277,7 @@ class Sampler:
 
         Call it as ``segment(sampler._loop_tables(), carry, extra, start, stop)``.
         """
-        if isinstance(denoiser, types.MethodType):
-            denoiser_key = (id(denoiser.__self__), id(denoiser.__func__))
-        elif hasattr(denoiser, "cache_key"):  # e.g. ClassifierFreeGuidance: one per model
-            denoiser_key = denoiser.cache_key()
-        else:
-            denoiser_key = id(denoiser)
-        key = (denoiser_key, self._trace_key())
+        key = (denoiser_cache_key(denoiser), self._trace_key())
         if key in _COMPILED:
             _COMPILED.move_to_end(key)
             return _COMPILED[key]
@@ -348,6 +342,17 @@ class Sampler:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
                          if k != "schedule" and not (k == "sharing" and v is None))
         return f"{type(self).__name__}({args})"
+
+
+def denoiser_cache_key(denoiser):
+    """The key under which compiled code for ``denoiser`` is cached: the identity of the
+    model / callable (a bound method by its object and function; a wrapper with ``cache_key``,
+    e.g. ``ClassifierFreeGuidance``, one per model)."""
+    if isinstance(denoiser, types.MethodType):
+        return (id(denoiser.__self__), id(denoiser.__func__))
+    if hasattr(denoiser, "cache_key"):
+        return denoiser.cache_key()
+    return id(denoiser)
 
 
 def _parse_sharing(sharing, num_timesteps):
