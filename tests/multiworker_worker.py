@@ -16,7 +16,7 @@ TensorFlow ``MirroredStrategy`` over 2 logical CPU devices (each replica draws i
 from its replica id, so the reference needs the same 2 replica ids), JAX one device
 (``DataParallel`` draws for the global batch, so the device count does not matter).
 
-The run is that of tests/distribute_worker.py, on a smaller U-Net. Each process writes
+The run is that of tests/distribute_worker.py (the same one-level U-Net). Each process writes
 ``OUT_DIR/<name>.npz`` after training (the chief's loss curve is also in its metrics.jsonl).
 """
 
@@ -56,8 +56,8 @@ def task_index():
 
 
 def run(mode, workdir):
-    """Train a tiny U-Net (tests/distribute_worker.py's, one resolution level: a third less
-    to compile) for STEPS steps in ``workdir``."""
+    """Train a tiny U-Net (tests/distribute_worker.py's: one resolution level, a third less
+    to compile than two) for STEPS steps in ``workdir``."""
     network = functools.partial(folding.build_network, base_channels=8, channel_mult=(1,),
                                 num_res_blocks=1, attention_resolutions=(), dropout=0.1)
     return training.train(
