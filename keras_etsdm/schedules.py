@@ -146,19 +146,35 @@ class DiscreteVPSchedule(_VPMarginals):
         v0, v1 = values[idx], values[idx + 1]
         return v0 + (t - t0) * (v1 - v0) / (t1 - t0)
 
-    def inverse_lambda(self, lamb):
-        """The continuous time t with ``marginal_lambda(t) == lamb`` (inverse interpolation)."""
-        lamb = np.asarray(lamb, dtype=np.float64)
-        # log α = −½ log(1 + e^{−2λ}); log α is decreasing in t, so interpolate on its negation.
-        log_alpha = -0.5 * np.logaddexp(0.0, -2.0 * lamb)
-        xs = -self.log_alphas  # increasing
+    def marginal_log_mean_coeff_derivative(self, t):
+        """``f(t) = d log α / dt`` (units 1 / time): the slope of the piecewise-linear
+        ``log α`` on the knot interval holding ``t`` (the interval to the right at a knot; the
+        first / last interval outside ``[1/T, 1]``, as the interpolation extrapolates)."""
+        t = np.asarray(t, dtype=np.float64)
         if self.num_timesteps == 1:
-            return np.full_like(lamb, self.t_knots[0])
+            return np.zeros_like(t)
+        knots, values = self.t_knots, self.log_alphas
+        idx = np.clip(np.searchsorted(knots, t, side="right") - 1, 0, self.num_timesteps - 2)
+        return (values[idx + 1] - values[idx]) / (knots[idx + 1] - knots[idx])
+
+    def time_of_log_mean_coeff(self, log_alpha):
+        """The continuous time t with ``marginal_log_mean_coeff(t) == log_alpha``: inverse of
+        the piecewise-linear interpolation (extrapolated linearly, as the forward map)."""
+        log_alpha = np.asarray(log_alpha, dtype=np.float64)
+        if self.num_timesteps == 1:
+            return np.full_like(log_alpha, self.t_knots[0])
+        xs = -self.log_alphas  # log α is decreasing in t: interpolate on its negation
         idx = np.clip(np.searchsorted(xs, -log_alpha, side="right") - 1, 0,
                       self.num_timesteps - 2)
         x0, x1 = xs[idx], xs[idx + 1]
         t0, t1 = self.t_knots[idx], self.t_knots[idx + 1]
         return t0 + (-log_alpha - x0) * (t1 - t0) / (x1 - x0)
+
+    def inverse_lambda(self, lamb):
+        """The continuous time t with ``marginal_lambda(t) == lamb`` (inverse interpolation)."""
+        lamb = np.asarray(lamb, dtype=np.float64)
+        # log α = −½ log(1 + e^{−2λ}).
+        return self.time_of_log_mean_coeff(-0.5 * np.logaddexp(0.0, -2.0 * lamb))
 
     def label(self, t):
         """Continuous time ``t ∈ [1/T, 1]`` → network label ``(t − 1/T)·T ∈ [0, T−1]``."""
@@ -203,6 +219,19 @@ class LinearVPSDE(_VPMarginals):
         tmp = 2.0 * (self.beta_max - self.beta_min) * np.logaddexp(-2.0 * lamb, 0.0)
         delta = self.beta_min**2 + tmp
         return tmp / (np.sqrt(delta) + self.beta_min) / (self.beta_max - self.beta_min)
+
+    def marginal_log_mean_coeff_derivative(self, t):
+        """``f(t) = d log α / dt = −½ β(t)`` (units 1 / time)."""
+        t = np.asarray(t, dtype=np.float64)
+        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+
+    def time_of_log_mean_coeff(self, log_alpha):
+        """The t with ``marginal_log_mean_coeff(t) == log_alpha``: the positive root of
+        ``¼ Δβ t² + ½ β_min t + log α = 0`` in the cancellation-free form
+        ``−2 log α / (b + √(b² − Δβ log α))``, ``b = ½ β_min``."""
+        r = np.asarray(log_alpha, dtype=np.float64)
+        b = 0.5 * self.beta_min
+        return -2.0 * r / (b + np.sqrt(b * b - (self.beta_max - self.beta_min) * r))
 
     def label(self, t):
         return np.asarray(t, dtype=np.float64) * (self.num_scales - 1)

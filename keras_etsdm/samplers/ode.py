@@ -60,61 +60,24 @@ def parse_schedule(schedule):
     if isinstance(schedule, dict):
         cls = LinearVPSDE if "beta_min" in schedule else DiscreteVPSchedule
         return cls.from_config(schedule)
-    if not isinstance(schedule, (DiscreteVPSchedule, LinearVPSDE)) and not hasattr(
-            schedule, "marginal_log_mean_coeff_derivative"):
+    if not all(hasattr(schedule, name) for name in ("marginal_log_mean_coeff_derivative",
+                                                      "time_of_log_mean_coeff")):
         raise TypeError(f"schedule must be a DiscreteVPSchedule or a LinearVPSDE, got "
                         f"{type(schedule)}.")
     return schedule
 
 
 def drift_coefficient(schedule, t):
-    """``f(t) = d log α(t) / dt`` (numpy float64, the shape of ``t``; units 1 / time).
-
-    ``DiscreteVPSchedule``: the slope of the piecewise-linear ``log α`` on the knot interval
-    holding ``t`` (the interval to the right at a knot, the first / last interval outside
-    ``[1/T, 1]``), matching ``marginal_log_mean_coeff``'s interpolation. ``LinearVPSDE``:
-    ``−½ β(t)``. A schedule may provide its own ``marginal_log_mean_coeff_derivative``.
-    """
-    t = np.asarray(t, dtype=np.float64)
-    if hasattr(schedule, "marginal_log_mean_coeff_derivative"):
-        return np.asarray(schedule.marginal_log_mean_coeff_derivative(t), np.float64)
-    if isinstance(schedule, DiscreteVPSchedule):
-        n = schedule.num_timesteps
-        if n == 1:
-            return np.zeros_like(t)
-        knots, values = schedule.t_knots, schedule.log_alphas
-        idx = np.clip(np.searchsorted(knots, t, side="right") - 1, 0, n - 2)
-        return (values[idx + 1] - values[idx]) / (knots[idx + 1] - knots[idx])
-    if isinstance(schedule, LinearVPSDE):
-        return -0.5 * (schedule.beta_min + t * (schedule.beta_max - schedule.beta_min))
-    raise TypeError(f"No drift coefficient for schedule {type(schedule)}.")
+    """``f(t) = d log α(t) / dt`` (numpy float64, the shape of ``t``; units 1 / time), from the
+    schedule's ``marginal_log_mean_coeff_derivative`` (piecewise constant for a
+    ``DiscreteVPSchedule``, ``−½ β(t)`` for a ``LinearVPSDE``)."""
+    return np.asarray(schedule.marginal_log_mean_coeff_derivative(t), np.float64)
 
 
 def time_of_log_alpha(schedule, log_alpha):
-    """The time ``t`` with ``marginal_log_mean_coeff(t) == log_alpha`` (numpy float64).
-
-    ``DiscreteVPSchedule``: inverse of the piecewise-linear interpolation (linear
-    extrapolation outside the knots, as the forward map). ``LinearVPSDE``: the positive root of
-    ``¼ Δβ t² + ½ β_min t + log α = 0``, in the cancellation-free form ``−2 log α / (b + √(b² −
-    Δβ log α))`` with ``b = ½ β_min``.
-    """
-    r = np.asarray(log_alpha, dtype=np.float64)
-    if hasattr(schedule, "time_of_log_mean_coeff"):
-        return np.asarray(schedule.time_of_log_mean_coeff(r), np.float64)
-    if isinstance(schedule, DiscreteVPSchedule):
-        n = schedule.num_timesteps
-        if n == 1:
-            return np.full_like(r, schedule.t_knots[0])
-        xs = -schedule.log_alphas  # increasing in t
-        idx = np.clip(np.searchsorted(xs, -r, side="right") - 1, 0, n - 2)
-        x0, x1 = xs[idx], xs[idx + 1]
-        t0, t1 = schedule.t_knots[idx], schedule.t_knots[idx + 1]
-        return t0 + (-r - x0) * (t1 - t0) / (x1 - x0)
-    if isinstance(schedule, LinearVPSDE):
-        b = 0.5 * schedule.beta_min
-        d_beta = schedule.beta_max - schedule.beta_min
-        return -2.0 * r / (b + np.sqrt(b * b - d_beta * r))
-    raise TypeError(f"No inverse of log alpha for schedule {type(schedule)}.")
+    """The time ``t`` with ``marginal_log_mean_coeff(t) == log_alpha`` (numpy float64), from the
+    schedule's ``time_of_log_mean_coeff``."""
+    return np.asarray(schedule.time_of_log_mean_coeff(log_alpha), np.float64)
 
 
 def _positive_float(name, value):
