@@ -292,11 +292,14 @@ def run_lipschitz(workdirs, data, output_dir, num_images=64, use_ema=True, seed=
 
     Writes ``lipschitz.csv`` and ``lipschitz.png`` into ``output_dir``; returns the curves.
     Class-conditional models are evaluated at class ``label`` (None: the null class, i.e. the
-    unconditional ε̂).
+    unconditional ε̂). ``zoom`` is in network labels; for continuous-time models (K per unit
+    of t, one step = one network label 1/(N − 1)) it is converted to t.
     """
-    curves = {}
+    curves, zoom_t = {}, None
     for name, workdir in workdirs.items():
         model = load_model(workdir=workdir, use_ema=use_ema)
+        if model.schedule.is_continuous:
+            zoom_t = zoom / (model.schedule.num_scales - 1)
         size = model.image_shape[0]
         images = evaluate.load_reference_images(data, size)
         rng = np.random.default_rng(seed)
@@ -305,7 +308,8 @@ def run_lipschitz(workdirs, data, output_dir, num_images=64, use_ema=True, seed=
         fn = lipschitz.model_denoise_fn(model, label=label)
         curves[name] = lipschitz.lipschitz_curve(fn, x0, model.schedule, timesteps,
                                                  sharing=model.sharing, seed=seed)
-    lipschitz.write_lipschitz_outputs(output_dir, curves, zoom=zoom, title=title)
+    lipschitz.write_lipschitz_outputs(output_dir, curves, zoom=zoom if zoom_t is None else zoom_t,
+                                      title=title)
     return curves
 
 

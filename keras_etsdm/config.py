@@ -10,9 +10,10 @@ the ``keras_etsdm.`` prefix:
 * ``make_dataset``          the input pipeline (embedded / folder / tfrecord / lmdb / tfds)
 * ``make_optimizer``        Adam + warm-up + gradient clipping
 * ``grid_sampler``          the sampler of the training sample grids (DDIM)
-* ``DiscreteVPSchedule``, ``TimestepSharing``
+* ``DiscreteVPSchedule``, ``ContinuousVPSchedule`` (continuous-time training), ``TimestepSharing``
 * the samplers: ``DDIMSampler``, ``DDPMSampler``, ``DPMSolverSampler``,
-  ``ProbabilityFlowSampler``, ``get_sampler``
+  ``ProbabilityFlowSampler``, ``ReverseSDESampler``, ``EulerMaruyamaSampler``,
+  ``PredictorCorrectorSampler``, ``get_sampler``
 
 ``@gin.configurable`` on a Keras Layer subclass breaks (IndexError), so classes and functions are
 registered from outside with ``gin.external_configurable``; the functions above are plain
@@ -24,7 +25,7 @@ import logging
 import gin
 
 from keras_etsdm import data, folding, optimizers, samplers, training
-from keras_etsdm.schedules import DiscreteVPSchedule
+from keras_etsdm.schedules import ContinuousVPSchedule, DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
 
 MODULE = "keras_etsdm"
@@ -38,9 +39,11 @@ make_optimizer = gin.external_configurable(optimizers.make_optimizer, "make_opti
 grid_sampler = gin.external_configurable(training.default_grid_sampler, "grid_sampler",
                                          module=MODULE)
 gin.external_configurable(DiscreteVPSchedule, "DiscreteVPSchedule", module=MODULE)
+gin.external_configurable(ContinuousVPSchedule, "ContinuousVPSchedule", module=MODULE)
 gin.external_configurable(TimestepSharing, "TimestepSharing", module=MODULE)
 for _sampler_class in (samplers.DDPMSampler, samplers.DDIMSampler, samplers.DPMSolverSampler,
-                       samplers.ProbabilityFlowSampler):
+                       samplers.ProbabilityFlowSampler, samplers.ReverseSDESampler,
+                       samplers.EulerMaruyamaSampler, samplers.PredictorCorrectorSampler):
     gin.register(_sampler_class, module=MODULE)
 gin.register(samplers.get_sampler, module=MODULE)
 

@@ -42,10 +42,13 @@ class DiffusionModel(keras.Model):
     Args:
         network: a Keras model ``{"x": [B,H,W,C], "t": [B]} -> ε̂ [B,H,W,C]`` (see
             ``keras_etsdm.build_unet``).
-        schedule: a ``DiscreteVPSchedule`` (default: linear β 1e-4..0.02, T = 1000).
+        schedule: a ``DiscreteVPSchedule`` (default: linear β 1e-4..0.02, T = 1000; time
+            labels 0..T−1) or a ``ContinuousVPSchedule`` (continuous time t ∈ [eps, T]: the
+            training draw is ``t ~ U(eps, T)`` and the network sees ``(N − 1)·f(t)``).
         sharing: a ``TimestepSharing``; None (default) is E-TSDM with the paper's t̃ = T/10
             (100 of T = 1000) and n = 5 (``TimestepSharing.default_for``), as in
-            ``build_model`` and gin. ``TimestepSharing(0, 0)`` is the DDPM baseline.
+            ``build_model`` and gin; on a continuous schedule t̃ = 0.1, n = 5.
+            ``TimestepSharing(0, 0)`` is the DDPM baseline.
         ema_decay: decay of the exponential moving average of the weights (0.9999); the EMA is
             updated after every training step with warm-up (``ema_decay_at``).
         seed: seed of the ``keras.random.SeedGenerator`` that draws t and ε in training.
@@ -56,7 +59,8 @@ class DiffusionModel(keras.Model):
             (classifier-free guidance training; Ho & Salimans use 0.1–0.2).
 
     Calling the model on clean images ``x0 [B,H,W,C]`` in [−1, 1] (conditional models:
-    ``{"x0": images, "y": int labels [B]}``) draws ``t ~ U{0..T−1}`` and ``ε ~ N(0, I)``, noises
+    ``{"x0": images, "y": int labels [B]}``) draws ``t ~ U{0..T−1}`` (continuous schedules:
+    ``t ~ U(eps, T)``) and ``ε ~ N(0, I)``, noises
     with the TRUE t and returns ``{"noise": ε, "noise_pred": ε̂}``; this is what ``fit`` /
     ``evaluate`` use, with the compiled loss (default ``MeanSquaredError``) between the two.
     ``fit`` takes images (unconditional) or ``(images, labels)`` (conditional), as arrays or a
@@ -69,10 +73,8 @@ class DiffusionModel(keras.Model):
         self.network = network
         self.schedule = schedule if schedule is not None else DiscreteVPSchedule()
         if sharing is None:
-            sharing = TimestepSharing.default_for(self.schedule.num_timesteps)
-        if sharing.enabled and sharing.t_tilde >= self.schedule.num_timesteps:
-            raise ValueError(f"E-TSDM t_tilde={sharing.t_tilde} must be smaller than the number "
-                             f"of timesteps T={self.schedule.num_timesteps}.")
+            sharing = self.schedule.default_sharing()
+        self.schedule.check_sharing(sharing)
         self.sharing = sharing
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}.")
@@ -162,18 +164,23 @@ class DiffusionModel(keras.Model):
 
         Args:
             x_t: ``[B, H, W, C]`` noisy images.
-            t: float time labels in ``[0, T−1]``, shape ``[B]`` or a scalar (broadcast).
+            t: float time labels in ``[0, T−1]`` (a ``ContinuousVPSchedule``: times in
+                ``[eps, T]``), shape ``[B]`` or a scalar (broadcast). The E-TSDM map acts on
+                this coordinate; the network then gets ``schedule.network_time(f(t))`` (the
+                label itself, or ``(N − 1)·f(t)`` in continuous time).
             y: class-conditional models only: int class ids ``[B]`` or a scalar; None or the
                 null id (``num_classes``) is unconditional.
         Returns:
             ``[B, H, W, C]`` predicted noise ``ε_θ(x_t, f(t), y)`` with f the E-TSDM map.
         """
         x_t = ops.convert_to_tensor(x_t)
+        if not ops.is_tensor(t):
+            self.schedule.check_times(t)  # concrete values: a clear error, not a silent fit
         t = ops.convert_to_tensor(t, dtype="float32")
         batch = ops.shape(x_t)[0]
         if len(t.shape) == 0:
             t = ops.broadcast_to(t, (batch,))
-        inputs = {"x": x_t, "t": self.sharing(t)}
+        inputs = {"x": x_t, "t": self.schedule.network_time(self.sharing(t))}
         y = self._label_input(y, batch)
         if y is not None:
             inputs["y"] = y
@@ -198,8 +205,7 @@ class DiffusionModel(keras.Model):
         self._check_images(x0)
         x0 = ops.cast(x0, self.compute_dtype)
         batch = ops.shape(x0)[0]
-        t = keras.random.randint((batch,), 0, self.schedule.num_timesteps,
-                                 seed=self.seed_generator, dtype="int32")
+        t = self.schedule.training_labels(batch, self.seed_generator)
         noise = keras.random.normal(ops.shape(x0), seed=self.seed_generator,
                                     dtype=self.compute_dtype)
         x_t = self.schedule.q_sample(x0, t, noise)

@@ -6,7 +6,14 @@ A VP forward process noises clean data as ``x_t = alpha_t * x_0 + sigma_t * eps`
 ``DiscreteVPSchedule`` holds the tables of a DDPM-style schedule with ``T`` integer labels
 (computed in float64, exposed to ``keras.ops`` in float32 for training) and its continuous-time
 view used by DPM-Solver: ``log alpha`` interpolated piecewise linearly over ``t_n = (n + 1) / T``,
-with ``label(t) = (t - 1/T) * T``.  ``LinearVPSDE`` is the continuous linear VP-SDE of score_sde.
+with ``label(t) = (t - 1/T) * T``.  ``ContinuousVPSchedule`` is a continuous-time VP schedule
+("linear" = score_sde's VP-SDE, "quadratic", "cosine") whose denoiser time coordinate is t itself;
+``LinearVPSDE`` is its linear kind under score_sde's name.
+
+Both expose one interface to the model and the samplers: ``label``/``time_of_label`` (time ↔ the
+denoiser's time coordinate), ``label_range``, ``alpha_bar``, ``training_labels`` (the training
+draw of t), ``q_sample``, ``alpha_sigma`` (keras.ops), ``network_time`` (the network's input
+rescaling), ``default_sharing`` and ``check_sharing``.
 
 The continuous-time methods (``marginal_*``, ``inverse_lambda``, ``label``) work on numpy arrays in
 float64: samplers precompute all their coefficients with them once, outside the compiled loop.
@@ -17,6 +24,8 @@ import math
 import keras
 import numpy as np
 from keras import ops
+
+from keras_etsdm.time_sharing import TimestepSharing
 
 SCHEDULE_KINDS = ("linear", "quadratic", "cosine")
 
@@ -180,6 +189,55 @@ class DiscreteVPSchedule(_VPMarginals):
         """Continuous time ``t ∈ [1/T, 1]`` → network label ``(t − 1/T)·T ∈ [0, T−1]``."""
         return (np.asarray(t, dtype=np.float64) - 1.0 / self.num_timesteps) * self.num_timesteps
 
+    def time_of_label(self, label):
+        """Inverse of ``label``: label ``n`` → continuous time ``(n + 1)/T`` (numpy float64)."""
+        return (np.asarray(label, dtype=np.float64) + 1.0) / self.num_timesteps
+
+    # ----- the interface the model and samplers share with ContinuousVPSchedule ---------------
+    is_continuous = False
+
+    @property
+    def label_range(self):
+        """``(lowest, highest)`` time label the denoiser is trained on: ``(0, T − 1)``."""
+        return 0.0, float(self.num_timesteps - 1)
+
+    def alpha_bar(self, labels):
+        """ᾱ at time labels (numpy float64): the exact table entries at integer labels."""
+        labels = np.asarray(labels)
+        if labels.dtype.kind in "iu":
+            return self.alphas_cumprod[labels]
+        return np.exp(2.0 * self.marginal_log_mean_coeff(self.time_of_label(labels)))
+
+    def training_labels(self, batch, seed):
+        """``t ~ U{0, …, T−1}``: int32 ``[batch]`` labels for one training batch."""
+        return keras.random.randint((batch,), 0, self.num_timesteps, seed=seed, dtype="int32")
+
+    def alpha_sigma(self, labels):
+        """α_t, σ_t (float32 ``keras.ops`` tensors, shape of ``labels``) at integer labels."""
+        labels = ops.cast(labels, "int32")
+        return ops.take(self.alpha_table, labels), ops.take(self.sigma_table, labels)
+
+    def network_time(self, labels):
+        """The time condition the network sees for (shared) labels: the label itself."""
+        return labels
+
+    def default_sharing(self):
+        """The paper's E-TSDM default for this schedule: t̃ = T/10 (100 of 1000), n = 5."""
+        return TimestepSharing.default_for(self.num_timesteps)
+
+    def check_times(self, labels):
+        """Raise ``ValueError`` if concrete labels leave ``[0, T − 1]``."""
+        labels = np.asarray(labels, np.float64)
+        if labels.size and (labels.min() < 0.0 or labels.max() > self.num_timesteps - 1):
+            raise ValueError(f"Time labels must lie in [0, {self.num_timesteps - 1}], got "
+                             f"[{labels.min():g}, {labels.max():g}].")
+
+    def check_sharing(self, sharing):
+        """Raise ``ValueError`` unless ``sharing``'s t̃ lies inside this schedule's labels."""
+        if sharing.enabled and sharing.t_tilde >= self.num_timesteps:
+            raise ValueError(f"E-TSDM t_tilde={sharing.t_tilde} must be smaller than the number "
+                             f"of timesteps T={self.num_timesteps}.")
+
     def get_config(self):
         return {"kind": self.kind, "num_timesteps": self.num_timesteps,
                 "beta_start": self.beta_start, "beta_end": self.beta_end,
@@ -193,53 +251,247 @@ class DiscreteVPSchedule(_VPMarginals):
         return (f"DiscreteVPSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps})")
 
 
-class LinearVPSDE(_VPMarginals):
-    """The continuous linear VP-SDE: ``β(t) = β0 + t (β1 − β0)``, t ∈ [eps, 1].
 
-    ``log α(t) = −¼ t² (β1 − β0) − ½ t β0`` (score_sde / DPM-Solver "linear" continuous schedule).
-    The network label is ``t · (N − 1)`` (score_sde feeds ``t·999`` for N = 1000).
+
+CONTINUOUS_KINDS = ("linear", "quadratic", "cosine")
+# DPM-Solver's continuous cosine schedule ends at T = 0.9946 (λ ≈ −5.1), not at 1, where α → 0
+# and λ → −∞.
+_COSINE_T = 0.9946
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm")
+class ContinuousVPSchedule(_VPMarginals):
+    """A continuous-time VP schedule: time ``t ∈ [eps, T]`` (T = 1, ≈ 0.9946 for cosine).
+
+    Kinds (``log α(t)``, β in units of 1/time; score_sde / DPM-Solver's continuous schedules):
+
+    * "linear" (score_sde's VP-SDE): ``β(t) = β_min + t (β_max − β_min)``,
+      ``log α = −¼ t² (β_max − β_min) − ½ t β_min``.
+    * "quadratic": ``√β(t)`` linear from ``√β_min`` to ``√β_max`` (the continuous limit of the
+      discrete "quadratic" schedule), ``log α = −((a + b t)³ − a³) / (6 b)``, a = √β_min,
+      b = √β_max − √β_min (evaluated as −t (3a² + 3abt + b²t²)/6).
+    * "cosine" (Nichol & Dhariwal, DPM-Solver's continuous form):
+      ``log α = log cos((t + s)/(1 + s)·π/2) − log cos(s/(1 + s)·π/2)``, ending at DPM-Solver's
+      T = 0.9946 (λ ≈ −5.1).
+
+    The defaults β_min = 0.1, β_max = 20 are T·β of the discrete DDPM schedule (1e-4 … 0.02,
+    T = 1000), so both describe the same process.
+
+    Time coordinate: the denoiser (``DiffusionModel.denoise``, every sampler, the E-TSDM map)
+    works in t itself; ``label(t) = t``, and E-TSDM shares t below a continuous t̃ (default
+    0.1, n = 5). Only the network input is rescaled, ``network_time(t) = (num_scales − 1)·t``
+    (score_sde's DDPM++ feeds 999·t), so the network's sinusoidal embedding sees the same
+    range as a discrete model.
+
+    Args:
+        kind: "linear", "quadratic" or "cosine".
+        beta_min, beta_max: β end points for "linear" / "quadratic" (1/time).
+        cosine_s: the offset s of "cosine".
+        eps: the smallest time trained on and sampled to (score_sde: 1e-3 for sampling; the
+            training draw is ``t ~ U(eps, T)``).
+        num_scales: N: the network sees ``(N − 1)·t``; also the default (and largest) number
+            of steps of the DDPM / DDIM samplers on this schedule.
     """
 
-    def __init__(self, beta_min=0.1, beta_max=20.0, num_scales=1000, eps=1e-3):
+    is_continuous = True
+
+    def __init__(self, kind="linear", beta_min=0.1, beta_max=20.0, cosine_s=0.008, eps=1e-3,
+                 num_scales=1000):
+        if kind not in CONTINUOUS_KINDS:
+            raise ValueError(f"Unknown continuous schedule kind {kind!r}; expected one of "
+                             f"{CONTINUOUS_KINDS}.")
+        if kind != "cosine" and not 0.0 < float(beta_min) < float(beta_max):
+            raise ValueError(f"Need 0 < beta_min < beta_max, got beta_min={beta_min}, "
+                             f"beta_max={beta_max}.")
+        if not cosine_s > 0.0:
+            raise ValueError(f"cosine_s must be > 0, got {cosine_s}.")
+        if int(num_scales) != num_scales or num_scales < 2:
+            raise ValueError(f"num_scales must be an integer >= 2, got {num_scales!r}.")
+        self.kind = kind
         self.beta_min = float(beta_min)
         self.beta_max = float(beta_max)
+        self.cosine_s = float(cosine_s)
         self.num_scales = int(num_scales)
+        if kind == "cosine":
+            s = self.cosine_s
+            self._T = _COSINE_T
+            self._log_cos_0 = math.log(math.cos(s / (1.0 + s) * math.pi / 2.0))
+        else:
+            self._T = 1.0
+        if not 0.0 < float(eps) < self._T:
+            raise ValueError(f"eps must be in (0, {self._T:g}) (the schedule's time interval), "
+                             f"got {eps!r}.")
         self.eps = float(eps)
 
     @property
     def T(self):
-        return 1.0
+        """End of the time interval: 1, or ≈ 0.9946 for "cosine"."""
+        return self._T
+
+    @property
+    def num_timesteps(self):
+        """N = ``num_scales``: the default and largest step count of DDPM / DDIM here."""
+        return self.num_scales
+
+    # ----- log α and its calculus (numpy float64) ---------------------------------------------
+    def _quadratic_ab(self):
+        a = math.sqrt(self.beta_min)
+        return a, math.sqrt(self.beta_max) - a
+
+    def _cosine_u(self, t):
+        return (t + self.cosine_s) / (1.0 + self.cosine_s) * (math.pi / 2.0)
+
+    def _cosine_log_cos(self, t, backend=np):
+        # cos((t + s)/(1 + s)·π/2) = sin((1 − t)/(1 + s)·π/2): no cancellation near t = 1,
+        # where α → 0 (float32 cos of a number near π/2 keeps only ~1e-5 relative accuracy).
+        return backend.log(backend.sin((1.0 - t) / (1.0 + self.cosine_s) * (math.pi / 2.0)))
 
     def marginal_log_mean_coeff(self, t):
+        """``log α(t)`` (numpy float64, shape of ``t``)."""
         t = np.asarray(t, dtype=np.float64)
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
-
-    def inverse_lambda(self, lamb):
-        lamb = np.asarray(lamb, dtype=np.float64)
-        tmp = 2.0 * (self.beta_max - self.beta_min) * np.logaddexp(-2.0 * lamb, 0.0)
-        delta = self.beta_min**2 + tmp
-        return tmp / (np.sqrt(delta) + self.beta_min) / (self.beta_max - self.beta_min)
+        if self.kind == "linear":
+            return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        if self.kind == "quadratic":
+            a, b = self._quadratic_ab()
+            # (a + bt)³ − a³ = bt (3a² + 3abt + b²t²), without the cancellation at small t.
+            return -t * (3.0 * a * a + 3.0 * a * b * t + b * b * t * t) / 6.0
+        return self._cosine_log_cos(t) - self._log_cos_0
 
     def marginal_log_mean_coeff_derivative(self, t):
         """``f(t) = d log α / dt = −½ β(t)`` (units 1 / time)."""
         t = np.asarray(t, dtype=np.float64)
-        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+        if self.kind == "linear":
+            return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+        if self.kind == "quadratic":
+            a, b = self._quadratic_ab()
+            return -0.5 * (a + b * t) ** 2
+        return -np.tan(self._cosine_u(t)) * (math.pi / 2.0) / (1.0 + self.cosine_s)
 
     def time_of_log_mean_coeff(self, log_alpha):
-        """The t with ``marginal_log_mean_coeff(t) == log_alpha``: the positive root of
-        ``¼ Δβ t² + ½ β_min t + log α = 0`` in the cancellation-free form
-        ``−2 log α / (b + √(b² − Δβ log α))``, ``b = ½ β_min``."""
+        """The t with ``marginal_log_mean_coeff(t) == log_alpha`` (closed form per kind)."""
         r = np.asarray(log_alpha, dtype=np.float64)
-        b = 0.5 * self.beta_min
-        return -2.0 * r / (b + np.sqrt(b * b - (self.beta_max - self.beta_min) * r))
+        if self.kind == "linear":
+            # Positive root of ¼Δβ t² + ½β_min t + log α = 0, cancellation-free.
+            b = 0.5 * self.beta_min
+            return -2.0 * r / (b + np.sqrt(b * b - (self.beta_max - self.beta_min) * r))
+        if self.kind == "quadratic":
+            a, b = self._quadratic_ab()
+            return (np.cbrt(a**3 - 6.0 * b * r) - a) / b
+        s = self.cosine_s
+        return np.arccos(np.exp(r + self._log_cos_0)) * 2.0 * (1.0 + s) / math.pi - s
 
+    def inverse_lambda(self, lamb):
+        """The t with ``marginal_lambda(t) == lamb``."""
+        lamb = np.asarray(lamb, dtype=np.float64)
+        return self.time_of_log_mean_coeff(-0.5 * np.logaddexp(0.0, -2.0 * lamb))
+
+    # ----- the interface the model and samplers share with DiscreteVPSchedule ---------------
     def label(self, t):
-        return np.asarray(t, dtype=np.float64) * (self.num_scales - 1)
+        """The denoiser's time coordinate at time t: t itself (numpy float64)."""
+        return np.asarray(t, dtype=np.float64)
+
+    def time_of_label(self, label):
+        """Inverse of ``label`` (the identity)."""
+        return np.asarray(label, dtype=np.float64)
+
+    @property
+    def label_range(self):
+        """``(eps, T)``: the times the denoiser is trained on."""
+        return self.eps, self.T
+
+    def alpha_bar(self, labels):
+        """ᾱ(t) = α(t)² at times t (numpy float64)."""
+        return np.exp(2.0 * self.marginal_log_mean_coeff(labels))
+
+    def training_labels(self, batch, seed):
+        """``t ~ U(eps, T)``: float32 ``[batch]`` times for one training batch."""
+        return keras.random.uniform((batch,), self.eps, self.T, seed=seed, dtype="float32")
+
+    def log_alpha_ops(self, t):
+        """``log α(t)`` in ``keras.ops`` (float32 ``t`` of any shape)."""
+        t = ops.cast(t, "float32")
+        if self.kind == "linear":
+            return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        if self.kind == "quadratic":
+            a, b = self._quadratic_ab()
+            return -t * (3.0 * a * a + 3.0 * a * b * t + b * b * t * t) / 6.0
+        return self._cosine_log_cos(t, ops) - self._log_cos_0
+
+    def alpha_sigma(self, labels):
+        """α(t), σ(t) as float32 ``keras.ops`` tensors (shape of ``t``); σ via expm1, exact
+        for small t."""
+        log_alpha = self.log_alpha_ops(labels)
+        if self.kind == "cosine":
+            # σ² = (cos²u₀ − cos²u_t)/cos²u₀ = sin(u_t − u₀) sin(u_t + u₀)/cos²u₀: free of the
+            # cancellation in 1 − α² at small t (float32 log α − log cos u₀ would cost 1e-5).
+            t = ops.cast(labels, "float32")
+            u_0 = self._cosine_u(0.0)
+            sigma = ops.sqrt(ops.sin(t / (1.0 + self.cosine_s) * (math.pi / 2.0))
+                             * ops.sin(self._cosine_u(t) + u_0)) / math.cos(u_0)
+            return ops.exp(log_alpha), sigma
+        return ops.exp(log_alpha), ops.sqrt(-ops.expm1(2.0 * log_alpha))
+
+    def q_sample(self, x0, t, noise):
+        """``α(t) x0 + σ(t) ε`` for times ``t [B]`` (float) and ``x0``, ``noise`` ``[B, ...]``."""
+        alpha, sigma = self.alpha_sigma(t)
+        shape = (-1,) + (1,) * (len(x0.shape) - 1)
+        alpha = ops.cast(ops.reshape(alpha, shape), x0.dtype)
+        sigma = ops.cast(ops.reshape(sigma, shape), x0.dtype)
+        return alpha * x0 + sigma * noise
+
+    def network_time(self, labels):
+        """The network's time condition for (shared) times: ``(num_scales − 1)·t``."""
+        return labels * float(self.num_scales - 1)
+
+    def default_sharing(self):
+        """E-TSDM's continuous default: t̃ = 0.1, n = 5 (the discrete t̃ = T/10 in t units)."""
+        return TimestepSharing(0.1, 5)
+
+    def check_sharing(self, sharing):
+        """Raise ``ValueError`` unless ``eps`` < t̃ < T (a continuous t̃ is a time, e.g. 0.1)."""
+        if sharing.enabled and not self.eps < float(sharing.t_tilde) < self.T:
+            raise ValueError(f"E-TSDM t_tilde={sharing.t_tilde} must lie inside the continuous "
+                             f"time interval ({self.eps:g}, {self.T:g}) of this schedule "
+                             f"(e.g. 0.1; a discrete t̃ such as 100 is a label, not a time).")
+
+    def check_times(self, t):
+        """Raise ``ValueError`` if concrete times ``t`` leave ``[eps, T]``."""
+        t = np.asarray(t, np.float64)
+        if t.size and (t.min() < self.eps * (1 - 1e-6) or t.max() > self.T * (1 + 1e-6)):
+            raise ValueError(f"Continuous times must lie in [eps, T] = [{self.eps:g}, "
+                             f"{self.T:g}], got [{t.min():g}, {t.max():g}].")
+
+    def get_config(self):
+        return {"kind": self.kind, "beta_min": self.beta_min, "beta_max": self.beta_max,
+                "cosine_s": self.cosine_s, "eps": self.eps, "num_scales": self.num_scales}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return f"ContinuousVPSchedule(kind={self.kind!r}, eps={self.eps:g})"
+
+
+@keras.saving.register_keras_serializable(package="keras_etsdm")
+class LinearVPSDE(ContinuousVPSchedule):
+    """score_sde's VP-SDE: the "linear" ``ContinuousVPSchedule`` (β 0.1 → 20, eps 1e-3)."""
+
+    def __init__(self, beta_min=0.1, beta_max=20.0, num_scales=1000, eps=1e-3):
+        super().__init__("linear", beta_min, beta_max, eps=eps, num_scales=num_scales)
 
     def get_config(self):
         return {"beta_min": self.beta_min, "beta_max": self.beta_max,
                 "num_scales": self.num_scales, "eps": self.eps}
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    def __repr__(self):
+        return f"LinearVPSDE(beta_min={self.beta_min:g}, beta_max={self.beta_max:g})"
+
+
+def schedule_from_config(config):
+    """A schedule from its ``get_config()`` dict: discrete (``beta_start`` …), continuous
+    (``kind`` + ``beta_min``) or a ``LinearVPSDE`` (``beta_min`` without ``kind``)."""
+    config = dict(config)
+    if "beta_min" in config:
+        return (ContinuousVPSchedule if "kind" in config else LinearVPSDE).from_config(config)
+    return DiscreteVPSchedule.from_config(config)

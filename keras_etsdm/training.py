@@ -57,9 +57,10 @@ def build_model(image_size=32, channels=1, network_fn=None, schedule=None, shari
         image_size, channels: the training images (S, C).
         network_fn: ``network_fn(image_size=, channels=) -> keras.Model``; default
             ``folding.build_network`` with its defaults.
-        schedule: ``DiscreteVPSchedule`` (default linear β, T = 1000).
-        sharing: ``TimestepSharing`` (default ``TimestepSharing.default_for(T)``: t̃ = T/10,
-            n = 5, as ``DiffusionModel``).
+        schedule: ``DiscreteVPSchedule`` (default linear β, T = 1000) or
+            ``ContinuousVPSchedule`` (continuous-time training).
+        sharing: ``TimestepSharing`` (default ``schedule.default_sharing()``: t̃ = T/10,
+            n = 5, or t̃ = 0.1 in continuous time, as ``DiffusionModel``).
         use_etsdm: False trains the DDPM baseline (``TimestepSharing(0, 0)``) with every other
             setting unchanged — the one switch for E-TSDM-vs-DDPM comparisons.
         ema_decay: EMA decay (with warm-up, see ``model.ema_decay_at``).
@@ -76,7 +77,7 @@ def build_model(image_size=32, channels=1, network_fn=None, schedule=None, shari
     if not use_etsdm:
         sharing = TimestepSharing(0, 0)
     elif sharing is None:
-        sharing = TimestepSharing.default_for(schedule.num_timesteps)
+        sharing = schedule.default_sharing()
     return DiffusionModel(network, schedule=schedule, sharing=sharing, ema_decay=ema_decay,
                           seed=seed, num_classes=num_classes, class_dropout=class_dropout,
                           name="diffusion_model")

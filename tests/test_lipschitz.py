@@ -134,8 +134,6 @@ def test_lipschitz_input_errors(schedule, x0):
         lipschitz.lipschitz_curve(eps, np.zeros(3), schedule, timesteps=[0])
     with pytest.raises(ValueError, match=r"\[0, 999\]"):
         lipschitz.lipschitz_curve(eps, x0, schedule, timesteps=[999])
-    with pytest.raises(ValueError, match="timesteps explicitly"):
-        lipschitz.lipschitz_curve(eps, x0, LinearVPSDE())
 
 
 def test_chunking_does_not_change_the_result(schedule, x0):

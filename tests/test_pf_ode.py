@@ -41,10 +41,10 @@ TOLS = (1e-3, 1e-4, 1e-5)
 
 
 def sde_gaussian_eps(sde=SDE, mu=MU, s=S):
-    """ε*(x, label) for data N(μ, s²) on the linear VP-SDE, label = t·(N − 1), in keras.ops."""
+    """ε*(x, t) for data N(μ, s²) on the linear VP-SDE (its label is t itself), in keras.ops."""
 
     def eps(x, label):
-        t = label / (sde.num_scales - 1)
+        t = label
         log_a = -0.25 * t**2 * (sde.beta_max - sde.beta_min) - 0.5 * t * sde.beta_min
         log_a = ops.reshape(log_a, (-1,) + (1,) * (len(x.shape) - 1))
         a, sig = ops.exp(log_a), ops.sqrt(-ops.expm1(2.0 * log_a))
@@ -137,7 +137,7 @@ def correlated_eps(schedule):
 
     def eps(x, label):
         if isinstance(schedule, LinearVPSDE):
-            t = label / (schedule.num_scales - 1)
+            t = label  # a continuous schedule's label is the time itself
             log_a = -0.25 * t**2 * (schedule.beta_max - schedule.beta_min) \
                 - 0.5 * t * schedule.beta_min
         else:

@@ -80,7 +80,9 @@ def test_linear_vpsde():
     assert sde.marginal_log_mean_coeff(1.0) == pytest.approx(-0.25 * 19.9 - 0.05)
     t = np.linspace(1e-3, 1.0, 101)
     np.testing.assert_allclose(sde.inverse_lambda(sde.marginal_lambda(t)), t, rtol=1e-9)
-    assert sde.label(1.0) == pytest.approx(999)
+    # The denoiser's time coordinate is t; only the network input is rescaled (score_sde: 999 t).
+    assert sde.label(0.25) == 0.25
+    assert float(sde.network_time(np.float32(1.0))) == pytest.approx(999)
 
 
 def test_q_sample_uses_the_table(linear):

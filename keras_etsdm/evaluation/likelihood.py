@@ -136,7 +136,7 @@ def log_likelihood(denoiser, x, schedule=None, rtol=1e-5, atol=1e-5, method="RK4
         denoiser: a ``DiffusionModel`` (``denoise``) or a ``keras.ops`` callable
             ``(x [B, ...], t [B] float labels, **conditioning) -> ε̂``.
         x: ``[B, ...]`` float data at t = eps (in the model's scale, e.g. [−1, 1]).
-        schedule: the denoiser's ``DiscreteVPSchedule`` (default) or ``LinearVPSDE``.
+        schedule: the denoiser's ``DiscreteVPSchedule`` (default) or ``ContinuousVPSchedule``.
         rtol, atol, method, eps, time_variable: as ``ProbabilityFlowSampler`` (score_sde:
             rtol = atol = 1e-5, RK45, eps = 1e-5 for the VP-SDE; here eps = schedule.eps).
         trace: "hutchinson" (default) or "exact" (D VJPs per NFE; D ≤ 256).

@@ -34,7 +34,7 @@ def alpha_sigma(schedule, t):
     """α_t, σ_t (float64 numpy) at labels ``t``.
 
     ``DiscreteVPSchedule``: integer labels index the tables; fractional labels interpolate them.
-    A continuous schedule (``LinearVPSDE``, anything with ``marginal_alpha``/``marginal_std``
+    A continuous schedule (``ContinuousVPSchedule``, anything with ``marginal_alpha``/``marginal_std``
     and no tables): ``t`` is the continuous time itself.
     """
     t = np.asarray(t, np.float64)
@@ -153,7 +153,7 @@ def model_denoise_fn(model, label=None):
 
 
 # ----- the diagnostic --------------------------------------------------------------------------
-def lipschitz_curve(denoise_fn, x0, schedule, timesteps=None, sharing=None, step=1.0, seed=0,
+def lipschitz_curve(denoise_fn, x0, schedule, timesteps=None, sharing=None, step=None, seed=0,
                     max_rows=4096):
     """K(t) of a denoiser over a batch of data.
 
@@ -161,9 +161,12 @@ def lipschitz_curve(denoise_fn, x0, schedule, timesteps=None, sharing=None, step
         denoise_fn: ``(x [N, ...], t [N]) -> ε̂ [N, ...]`` on numpy arrays.
         x0: clean data ``[B, ...]`` (numpy).
         schedule: α/σ source (see ``alpha_sigma``).
-        timesteps: labels t at which to evaluate (default every label ``0 … T−2``).
+        timesteps: labels t at which to evaluate (default every label ``0 … T−2``; on a
+            ``ContinuousVPSchedule`` the times ``eps + k·step`` up to ``T − step``).
         sharing: the model's ``TimestepSharing`` (None / disabled: baseline, no shared slope).
-        step: t' − t for the one-step difference (1 label by default).
+        step: t' − t for the one-step difference: default 1 label, or on a continuous schedule
+            ``1/(N − 1)``, the time of one network label (``network_time`` = (N − 1)·t). K is
+            per unit of the denoiser's time coordinate (labels, or t in continuous time).
         seed: seed of the noise ε (the same ε is reused at every t, which removes sampling
             noise between neighbouring t).
         max_rows: at most this many rows per ``denoise_fn`` call (several t per call).
@@ -175,10 +178,17 @@ def lipschitz_curve(denoise_fn, x0, schedule, timesteps=None, sharing=None, step
     x0 = np.asarray(x0, np.float32)
     if x0.ndim < 2 or x0.shape[0] < 1:
         raise ValueError(f"x0 must be a batch [B, ...] of data, got shape {x0.shape}.")
+    continuous = getattr(schedule, "is_continuous", not hasattr(schedule, "num_timesteps"))
+    if step is None:
+        step = 1.0 / (schedule.num_scales - 1) if hasattr(schedule, "num_scales") else 1.0
     if timesteps is None:
         if not hasattr(schedule, "num_timesteps"):
-            raise ValueError("Pass timesteps explicitly for a continuous schedule.")
-        timesteps = np.arange(schedule.num_timesteps - 1, dtype=np.float64)
+            raise ValueError("Pass timesteps explicitly for a schedule without num_timesteps.")
+        if continuous:
+            count = int(np.floor((schedule.T - schedule.eps) / step + 1e-9))
+            timesteps = schedule.eps + step * np.arange(count, dtype=np.float64)
+        else:
+            timesteps = np.arange(schedule.num_timesteps - 1, dtype=np.float64)
     timesteps = np.asarray(timesteps, np.float64)
     if timesteps.ndim != 1 or timesteps.size == 0:
         raise ValueError("timesteps must be a non-empty 1-D array of labels.")
@@ -207,6 +217,7 @@ def lipschitz_curve(denoise_fn, x0, schedule, timesteps=None, sharing=None, step
     return {"t": timesteps, "k_one_step": k_one_step, "k_shared_slope": k_shared,
             "delta": delta, "t_tilde": float(sharing.t_tilde) if shared_on else 0.0,
             "step": float(step), "batch_size": int(batch),
+            "time_unit": "t" if continuous else "label",
             "description": DESCRIPTION_SHARED if shared_on else DESCRIPTION_ONE_STEP}
 
 

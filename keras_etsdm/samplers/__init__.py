@@ -1,5 +1,7 @@
-"""Samplers: DDPM, DDIM and DPM-Solver / DPM-Solver++ as compiled ``keras.ops`` loops, and the
-probability-flow ODE with an adaptive scipy solver (``ode.py``, "pf_ode").
+"""Samplers: DDPM, DDIM, DPM-Solver / DPM-Solver++ and the reverse-SDE samplers (Euler–Maruyama,
+predictor–corrector; ``sde.py``) as compiled ``keras.ops`` loops, and the probability-flow ODE
+with an adaptive scipy solver (``ode.py``, "pf_ode"). All run on discrete and continuous
+schedules.
 
     sampler = get_sampler("dpm_solver", num_steps=20, order=3, schedule=model.schedule)
     images = model.sample(sampler, num_samples=16, seed=0)      # or sampler.sample(model, noise)
@@ -9,24 +11,31 @@ Gin names for the sampler classes are registered in ``keras_etsdm.config`` (e.g.
 ``@keras_etsdm.DPMSolverSampler()`` in a config).
 """
 
+import inspect
+
 from keras_etsdm.samplers.base import Sampler, clear_compiled_cache, labels_below, seed_tensor
 from keras_etsdm.samplers.ddim import DDIM_SPACINGS, DDIMSampler, ddim_timesteps
 from keras_etsdm.samplers.ddpm import DDPM_VARIANCES, DDPMSampler, respaced_timesteps
 from keras_etsdm.samplers.dpm_solver import (ALGORITHMS, METHODS, SKIP_TYPES, DPMSolverSampler,
                                              multistep_orders, singlestep_orders, time_grid)
 from keras_etsdm.samplers.ode import ODE_METHODS, ProbabilityFlowSampler
+from keras_etsdm.samplers.sde import (CORRECTORS, PREDICTORS, EulerMaruyamaSampler,
+                                      PredictorCorrectorSampler, ReverseSDESampler)
 
 SAMPLERS = {
     "ddpm": DDPMSampler,
     "ddim": DDIMSampler,
     "dpm_solver": DPMSolverSampler,
     "pf_ode": ProbabilityFlowSampler,
+    "euler_maruyama": EulerMaruyamaSampler,
+    "pc": PredictorCorrectorSampler,
+    "reverse_sde": ReverseSDESampler,
 }
 
 
 def get_sampler(name, **kwargs):
-    """Build a sampler by name: "ddpm", "ddim", "dpm_solver" or "pf_ode" (keyword arguments →
-    constructor).
+    """Build a sampler by name: "ddpm", "ddim", "dpm_solver", "pf_ode", "euler_maruyama", "pc"
+    or "reverse_sde" (keyword arguments → constructor).
 
     Also accepts a ``{"class_name": ..., "config": ...}`` dict as written by ``serialize``.
     """
@@ -43,8 +52,8 @@ def build_sampler(name, schedule, steps=None, options=None, sharing=None):
     (``bin/sample``, ``bin/eval``, ``bin/export``, the benchmarks).
 
     Args:
-        name: "ddpm", "ddim", "dpm_solver" or "pf_ode" (case and "-" / "_" do not matter).
-        schedule: the model's ``DiscreteVPSchedule``.
+        name: a ``SAMPLERS`` key (case and "-" / "_" do not matter).
+        schedule: the model's schedule.
         steps: ``num_steps`` in ``[1, T]``; None keeps the sampler's default. Must be None for
             the adaptive "pf_ode" (its NFE follows from ``rtol`` / ``atol``).
         options: further constructor arguments, e.g. ``{"order": 3, "method": "singlestep"}``
@@ -68,6 +77,9 @@ def build_sampler(name, schedule, steps=None, options=None, sharing=None):
             raise ValueError(f"Sampler option {reserved!r} is set from {instead}; remove it "
                              f"from the options.")
     if _flag(options.pop("sharing_aware", False), "sharing_aware"):
+        if "sharing" not in inspect.signature(SAMPLERS[key]).parameters:
+            raise ValueError(f"Sampler {name!r} has no sharing-aware grid (sharing_aware is "
+                             f"an option of ddim, ddpm and dpm_solver).")
         if "sharing" in options:
             raise ValueError("Give either sharing_aware=True (the model's sharing) or sharing, "
                              "not both.")
@@ -116,6 +128,8 @@ def deserialize(config):
 
 __all__ = [
     "Sampler", "DDPMSampler", "DDIMSampler", "DPMSolverSampler", "ProbabilityFlowSampler",
+    "ReverseSDESampler", "EulerMaruyamaSampler", "PredictorCorrectorSampler", "PREDICTORS",
+    "CORRECTORS",
     "get_sampler", "build_sampler", "ODE_METHODS",
     "labels_below", "serialize", "deserialize", "SAMPLERS", "seed_tensor", "clear_compiled_cache",
     "ddim_timesteps", "respaced_timesteps",

@@ -66,7 +66,7 @@ import numpy as np
 from keras import ops
 
 from keras_etsdm.samplers import _compiled
-from keras_etsdm.schedules import DiscreteVPSchedule
+from keras_etsdm.schedules import ContinuousVPSchedule, DiscreteVPSchedule, schedule_from_config
 from keras_etsdm.time_sharing import TimestepSharing
 
 _CACHE_SIZE = 32
@@ -103,7 +103,9 @@ class Sampler:
     and set ``stochastic``. See the module docstring for the contract.
 
     Args:
-        schedule: the ``DiscreteVPSchedule`` the denoiser was trained with.
+        schedule: the ``DiscreteVPSchedule`` or ``ContinuousVPSchedule`` the denoiser was
+            trained with (its config dict works too). On a continuous schedule the denoiser is
+            called with times t in ``[eps, T]`` (``schedule.label`` is the identity there).
         sharing: None (default) or the model's ``TimestepSharing`` (or its config dict): makes
             the grid sharing-aware (see ``sharing_segments``); the denoiser must then use this
             very sharing map.
@@ -118,11 +120,12 @@ class Sampler:
         if schedule is None:
             schedule = DiscreteVPSchedule()
         if isinstance(schedule, dict):
-            schedule = DiscreteVPSchedule.from_config(schedule)
-        if not isinstance(schedule, DiscreteVPSchedule):
-            raise TypeError(f"schedule must be a DiscreteVPSchedule, got {type(schedule)}.")
+            schedule = schedule_from_config(schedule)
+        if not isinstance(schedule, (DiscreteVPSchedule, ContinuousVPSchedule)):
+            raise TypeError(f"schedule must be a DiscreteVPSchedule or a ContinuousVPSchedule, "
+                            f"got {type(schedule)}.")
         self.schedule = schedule
-        self.sharing = _parse_sharing(sharing, schedule.num_timesteps)
+        self.sharing = _parse_sharing(sharing, schedule)
         self._loop_tables_cache = None
 
     # ----- to implement -----------------------------------------------------------------------
@@ -355,7 +358,7 @@ def denoiser_cache_key(denoiser):
     return id(denoiser)
 
 
-def _parse_sharing(sharing, num_timesteps):
+def _parse_sharing(sharing, schedule):
     if sharing is None:
         return None
     if isinstance(sharing, dict):
@@ -365,9 +368,10 @@ def _parse_sharing(sharing, num_timesteps):
                         f"dict or None, got {type(sharing)}.")
     if not sharing.enabled:
         return None  # the baseline: no pieces, the plain grid
-    if sharing.t_tilde >= num_timesteps - 1:
-        raise ValueError(f"sharing t_tilde={sharing.t_tilde} must be below the largest label "
-                         f"{num_timesteps - 1} of the schedule.")
+    low, top = schedule.label_range
+    if not low < sharing.t_tilde < top:
+        raise ValueError(f"sharing t_tilde={sharing.t_tilde} must lie strictly inside the "
+                         f"schedule's time labels ({low:g}, {top:g}).")
     return sharing
 
 
@@ -416,33 +420,59 @@ def allocate_steps(lengths, total, caps=None):
     return counts
 
 
-def sharing_aware_labels(sharing, num_steps, top, end, measure=None):
-    """Integer labels of a DDIM/DDPM grid with a knot on every sharing boundary.
+def sharing_aware_labels(sharing, num_steps, top, end, measure=None, integer=True):
+    """Labels of a DDIM/DDPM grid with a knot on every sharing boundary.
 
     The labels ``[end, top]`` are cut at the knots (``sharing_segments``); each segment
     ``(hi, lo)`` gets ``m`` steps (``allocate_steps`` over its length in ``measure(label)``,
-    default the label itself, at most ``hi − lo``) and visits ``hi − round(j (hi − lo) / m)``,
-    j = 0..m−1, so every piece boundary is visited and no step crosses one.
+    default the label itself; with ``integer`` at most ``hi − lo``) and visits
+    ``hi − j (hi − lo) / m`` (rounded with ``integer``), j = 0..m−1, so every piece boundary is
+    visited and no step crosses one.
 
     Args:
         num_steps: S, the number of labels visited.
-        top: the first (largest) label visited, T − 1.
-        end: where the last step lands: −1 for ᾱ = 1 (x̂0), 0 for label 0.
+        top: the first (largest) label visited (T − 1, or T in continuous time).
+        end: where the last step lands: −1 for ᾱ = 1 (x̂0), 0 for label 0 (continuous time:
+            0 for ᾱ = 1, or eps).
+        integer: discrete labels (int64, rounded); False: float64 continuous times.
     Returns:
-        int64 ``[S]``, strictly increasing.
+        ``[S]`` labels, strictly increasing.
     """
     measure = measure or (lambda label: label)
     segments = list(itertools.pairwise(sharing_segments(sharing, top, end)))
     lengths = [measure(hi) - measure(lo) for hi, lo in segments]
-    caps = [round(hi - lo) for hi, lo in segments]  # integer labels in (lo, hi]
+    caps = [round(hi - lo) for hi, lo in segments] if integer else None  # labels in (lo, hi]
     counts = allocate_steps(lengths, num_steps, caps)
     labels = []
     for (hi, lo), m in zip(segments, counts):
-        labels.extend(round(hi - j * (hi - lo) / m) for j in range(m))
-    labels = np.asarray(labels[::-1], np.int64)
+        points = [hi - j * (hi - lo) / m for j in range(m)]
+        labels.extend([round(p) for p in points] if integer else points)
+    labels = np.asarray(labels[::-1], np.int64 if integer else np.float64)
     if np.any(np.diff(labels) <= 0):
         raise AssertionError(f"sharing-aware labels not strictly increasing: {labels}")
     return labels
+
+
+def explicit_labels(timesteps, schedule):
+    """User-given DDIM timesteps → sorted unique labels (int64 in ``[0, T − 1]``; continuous
+    schedules: float64 times in ``[eps, T]``), or a ``ValueError`` saying what was wrong."""
+    steps = np.asarray(timesteps)
+    low, top = schedule.label_range
+    if schedule.is_continuous:
+        if steps.ndim != 1 or steps.size == 0 or steps.dtype.kind not in "iuf":
+            raise ValueError(f"timesteps must be a non-empty list of times, got {timesteps!r}.")
+        steps = np.unique(steps.astype(np.float64))
+        if steps.size != len(timesteps) or steps[0] < low or steps[-1] > top:
+            raise ValueError(f"timesteps must be distinct times in [{low:g}, {top:g}], got "
+                             f"{timesteps!r}.")
+        return steps
+    if steps.ndim != 1 or steps.size == 0 or np.any(steps != np.round(steps)):
+        raise ValueError(f"timesteps must be a non-empty list of integers, got {timesteps!r}.")
+    steps = np.unique(steps.astype(np.int64))
+    if steps.size != len(timesteps) or steps[0] < 0 or steps[-1] > top:
+        raise ValueError(f"timesteps must be distinct labels in [0, {top:.0f}], got "
+                         f"{timesteps!r}.")
+    return steps
 
 
 def _conditioning_tensors(conditioning, batch):

@@ -13,7 +13,8 @@ goes to ᾱ of label 0. No noise is added on the last step.
 import numpy as np
 
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
-                                       predict_eps_and_x0, sharing_aware_labels)
+                                       explicit_labels, predict_eps_and_x0,
+                                       sharing_aware_labels)
 
 DDIM_SPACINGS = ("uniform", "quad", "trailing")
 
@@ -48,6 +49,26 @@ def ddim_timesteps(num_steps, num_timesteps, spacing="uniform"):
     return steps
 
 
+def continuous_ddim_times(num_steps, schedule, spacing="uniform"):
+    """Increasing times visited by DDIM on a ``ContinuousVPSchedule`` (float64 ``[S]``).
+
+    The discrete spacings carried over to t ∈ [eps, T] with u = (t − eps)/(T − eps):
+    "uniform" u = k/S (never visits T, as the discrete one never visits T − 1), "trailing"
+    u = (k + 1)/S (starts at T), "quad" u = 0.8 (k/(S − 1))², k = 0..S−1.
+    """
+    num_steps = _validate_num_steps(num_steps, schedule.num_timesteps)
+    _check_choice("spacing", spacing, DDIM_SPACINGS)
+    k = np.arange(num_steps, dtype=np.float64)
+    if spacing == "uniform":
+        u = k / num_steps
+    elif spacing == "trailing":
+        u = (k + 1.0) / num_steps
+    else:
+        u = 0.8 * (k / max(num_steps - 1, 1)) ** 2
+    low, top = schedule.label_range
+    return low + u * (top - low)
+
+
 class DDIMSampler(Sampler):
     """DDIM with η noise, on a named step spacing or explicit timesteps.
 
@@ -55,12 +76,15 @@ class DDIMSampler(Sampler):
         num_steps: number of steps S (= NFE), 1 ≤ S ≤ T.
         eta: η ≥ 0; 0 is the deterministic DDIM (= DPM-Solver-1), 1 is DDPM-like.
         spacing: "uniform" (default), "quad" or "trailing" (see ``ddim_timesteps``).
-        timesteps: optional explicit integer labels (any order, distinct, in [0, T−1]); then
-            ``num_steps`` and ``spacing`` are ignored.
+        timesteps: optional explicit integer labels (any order, distinct, in [0, T−1]; on a
+            continuous schedule times in [eps, T]); then ``num_steps`` and ``spacing`` are
+            ignored.
         set_alpha_to_one: the last step goes to ᾱ = 1 (x̂0, default) instead of ᾱ_0.
         clip_x0: clip x̂0 to [−1, 1] (and re-derive ε̂ from it) at every step, as guided-diffusion
             does for images. Off by default (exact ODE maths).
-        schedule: the ``DiscreteVPSchedule`` of the model.
+        schedule: the model's ``DiscreteVPSchedule``, or a ``ContinuousVPSchedule`` (then the
+            grid is ``continuous_ddim_times`` and ᾱ comes from the schedule's closed form; the
+            last step goes to t = 0, where ᾱ = 1, or to eps).
         sharing: None, or the model's ``TimestepSharing`` for a sharing-aware grid: every piece
             boundary below t̃ is a visited label (``sharing_aware_labels``: steps spread over the
             pieces by their length in labels, or in √label for ``spacing="quad"``, uniform in
@@ -83,18 +107,11 @@ class DDIMSampler(Sampler):
         self.eta = float(eta)
         self.spacing = _check_choice("spacing", spacing, DDIM_SPACINGS)
         if timesteps is not None:
-            steps = np.asarray(timesteps)
-            if steps.ndim != 1 or steps.size == 0 or np.any(steps != np.round(steps)):
-                raise ValueError(f"timesteps must be a non-empty list of integers, got "
-                                 f"{timesteps!r}.")
-            steps = np.unique(steps.astype(np.int64))
-            if steps.size != len(timesteps) or steps[0] < 0 or steps[-1] > T - 1:
-                raise ValueError(f"timesteps must be distinct labels in [0, {T - 1}], got "
-                                 f"{timesteps!r}.")
+            steps = explicit_labels(timesteps, self.schedule)
             if self.sharing is not None:
                 raise ValueError("timesteps and sharing exclude each other: a sharing-aware "
                                  "grid places its own labels on the piece boundaries.")
-            self.timesteps = [int(s) for s in steps]
+            self.timesteps = [s.item() for s in steps]
             self.num_steps = len(self.timesteps)
         else:
             self.num_steps = _validate_num_steps(num_steps, T)
@@ -105,21 +122,29 @@ class DDIMSampler(Sampler):
         self._finish_init()
 
     def step_labels(self):
-        """Increasing int64 labels of the grid."""
+        """Increasing labels of the grid (int64; float64 times on a continuous schedule)."""
+        sched = self.schedule
         if self.timesteps is not None:
-            return np.asarray(self.timesteps, dtype=np.int64)
-        T = self.schedule.num_timesteps
+            return np.asarray(self.timesteps,
+                              dtype=np.float64 if sched.is_continuous else np.int64)
         if self.sharing is not None:
-            measure = (lambda label: np.sqrt(label + 1.0)) if self.spacing == "quad" else None
-            return sharing_aware_labels(self.sharing, self.num_steps, T - 1,
-                                        -1 if self.set_alpha_to_one else 0, measure)
-        return ddim_timesteps(self.num_steps, T, self.spacing)
+            low, top = sched.label_range
+            # The landing point: ᾱ = 1 (label −1, continuous t = 0) or the lowest label.
+            end = (0.0 if sched.is_continuous else -1) if self.set_alpha_to_one else low
+            offset = 0.0 if sched.is_continuous else 1.0
+            measure = (lambda label: np.sqrt(label + offset)) if self.spacing == "quad" else None
+            return sharing_aware_labels(self.sharing, self.num_steps, top, end, measure,
+                                        integer=not sched.is_continuous)
+        if sched.is_continuous:
+            return continuous_ddim_times(self.num_steps, sched, self.spacing)
+        return ddim_timesteps(self.num_steps, sched.num_timesteps, self.spacing)
 
     def _make_tables(self):
         sched = self.schedule
         labels = self.step_labels()[::-1]  # walk from the noisiest label down
-        alpha_bar = sched.alphas_cumprod[labels]
-        final = 1.0 if self.set_alpha_to_one else sched.alphas_cumprod[0]
+        alpha_bar = sched.alpha_bar(labels)
+        lowest = np.asarray(sched.eps if sched.is_continuous else 0)
+        final = 1.0 if self.set_alpha_to_one else float(sched.alpha_bar(lowest))
         alpha_bar_prev = np.append(alpha_bar[1:], final)
         noise_std = (self.eta * np.sqrt((1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
                      * np.sqrt(1.0 - alpha_bar / alpha_bar_prev))

@@ -20,6 +20,16 @@ from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_ste
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 
 
+def continuous_respaced_times(num_steps, schedule):
+    """Increasing float64 times ``linspace(eps, T, S)`` (``[T]`` for S = 1) on a
+    ``ContinuousVPSchedule`` (score_sde's ancestral sampler walks the same uniform grid)."""
+    num_steps = _validate_num_steps(num_steps, schedule.num_timesteps)
+    low, top = schedule.label_range
+    if num_steps == 1:
+        return np.array([top], dtype=np.float64)
+    return np.linspace(low, top, num_steps)
+
+
 def respaced_timesteps(num_steps, num_timesteps):
     """Increasing int64 labels: ``round(linspace(0, T−1, S))`` (``[T−1]`` for S = 1)."""
     num_steps = _validate_num_steps(num_steps, num_timesteps)
@@ -36,7 +46,9 @@ class DDPMSampler(Sampler):
         variance: "fixed_small" (posterior β̃, default) or "fixed_large" (β).
         clip_x0: clip x̂0 to [−1, 1] before forming the posterior mean (guided-diffusion's
             ``clip_denoised``). Off by default (exact maths).
-        schedule: the ``DiscreteVPSchedule`` of the model.
+        schedule: the model's ``DiscreteVPSchedule``, or a ``ContinuousVPSchedule`` (the
+            grid is then ``continuous_respaced_times``, N = ``num_scales`` steps by default,
+            with the exact ᾱ ratios of the closed form: the DDPM posterior on that grid).
         sharing: None, or the model's ``TimestepSharing``: a respaced grid (``num_steps < T``)
             then visits every piece boundary below t̃ (``sharing_aware_labels``), so no step
             crosses one. Unlike DDIM and DPM-Solver the network is still called at the true
@@ -59,7 +71,14 @@ class DDPMSampler(Sampler):
         self._finish_init()
 
     def step_labels(self):
-        T = self.schedule.num_timesteps
+        """Increasing labels of the chain (int64; float64 times on a continuous schedule)."""
+        sched = self.schedule
+        T = sched.num_timesteps
+        if sched.is_continuous:
+            if self.sharing is not None:
+                return sharing_aware_labels(self.sharing, self.num_steps, sched.T, 0.0,
+                                            integer=False)
+            return continuous_respaced_times(self.num_steps, sched)
         if self.sharing is not None and self.num_steps < T:
             return sharing_aware_labels(self.sharing, self.num_steps, T - 1, -1)
         return respaced_timesteps(self.num_steps, T)
@@ -67,10 +86,10 @@ class DDPMSampler(Sampler):
     def _make_tables(self):
         sched = self.schedule
         labels = self.step_labels()[::-1]
-        alpha_bar = sched.alphas_cumprod[labels]
+        alpha_bar = sched.alpha_bar(labels)
         alpha_bar_prev = np.append(alpha_bar[1:], 1.0)
         betas = 1.0 - alpha_bar / alpha_bar_prev
-        if self.num_steps == sched.num_timesteps:
+        if self.num_steps == sched.num_timesteps and not sched.is_continuous:
             betas = sched.betas[labels]  # exact table values, no division round-off
         one_minus = 1.0 - alpha_bar
         if self.variance == "fixed_small":

@@ -1,6 +1,7 @@
 """DPM-Solver and DPM-Solver++ (Lu et al. 2022), singlestep and multistep, orders 1–3.
 
-The discrete-time model is seen through the continuous-time wrapper of the reference
+On a ``ContinuousVPSchedule`` the solver works on t ∈ [eps, T] with the closed-form log α and
+the denoiser is called at t itself. A discrete-time model is seen through the continuous-time wrapper of the reference
 implementation (LuChengTHU/dpm-solver): t ∈ [1/T, 1], log α(t) interpolated piecewise linearly
 over the knots t_n = (n+1)/T, the network label is (t − 1/T)·T (``DiscreteVPSchedule.label``).
 The update rules, time grids ("time_uniform", "logSNR", "time_quadratic"), the multistep warm-up,
@@ -81,7 +82,7 @@ def multistep_orders(num_steps, order, lower_order_final=True):
 
 
 class DPMSolverSampler(Sampler):
-    """DPM-Solver / DPM-Solver++ on a discrete-time ε-prediction model.
+    """DPM-Solver / DPM-Solver++ on a discrete- or continuous-time ε-prediction model.
 
     Args:
         num_steps: NFE, 1 ≤ S ≤ T.
@@ -93,7 +94,8 @@ class DPMSolverSampler(Sampler):
         lower_order_final: lower orders in the last multistep steps when S < 10.
         thresholding: Imagen dynamic thresholding of x̂0 (dpmsolver++ only).
         dynamic_thresholding_ratio, thresholding_max_val: its quantile p and floor s ≥ max_val.
-        schedule: the ``DiscreteVPSchedule`` of the model.
+        schedule: the model's ``DiscreteVPSchedule`` or ``ContinuousVPSchedule`` (t ∈
+            [eps, T] directly; the denoiser gets t as its label).
         sharing: None, or the model's ``TimestepSharing`` for a sharing-aware grid: a knot on
             every piece boundary below t̃ (NFE spread over the pieces in the grid's variable,
             at least one per piece), the multistep history and the singlestep order schedule
@@ -194,8 +196,9 @@ class DPMSolverSampler(Sampler):
         ns = self.schedule
         if self.sharing is None:
             return [(ns.T, ns.eps, self.num_steps)]
-        T = ns.num_timesteps
-        ends = [(label + 1.0) / T for label in sharing_segments(self.sharing, T - 1, 0)]
+        low, top = ns.label(ns.eps), ns.label(ns.T)
+        ends = [float(ns.time_of_label(label))
+                for label in sharing_segments(self.sharing, top, low)]
         ends[0], ends[-1] = ns.T, ns.eps  # exact ends
         if self.skip_type == "logSNR":
             measure = ns.marginal_lambda(np.asarray(ends))

@@ -10,7 +10,8 @@ on the continuous-time view of the schedule, with ``f(t) = d log α(t)/dt`` and
 
     dx/dt = f(t) · (x − ε̂(x, t) / σ_t).
 
-* ``LinearVPSDE``: ``f(t) = −½ β(t)``, ``β(t) = β_min + t (β_max − β_min)`` (score_sde's VPSDE).
+* ``ContinuousVPSchedule`` (``LinearVPSDE``): ``f(t) = −½ β(t)`` in closed form, e.g.
+  ``β(t) = β_min + t (β_max − β_min)`` for score_sde's VP-SDE.
 * ``DiscreteVPSchedule``: ``log α(t)`` is piecewise linear over the knots ``t_n = (n + 1)/T``
   (the DPM-Solver discrete wrapper), so ``f`` is piecewise CONSTANT,
   ``f(t) = T·(log α_{n+1} − log α_n)`` on ``[t_n, t_{n+1})``, and jumps at every knot (by
@@ -19,14 +20,14 @@ on the continuous-time view of the schedule, with ``f(t) = d log α(t)/dt`` and
   exact solution for Gaussian data depends only on α, σ at the two ends, so it is still the
   reference the tests compare with.
 
-The sampler integrates from ``t = 1`` (the schedule's ``T``) down to ``t = eps`` (default the
+The sampler integrates from the schedule's ``T`` (1; 0.9946 for cosine) down to ``t = eps`` (default the
 schedule's ``eps``: ``1/T`` = label 0 for a ``DiscreteVPSchedule``, like DPM-Solver; no final
 denoising step, as score_sde's default) with ``scipy.integrate.solve_ivp`` in float64 on the
 host; the whole batch is one state vector with one ``rtol`` / ``atol`` (as score_sde). Each
 right-hand-side evaluation is ONE network evaluation through the denoiser (a
 ``DiffusionModel``'s ``denoise``: E-TSDM's time sharing applies there, unseen by the solver),
-at the float32 label ``schedule.label(t)`` (``(t − 1/T)·T`` discrete, ``t·(N − 1)`` for the
-VP-SDE). The denoiser call is compiled once per (denoiser, input shapes) by the same path as
+at the float32 label ``schedule.label(t)`` (``(t − 1/T)·T`` discrete, t itself on a continuous
+schedule). The denoiser call is compiled once per (denoiser, input shapes) by the same path as
 the table-driven samplers (``_compiled.CompiledSegment``: ``jax.jit`` with the weights as
 arguments, or ``tf.function(jit_compile=True)``); the solver loop itself runs in Python.
 
@@ -43,7 +44,7 @@ from keras import ops
 from keras_etsdm import backend as etsdm_backend
 from keras_etsdm.samplers import _compiled
 from keras_etsdm.samplers.base import _conditioning_tensors, denoiser_cache_key
-from keras_etsdm.schedules import DiscreteVPSchedule, LinearVPSDE
+from keras_etsdm.schedules import DiscreteVPSchedule, schedule_from_config
 
 # The explicit and implicit solvers of scipy.integrate.solve_ivp.
 ODE_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
@@ -53,16 +54,15 @@ _COMPILED_DENOISERS = collections.OrderedDict()  # denoiser key -> compiled fn, 
 
 
 def parse_schedule(schedule):
-    """None → the default ``DiscreteVPSchedule()``; a config dict → its schedule (a dict with
-    ``beta_min`` is a ``LinearVPSDE``); a schedule is returned as is."""
+    """None → the default ``DiscreteVPSchedule()``; a config dict → its schedule
+    (``schedule_from_config``); a schedule is returned as is."""
     if schedule is None:
         return DiscreteVPSchedule()
     if isinstance(schedule, dict):
-        cls = LinearVPSDE if "beta_min" in schedule else DiscreteVPSchedule
-        return cls.from_config(schedule)
+        return schedule_from_config(schedule)
     if not all(hasattr(schedule, name) for name in ("marginal_log_mean_coeff_derivative",
                                                       "time_of_log_mean_coeff")):
-        raise TypeError(f"schedule must be a DiscreteVPSchedule or a LinearVPSDE, got "
+        raise TypeError(f"schedule must be a DiscreteVPSchedule or a ContinuousVPSchedule, got "
                         f"{type(schedule)}.")
     return schedule
 
@@ -70,7 +70,7 @@ def parse_schedule(schedule):
 def drift_coefficient(schedule, t):
     """``f(t) = d log α(t) / dt`` (numpy float64, the shape of ``t``; units 1 / time), from the
     schedule's ``marginal_log_mean_coeff_derivative`` (piecewise constant for a
-    ``DiscreteVPSchedule``, ``−½ β(t)`` for a ``LinearVPSDE``)."""
+    ``DiscreteVPSchedule``, ``−½ β(t)`` for a ``ContinuousVPSchedule``)."""
     return np.asarray(schedule.marginal_log_mean_coeff_derivative(t), np.float64)
 
 
@@ -197,8 +197,9 @@ class ProbabilityFlowSampler:
             as one vector; the NFE grows as they tighten (score_sde: 1e-5 both).
         method: a ``scipy.integrate.solve_ivp`` method, default "RK45" (Dormand–Prince).
         eps: end time in ``[schedule.eps, 1)``; None → ``schedule.eps`` (1/T, label 0, for a
-            ``DiscreteVPSchedule``; 1e-3 for the default ``LinearVPSDE``).
-        schedule: a ``DiscreteVPSchedule`` (default) or a ``LinearVPSDE`` (or a config dict).
+            ``DiscreteVPSchedule``; 1e-3 for the default ``ContinuousVPSchedule``).
+        schedule: a ``DiscreteVPSchedule`` (default) or a ``ContinuousVPSchedule`` (or a
+            config dict).
         time_variable: the solver's independent variable, "log_alpha" (default: smooth for
             the discrete schedule's piecewise-linear log α) or "t" (score_sde's); see
             ``ODETime``. The ODE and its solution are the same; the NFE and error differ.
