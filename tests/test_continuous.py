@@ -150,6 +150,23 @@ def test_continuous_bad_input_is_a_clear_error():
         build_sampler("euler_maruyama", sched, 10, {"sharing_aware": True}, model.sharing)
 
 
+def test_lipschitz_diagnostic_in_continuous_time():
+    """Default grid: one network label (1/999 in t) per step; a shared continuous model is
+    constant inside its pieces, so K is 0 there and non-zero at the piece ends."""
+    from keras_etsdm.evaluation import lipschitz
+
+    sched = ContinuousVPSchedule()
+    model = probe_model(sched)
+    x0 = np.random.default_rng(0).normal(size=(4, 4, 4, 2)).astype(np.float32)
+    curve = lipschitz.lipschitz_curve(lipschitz.model_denoise_fn(model), x0, sched)
+    assert curve["time_unit"] == "t" and curve["step"] == pytest.approx(1 / 999)
+    t, k = curve["t"], curve["k_one_step"]
+    assert t[0] == pytest.approx(sched.eps) and t[-1] + curve["step"] <= sched.T + 1e-9
+    inside = (t > 0.021) & (t < 0.038)  # t and t + 1/999 both in the piece [0.02, 0.04)
+    assert inside.sum() > 10 and np.all(k[inside] == 0.0)
+    assert np.all(k[(t > 0.2) & (t < 0.9)] > 0)  # unshared: the condition moves with t
+
+
 def tiny_unet():
     return ke.build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1,),
                          num_res_blocks=1, attention_resolutions=(), dropout=0.0)
