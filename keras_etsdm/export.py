@@ -167,13 +167,15 @@ def export_metadata(model, sampler=None, use_ema=True, platforms=None):
 
 def _signature_docs(model, sampler):
     h, w, c = model.image_shape
+    low, top = model.schedule.label_range
+    time_kind = "continuous times" if model.schedule.is_continuous else "time labels"
     labels_doc = (f"int32[B] class ids in [0, {model.num_classes - 1}]; {model.num_classes} = "
                   f"null class (unconditional)" if model.conditional else None)
     docs = {
         "denoise": {
             "inputs": {"x_t": f"float32[B,{h},{w},{c}] noisy images",
-                       "t": f"float32[B] time labels in [0, {model.schedule.num_timesteps - 1}]"
-                            " (true time; the E-TSDM sharing map is applied inside)",
+                       "t": f"float32[B] {time_kind} in [{low:g}, {top:g}] (true time; the "
+                            "E-TSDM sharing map is applied inside)",
                        **({"labels": labels_doc} if labels_doc else {})},
             "outputs": {"eps": f"float32[B,{h},{w},{c}] predicted noise"}},
         "metadata": {"inputs": {}, "outputs": {"metadata": "string: this JSON document"}},
