@@ -2,12 +2,14 @@
 
 Fixed small configuration (issue 2): 32×32×3 images, base_channels 64, channel_mult
 (1, 2, 2, 2), 2 res blocks, attention at 16×16, dropout 0.1, batch 32, Adam, EMA on; the
-step is ``DiffusionModel.fit`` (noise-prediction MSE) exactly as a user runs it.
+step is ``DiffusionModel.fit`` (noise-prediction MSE) exactly as a user runs it: ONE fit per
+worker over all warm-up and timed steps, as ``bin/train`` runs it (``_GatedFit`` pauses it
+between repeats; no per-repeat fit set-up is timed).
 
 Each backend runs in its own worker process (the backend is fixed at import); the workers take
-turns, one timed repeat each, warm-up excluded; medians and inter-quartile ranges over the
-repeats are reported. Achieved GFLOP/s uses the model FLOPs of a training step, 3 × the forward
-FLOPs counted by XLA's cost analysis (forward + backward ≈ 3 × forward), against float32
+turns in a random order per repeat (seeded), one timed repeat each, warm-up excluded; medians
+and inter-quartile ranges over the repeats are reported. Achieved GFLOP/s uses the model FLOPs
+of a training step, 3 × the forward FLOPs counted by XLA's cost analysis (forward + backward ≈ 3 × forward), against float32
 matmul rates measured at the same time in numpy and in each framework.
 
     python benchmarks/train_step.py                      # jax and tensorflow, defaults
@@ -40,7 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--base_channels", type=int, default=SMALL_CONFIG["base_channels"])
     p.add_argument("--steps", type=int, default=3, help="training steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats per backend")
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats per backend")
+    p.add_argument("--order_seed", type=int, default=0,
+                   help="seed of the random worker order in each repeat")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
     p.add_argument("--matmul_n", type=int, default=1024)
     p.add_argument("--tf_jit_compile", default="auto",
@@ -95,6 +99,75 @@ def forward_flops_per_image(network, batch, image_size):
     return float(cost["flops"]) / batch
 
 
+class _GatedFit:
+    """ONE ``model.fit`` over every warm-up and timed step, as ``bin/train`` runs it, paused
+    between timed repeats so that the workers can still take turns.
+
+    ``fit`` runs in a background thread; a callback blocks it after every ``steps`` batches
+    (and after the warm-up) until the parent asks for the next repeat. A repeat is timed from
+    the release of the gate to the end of its last batch, synchronised on the loss value (JAX
+    dispatches steps asynchronously, so the batch-end hook alone would not wait for the
+    computation). No fit set-up, data-adapter or iterator cost is inside a repeat.
+    """
+
+    def __init__(self, model, data, batch, steps, warmup, repeats):
+        import threading
+
+        import keras
+
+        self.steps, self.warmup = steps, warmup
+        self.release = threading.Semaphore(0)
+        self.reached = threading.Semaphore(0)
+        self.batch_ends = []
+        self.error = None
+        total = warmup + steps * repeats
+        gate = self
+
+        class Gate(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                done = batch + 1
+                boundary = done == gate.warmup or (
+                    done > gate.warmup and (done - gate.warmup) % gate.steps == 0)
+                if done == 1 or boundary:
+                    float(keras.ops.convert_to_numpy(logs["loss"]))  # wait for the step
+                    gate.batch_ends.append(time.perf_counter())
+                    gate.reached.release()
+                    if done < total:
+                        gate.release.acquire()
+
+        def run():
+            try:
+                model.fit(data, batch_size=batch, epochs=1, steps_per_epoch=total,
+                          shuffle=False, verbose=0, callbacks=[Gate()])
+            except BaseException as e:  # reported by the next request
+                gate.error = e
+                gate.reached.release()
+
+        self.start = time.perf_counter()
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def _wait(self):
+        self.reached.acquire()
+        if self.error is not None:
+            raise RuntimeError(f"fit failed: {self.error!r}")
+        return self.batch_ends[-1]
+
+    def first_step_and_warmup(self):
+        """Seconds of the first step (compilation included), then the rest of the warm-up."""
+        first = self._wait() - self.start
+        if self.warmup > 1:
+            self.release.release()
+            self._wait()
+        return first
+
+    def timed_repeat(self):
+        """Seconds of ``steps`` training steps inside the running fit."""
+        start = time.perf_counter()
+        self.release.release()
+        return self._wait() - start
+
+
 def worker_main(args):
     import keras
 
@@ -102,33 +175,29 @@ def worker_main(args):
     model = build_model(args)
     steps = args.steps
     rng = np.random.default_rng(0)
-    data = rng.uniform(-1, 1, size=(steps * args.batch, args.image_size, args.image_size, 3))
+    total = max(args.warmup, 1) + steps * args.repeats
+    # One pass over distinct batches (no epoch boundary inside the fit).
+    data = rng.uniform(-1, 1, size=(total * args.batch, args.image_size, args.image_size, 3))
     data = data.astype(np.float32)
     state = {}
 
-    def fit(num_steps):
-        model.fit(data, batch_size=args.batch, epochs=1, steps_per_epoch=num_steps,
-                  shuffle=False, verbose=0)
-
     def warmup(request):
-        start = time.perf_counter()
-        fit(1)
-        first = time.perf_counter() - start
-        if args.warmup > 1:
-            fit(args.warmup - 1)
-        state["matmul"] = harness.framework_matmul_fn(backend, args.matmul_n)
-        state["matmul"]()
-        result = {"first_step_s": first, "params": int(model.network.count_params()),
-                  "backend": backend, "jit_compile": str(model.jit_compile)}
-        if backend == "jax":
+        result = {"params": int(model.network.count_params()), "backend": backend}
+        if backend == "jax":  # before fit: a paused JAX fit holds the variables' values
             result["forward_flops_per_image"] = forward_flops_per_image(
                 model.network, args.batch, args.image_size)
+        state["fit"] = _GatedFit(model, data, args.batch, steps, max(args.warmup, 1),
+                                 args.repeats)
+        result["first_step_s"] = state["fit"].first_step_and_warmup()
+        result["jit_compile"] = str(model.jit_compile)
+        state["matmul"] = harness.framework_matmul_fn(backend, args.matmul_n)
+        state["matmul"]()
         return result
 
     def train(request):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        fit(steps)
-        return {"seconds": time.perf_counter() - start, "steps": steps,
+        cpu_start = time.process_time()
+        seconds = state["fit"].timed_repeat()
+        return {"seconds": seconds, "steps": steps,
                 "cpu_seconds": time.process_time() - cpu_start}
 
     def matmul(request):
@@ -153,6 +222,7 @@ def start_worker(args, backend, jit_compile, name):
             "--batch", str(args.batch), "--image_size", str(args.image_size),
             "--base_channels", str(args.base_channels), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--matmul_n", str(args.matmul_n),
+            "--repeats", str(args.repeats),
             "--jit_compile", jit_compile,
             "--jax_steps_per_execution", str(args.jax_steps_per_execution)]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
@@ -191,8 +261,9 @@ def main(args):
         train_cpu = {w.name: [] for w in workers}
         matmul = {w.name: [] for w in workers}
         numpy_rates = []
+        order_rng = np.random.default_rng(args.order_seed)
         for r in range(args.repeats):
-            for w in workers:
+            for w in [workers[i] for i in order_rng.permutation(len(workers))]:
                 result = w.request("train")
                 train[w.name].append(result["seconds"])
                 train_cpu[w.name].append(result["cpu_seconds"])
