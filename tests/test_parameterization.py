@@ -392,6 +392,19 @@ def tiny_network():
                          num_res_blocks=1, attention_resolutions=(), dropout=0.0)
 
 
+def test_v_model_fits_on_a_zero_terminal_snr_schedule():
+    """The one compiled train step of this file: a v model on a ZTSNR schedule trains with
+    ``fit`` (finite loss, EMA updated) and draws exactly t and ε per step, as ε models do."""
+    model = ke.DiffusionModel(tiny_network(), schedule=ZSCHED, prediction_type="v", seed=1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x = np.random.default_rng(11).uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32)
+    history = model.fit(x, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    assert np.isfinite(history.history["loss"][0])
+    state = to_np(model.seed_generator.state.value)
+    assert int(state[1]) == 2 * 2  # two steps, two draws (t, ε) each
+    assert float(to_np(model.ema_updates.value)) == 2
+
+
 def test_v_model_config_and_keras_round_trip(tmp_path):
     model = ke.DiffusionModel(tiny_network(), schedule=ZSCHED, prediction_type="v")
     config = model.get_config()
