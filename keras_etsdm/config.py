@@ -5,7 +5,9 @@ the ``keras_etsdm.`` prefix:
 
 * ``train``                 the run driver (``training.train``): steps, batch, checkpoints, logs
 * ``build_model``           ``DiffusionModel`` from network / schedule / sharing
-                            (``build_model.use_etsdm = False`` is the DDPM baseline)
+                            (``build_model.use_etsdm = False`` is the DDPM baseline,
+                            ``build_model.prediction_type = 'v'`` / ``'x0'`` the target;
+                            ``DiscreteVPSchedule.zero_terminal_snr = True`` needs one of them)
 * ``build_network``         the U-Net (``folding.build_network``: ``build_unet`` arguments + fold)
 * ``make_dataset``          the input pipeline (embedded / folder / tfrecord / lmdb / tfds)
 * ``make_optimizer``        Adam + warm-up + gradient clipping

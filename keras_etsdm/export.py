@@ -5,7 +5,9 @@ library, nor Keras, nor JAX is needed to load and call it. Signatures (batch siz
 
 * ``denoise(x_t: float32[B,H,W,C], t: float32[B]) -> {"eps": float32[B,H,W,C]}``: the network
   behind ``DiffusionModel.denoise``, E-TSDM sharing map included; ``t`` are float time labels in
-  ``[0, T-1]`` (the TRUE time, the export applies the sharing itself).
+  ``[0, T-1]`` (the TRUE time, the export applies the sharing itself). The output is the native
+  prediction, keyed by what it is: ``"eps"`` for an ε-prediction model, ``"v"`` or ``"x0"`` for
+  the others (metadata ``prediction_type``); the ``sample`` loop converts it itself.
 * ``sample(noise: float32[B,H,W,C]) -> {"images": uint8[B,H,W,C]}``: the whole compiled loop of
   the configured sampler and step count, from ``x_T = noise`` to uint8 images
   ``clip(round((x_0 + 1) · 127.5), 0, 255)``. Stochastic samplers (DDPM, DDIM with η > 0) take
@@ -142,6 +144,7 @@ def export_metadata(model, sampler=None, use_ema=True, platforms=None):
                          "shared_labels": sharing.boundaries()},
         "num_classes": model.num_classes,
         "null_class": model.null_id,
+        "prediction_type": model.prediction_type,
         "weights": "ema" if use_ema else "raw",
         "ema_decay": model.ema_decay,
         "ema_updates": int(etsdm_backend.to_numpy(model.ema_updates.value)),
@@ -177,7 +180,8 @@ def _signature_docs(model, sampler):
                        "t": f"float32[B] {time_kind} in [{low:g}, {top:g}] (true time; the "
                             "E-TSDM sharing map is applied inside)",
                        **({"labels": labels_doc} if labels_doc else {})},
-            "outputs": {"eps": f"float32[B,{h},{w},{c}] predicted noise"}},
+            "outputs": {_denoise_output_key(model): f"float32[B,{h},{w},{c}] "
+                        f"{_PREDICTION_DOCS[model.prediction_type]}"}},
         "metadata": {"inputs": {}, "outputs": {"metadata": "string: this JSON document"}},
     }
     if sampler is not None:
@@ -193,6 +197,17 @@ def _signature_docs(model, sampler):
             "outputs": {"images": f"uint8[B,{h},{w},{c}] = clip(round((x_0 + 1) * 127.5), 0, "
                                   f"255)"}}
     return docs
+
+
+_PREDICTION_DOCS = {"epsilon": "predicted noise",
+                    "v": "predicted velocity v = alpha_t eps - sigma_t x_0",
+                    "x0": "predicted clean image x_0"}
+
+
+def _denoise_output_key(model):
+    """The ``denoise`` signature's output name: "eps" (as always) for ε-prediction, else the
+    prediction type ("v", "x0"), so a client cannot mistake a v̂ for an ε̂."""
+    return "eps" if model.prediction_type == "epsilon" else model.prediction_type
 
 
 def _check_exportable(model, sampler):
@@ -229,15 +244,17 @@ def _endpoint_functions(model, sampler):
 
     image = (None, h, w, c)
     conditional = model.conditional
+    output_key = _denoise_output_key(model)
     class_args = [("labels", (None,), "int32"), ("guidance_scale", (), "float32")]
     endpoints = {}
     if sampler is not None:
         if conditional:
             guided = ClassifierFreeGuidance(model)
             loop = sampler.build_loop(lambda x, t, **cond: ops.cast(guided(x, t, **cond),
-                                                                   "float32"))
+                                                                   "float32"),
+                                      prediction_type=model.prediction_type)
         else:
-            loop = sampler.build_loop(denoise_fn)
+            loop = sampler.build_loop(denoise_fn, prediction_type=model.prediction_type)
 
         def run(noise, seed=None, labels=None, guidance_scale=None):
             conditioning = {} if not conditional else {"y": labels,
@@ -253,7 +270,7 @@ def _endpoint_functions(model, sampler):
         endpoints["sample"] = (lambda *inputs: run(**dict(zip(names, inputs))), args)
 
     def denoise(x_t, t, labels=None):
-        return {"eps": denoise_fn(x_t, t, **({"y": labels} if conditional else {}))}
+        return {output_key: denoise_fn(x_t, t, **({"y": labels} if conditional else {}))}
 
     args = [("x_t", image, "float32"), ("t", (None,), "float32")]
     if conditional:

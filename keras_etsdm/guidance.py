@@ -13,6 +13,11 @@ the batch ``[x; x]`` with labels ``[y; ∅]`` (2B per NFE), through ``DiffusionM
 the same seam as everything else, so E-TSDM sharing and any ``denoise`` override apply to both.
 The labels and w are inputs of the compiled sampling loop, not constants: new labels or a new w
 reuse the compiled loop.
+
+For v- and x0-prediction models the same combination is applied to the native predictions
+(``prediction_type`` is forwarded, the sampler converts the guided output): the conversion to ε
+at a state x is affine, ``ε = a x + b p`` with (a, b) set by (α, σ) alone, and the weights
+(1 + w) and −w sum to 1, so guiding v̂ or x̂0 gives exactly the ε̂ guided above.
 """
 
 import math
@@ -28,7 +33,7 @@ class ClassifierFreeGuidance:
         model: a ``DiffusionModel`` with ``num_classes`` set.
 
     Call: ``guided(x [B,H,W,C], t [B] float labels, y int [B], guidance_scale float scalar)
-    -> ε̂ [B,H,W,C]``.
+    -> [B,H,W,C]`` guided prediction (ε̂, v̂ or x̂0 as the model's ``prediction_type``).
     """
 
     def __init__(self, model):
@@ -40,6 +45,11 @@ class ClassifierFreeGuidance:
     @property
     def schedule(self):
         return self.model.schedule
+
+    @property
+    def prediction_type(self):
+        """The model's: the guided output is a prediction of the same kind."""
+        return self.model.prediction_type
 
     def cache_key(self):
         """Compiled sampling loops are shared by every wrapper of the same model."""

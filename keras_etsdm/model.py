@@ -1,10 +1,14 @@
-"""``DiffusionModel``: an ε-prediction diffusion model with E-TSDM time sharing, trained by ``fit``.
+"""``DiffusionModel``: a diffusion model with E-TSDM time sharing, trained by ``fit``.
 
 The network never sees the raw time label: ``denoise(x_t, t, y) = network(x_t, sharing(t), y)``
 is the single seam through which training, every sampler (compiled on every backend), the
 Lipschitz diagnostic and export reach the network, so E-TSDM lives in one place and the DDPM
 baseline (``TimestepSharing(0, 0)``) shares all other code. A subclass that overrides
 ``denoise`` changes all of them at once.
+
+The network predicts ε (default), v or x0 (``prediction_type``, see
+``keras_etsdm.parameterization``); ``denoise`` returns that native prediction and every consumer
+converts it with the α, σ of the state it holds, so the seam stays one network call.
 
 Class-conditional models (``num_classes=K``) train on ``(images, labels)`` with label dropout
 (``class_dropout``) to the null class ``K``, which is what classifier-free guidance
@@ -20,6 +24,7 @@ from keras import ops
 from keras_etsdm import backend as etsdm_backend
 from keras_etsdm.callbacks import StopOnNonFiniteLoss
 from keras_etsdm.guidance import sampling_inputs
+from keras_etsdm.parameterization import check_prediction_type
 from keras_etsdm.schedules import DiscreteVPSchedule
 from keras_etsdm.time_sharing import TimestepSharing
 from keras_etsdm.unet import check_num_classes, network_num_classes
@@ -37,10 +42,11 @@ def ema_decay_at(step, decay):
 
 @keras.saving.register_keras_serializable(package="keras_etsdm")
 class DiffusionModel(keras.Model):
-    """A DDPM-style ε-prediction model with the E-TSDM shared time condition.
+    """A DDPM-style diffusion model (ε-, v- or x0-prediction) with the E-TSDM shared time
+    condition.
 
     Args:
-        network: a Keras model ``{"x": [B,H,W,C], "t": [B]} -> ε̂ [B,H,W,C]`` (see
+        network: a Keras model ``{"x": [B,H,W,C], "t": [B]} -> prediction [B,H,W,C]`` (see
             ``keras_etsdm.build_unet``).
         schedule: a ``DiscreteVPSchedule`` (default: linear β 1e-4..0.02, T = 1000; time
             labels 0..T−1) or a ``ContinuousVPSchedule`` (continuous time t ∈ [eps, T]: the
@@ -57,21 +63,34 @@ class DiffusionModel(keras.Model):
             ``0..K−1``; ``null_id = K`` means "no label".
         class_dropout: probability with which a training label is replaced by the null class
             (classifier-free guidance training; Ho & Salimans use 0.1–0.2).
+        prediction_type: what the network predicts: "epsilon" (ε, default), "v"
+            (``v = α ε − σ x0``, Salimans & Ho 2022) or "x0" (the clean image). Only the
+            training target changes (same loss, same draws of t and ε); ``denoise`` returns this
+            prediction and the samplers convert it (``keras_etsdm.parameterization``). A
+            schedule with ``zero_terminal_snr`` needs "v" or "x0".
 
     Calling the model on clean images ``x0 [B,H,W,C]`` in [−1, 1] (conditional models:
     ``{"x0": images, "y": int labels [B]}``) draws ``t ~ U{0..T−1}`` (continuous schedules:
     ``t ~ U(eps, T)``) and ``ε ~ N(0, I)``, noises
-    with the TRUE t and returns ``{"noise": ε, "noise_pred": ε̂}``; this is what ``fit`` /
-    ``evaluate`` use, with the compiled loss (default ``MeanSquaredError``) between the two.
+    with the TRUE t and returns ``{"noise": ε, "target": target, "prediction": p}`` with
+    ``target`` ε, ``α_t ε − σ_t x0`` or x0 per ``prediction_type`` and ``p`` the network
+    output; ε-prediction models also keep their historical key ``"noise_pred"`` (= p). ``fit``
+    / ``evaluate`` apply the compiled loss (default ``MeanSquaredError``) to target and p.
     ``fit`` takes images (unconditional) or ``(images, labels)`` (conditional), as arrays or a
     ``tf.data`` pipeline. For inference use ``denoise`` and the samplers.
     """
 
     def __init__(self, network, schedule=None, sharing=None, ema_decay=0.9999, seed=0,
-                 num_classes=None, class_dropout=0.1, **kwargs):
+                 num_classes=None, class_dropout=0.1, prediction_type="epsilon", **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.schedule = schedule if schedule is not None else DiscreteVPSchedule()
+        self.prediction_type = check_prediction_type(prediction_type)
+        if getattr(self.schedule, "zero_terminal_snr", False) and prediction_type == "epsilon":
+            raise ValueError(
+                "A zero_terminal_snr schedule has α = 0 at its last label, where x_t is pure "
+                "noise: an ε-prediction network could only return its input and x̂0 = (x − σε̂)/α "
+                "is undefined. Use prediction_type='v' (or 'x0') with zero_terminal_snr.")
         if sharing is None:
             sharing = self.schedule.default_sharing()
         self.schedule.check_sharing(sharing)
@@ -160,7 +179,8 @@ class DiffusionModel(keras.Model):
         return y
 
     def denoise(self, x_t, t, y=None, training=False):
-        """ε̂ for noisy images — the one seam between the network and everything else.
+        """The network's prediction for noisy images — the one seam between the network and
+        everything else.
 
         Args:
             x_t: ``[B, H, W, C]`` noisy images.
@@ -171,7 +191,9 @@ class DiffusionModel(keras.Model):
             y: class-conditional models only: int class ids ``[B]`` or a scalar; None or the
                 null id (``num_classes``) is unconditional.
         Returns:
-            ``[B, H, W, C]`` predicted noise ``ε_θ(x_t, f(t), y)`` with f the E-TSDM map.
+            ``[B, H, W, C]`` native prediction ``net_θ(x_t, f(t), y)`` with f the E-TSDM map:
+            ε̂, v̂ or x̂0 per ``self.prediction_type`` (convert with
+            ``parameterization.to_eps_and_x0`` and the α, σ of the TRUE t).
         """
         x_t = ops.convert_to_tensor(x_t)
         if not ops.is_tensor(t):
@@ -218,8 +240,23 @@ class DiffusionModel(keras.Model):
                 drop = keras.random.uniform((batch,), seed=self.seed_generator) \
                     < self.class_dropout
                 y = ops.where(drop, ops.full_like(y, self.null_id), y)
-        noise_pred = self.denoise(x_t, ops.cast(t, "float32"), y=y, training=training)
-        return {"noise": noise, "noise_pred": noise_pred}
+        prediction = self.denoise(x_t, ops.cast(t, "float32"), y=y, training=training)
+        if self.prediction_type == "epsilon":
+            return {"noise": noise, "noise_pred": prediction, "target": noise,
+                    "prediction": prediction}
+        # α, σ of the TRUE t as in q_sample; no extra random draws, so
+        # t and ε are the draws an ε model makes with the same seed.
+        return {"noise": noise, "target": self._target(x0, t, noise), "prediction": prediction}
+
+    def _target(self, x0, t, noise):
+        """v = α_t ε − σ_t x0 or x0 (the regression target of a v / x0 model)."""
+        if self.prediction_type == "x0":
+            return x0
+        shape = (-1,) + (1,) * (len(x0.shape) - 1)
+        alpha, sigma = self.schedule.alpha_sigma(t)  # as q_sample (tables or closed form)
+        alpha = ops.cast(ops.reshape(alpha, shape), x0.dtype)
+        sigma = ops.cast(ops.reshape(sigma, shape), x0.dtype)
+        return alpha * noise - sigma * x0
 
     def _pack_labels(self, data):
         """``(images, labels)`` → ``({"x0": images, "y": labels},)`` for conditional models.
@@ -246,23 +283,24 @@ class DiffusionModel(keras.Model):
         return (packed,) if len(data) < 3 else (packed, None, data[2])  # keep sample weights
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        """ε-prediction loss: the compiled loss, or ``MeanSquaredError`` when none was given.
+        """Loss between ``y_pred["target"]`` (ε, v or x0) and the network's prediction: the
+        compiled loss, or ``MeanSquaredError`` when none was given.
 
         A ``keras.losses.Loss`` object (not a bare mean) so that ``tf.distribute`` scales it by
         the number of replicas correctly.
         """
-        noise = y_pred["noise"]
-        noise_pred = ops.cast(y_pred["noise_pred"], "float32")
+        target = y_pred["target"]
+        prediction = ops.cast(y_pred["prediction"], "float32")
         if self._compile_loss is not None:
-            return super().compute_loss(x=x, y=noise, y_pred=noise_pred,
+            return super().compute_loss(x=x, y=target, y_pred=prediction,
                                         sample_weight=sample_weight, training=training)
-        loss = self._default_loss(noise, noise_pred, sample_weight)
+        loss = self._default_loss(target, prediction, sample_weight)
         for extra in self.losses:
             loss = loss + self._aggregate_additional_loss(extra)
         return loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        return super().compute_metrics(x, y_pred["noise"], y_pred["noise_pred"], sample_weight)
+        return super().compute_metrics(x, y_pred["target"], y_pred["prediction"], sample_weight)
 
     # ----- EMA ------------------------------------------------------------------------------
     def _ema_new_values(self, ema_values, weight_values, count):
@@ -418,6 +456,9 @@ class DiffusionModel(keras.Model):
             # that compare them on resume) are unchanged.
             **({"num_classes": self.num_classes, "class_dropout": self.class_dropout}
                if self.conditional else {}),
+            # Likewise only when not the default ε.
+            **({"prediction_type": self.prediction_type}
+               if self.prediction_type != "epsilon" else {}),
         }
 
     @classmethod

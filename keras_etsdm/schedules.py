@@ -84,23 +84,41 @@ class DiscreteVPSchedule(_VPMarginals):
     ``t_n = (n + 1) / T``; ``log alpha(t)`` is the piecewise-linear interpolation of
     ``log α_n = ½ Σ_{k≤n} log(1 − β_k)``; the network label is ``(t − 1/T)·T`` so that
     ``t_n`` maps exactly to label ``n``.
+
+    ``zero_terminal_snr=True`` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", Algorithm 1) rescales √ᾱ so that the last label is pure noise
+    (α_{T−1} = 0, σ_{T−1} = 1, λ_{T−1} = −∞ in the tables) with label 0 unchanged; see
+    ``_zero_terminal_snr``. Such a schedule needs a v- or x0-prediction model (ε carries no
+    information at SNR 0). Its continuous-time view (DPM-Solver, PF-ODE, likelihood) clamps
+    the last knot to a finite ᾱ (``_terminal_log_alpha``), so those samplers start from
+    α ≈ 2⁻¹² instead of 0; DDIM / DDPM use the exact tables.
     """
 
     def __init__(self, kind="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                 cosine_s=0.008):
+                 cosine_s=0.008, zero_terminal_snr=False):
         self.kind = kind
         self.num_timesteps = int(num_timesteps)
         self.beta_start = float(beta_start)
         self.beta_end = float(beta_end)
         self.cosine_s = float(cosine_s)
+        self.zero_terminal_snr = bool(zero_terminal_snr)
         self.betas = make_betas(kind, self.num_timesteps, beta_start, beta_end, cosine_s)
         log_alpha_sq = np.cumsum(np.log1p(-self.betas))
+        if self.zero_terminal_snr:
+            self.betas, log_alpha_sq = _zero_terminal_snr(self.betas, log_alpha_sq)
         self.log_alphas = 0.5 * log_alpha_sq
         self.alphas_cumprod = np.exp(log_alpha_sq)
         self.alphas = np.exp(self.log_alphas)
         # σ² = 1 − ᾱ computed as -expm1(log ᾱ) keeps precision when ᾱ ≈ 1 (t = 0).
         self.sigmas = np.sqrt(-np.expm1(log_alpha_sq))
-        self.lambdas = self.log_alphas - np.log(self.sigmas)
+        with np.errstate(divide="ignore"):
+            self.lambdas = self.log_alphas - np.log(self.sigmas)  # −∞ at a zero terminal SNR
+        # The continuous-time view needs a finite, strictly decreasing log α: with a zero
+        # terminal SNR its last knot is clamped (``_terminal_log_alpha``); the tables above
+        # keep the true α_{T−1} = 0.
+        self._continuous_log_alphas = self.log_alphas.copy()
+        if self.zero_terminal_snr:
+            self._continuous_log_alphas[-1] = _terminal_log_alpha(self.alphas_cumprod)
         self.t_knots = (np.arange(self.num_timesteps, dtype=np.float64) + 1.0) / self.num_timesteps
         self._alphas_f32 = self.alphas.astype(np.float32)
         self._sigmas_f32 = self.sigmas.astype(np.float32)
@@ -147,7 +165,7 @@ class DiscreteVPSchedule(_VPMarginals):
     def marginal_log_mean_coeff(self, t):
         """``log α(t)`` by piecewise-linear interpolation over the knots (extrapolated linearly)."""
         t = np.asarray(t, dtype=np.float64)
-        knots, values = self.t_knots, self.log_alphas
+        knots, values = self.t_knots, self._continuous_log_alphas
         if self.num_timesteps == 1:
             return np.full_like(t, values[0])
         idx = np.clip(np.searchsorted(knots, t, side="right") - 1, 0, self.num_timesteps - 2)
@@ -162,7 +180,7 @@ class DiscreteVPSchedule(_VPMarginals):
         t = np.asarray(t, dtype=np.float64)
         if self.num_timesteps == 1:
             return np.zeros_like(t)
-        knots, values = self.t_knots, self.log_alphas
+        knots, values = self.t_knots, self._continuous_log_alphas
         idx = np.clip(np.searchsorted(knots, t, side="right") - 1, 0, self.num_timesteps - 2)
         return (values[idx + 1] - values[idx]) / (knots[idx + 1] - knots[idx])
 
@@ -172,7 +190,7 @@ class DiscreteVPSchedule(_VPMarginals):
         log_alpha = np.asarray(log_alpha, dtype=np.float64)
         if self.num_timesteps == 1:
             return np.full_like(log_alpha, self.t_knots[0])
-        xs = -self.log_alphas  # log α is decreasing in t: interpolate on its negation
+        xs = -self._continuous_log_alphas  # log α decreases in t: interpolate on its negation
         idx = np.clip(np.searchsorted(xs, -log_alpha, side="right") - 1, 0,
                       self.num_timesteps - 2)
         x0, x1 = xs[idx], xs[idx + 1]
@@ -239,16 +257,68 @@ class DiscreteVPSchedule(_VPMarginals):
                              f"of timesteps T={self.num_timesteps}.")
 
     def get_config(self):
-        return {"kind": self.kind, "num_timesteps": self.num_timesteps,
-                "beta_start": self.beta_start, "beta_end": self.beta_end,
-                "cosine_s": self.cosine_s}
+        config = {"kind": self.kind, "num_timesteps": self.num_timesteps,
+                  "beta_start": self.beta_start, "beta_end": self.beta_end,
+                  "cosine_s": self.cosine_s}
+        if self.zero_terminal_snr:
+            # Only when set: earlier configs (checkpoints, work directories) stay unchanged.
+            config["zero_terminal_snr"] = True
+        return config
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def __repr__(self):
-        return (f"DiscreteVPSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps})")
+        ztsnr = ", zero_terminal_snr=True" if self.zero_terminal_snr else ""
+        return (f"DiscreteVPSchedule(kind={self.kind!r}, num_timesteps={self.num_timesteps}"
+                f"{ztsnr})")
+
+
+# ᾱ of the last label in the continuous-time view of a zero-terminal-SNR schedule (diffusers'
+# DPM-Solver clamp for ``rescale_betas_zero_snr``): α = 2⁻¹², λ ≈ −8.3.
+TERMINAL_ALPHA_BAR = 2.0**-24
+
+
+def _zero_terminal_snr(betas, log_alpha_sq):
+    """Lin et al. 2024, Algorithm 1: shift and scale √ᾱ so that √ᾱ_{T−1} = 0 with √ᾱ_0 kept,
+
+        √ᾱ ← (√ᾱ − √ᾱ_{T−1}) · √ᾱ_0 / (√ᾱ_0 − √ᾱ_{T−1}),
+
+    and recompute the betas ``β_t = 1 − ᾱ_t/ᾱ_{t−1}`` (β_0 unchanged, β_{T−1} = 1). Returns
+    ``(betas, log ᾱ)`` float64, ``log ᾱ_{T−1} = −∞``.
+    """
+    if betas.shape[0] < 2:
+        raise ValueError("zero_terminal_snr needs num_timesteps >= 2 (label 0 keeps its ᾱ, the "
+                         "last label gets ᾱ = 0).")
+    sqrt_ab = np.exp(0.5 * log_alpha_sq)
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    sqrt_ab[0] = first  # exactly (the formula rounds)
+    sqrt_ab[-1] = 0.0
+    with np.errstate(divide="ignore"):
+        log_ab = 2.0 * np.log(sqrt_ab)
+    # β_t = 1 − exp(log ᾱ_t − log ᾱ_{t−1}) by expm1: precise for the small β near t = 0.
+    new_betas = np.empty_like(betas)
+    new_betas[0] = betas[0]
+    new_betas[1:] = -np.expm1(log_ab[1:] - log_ab[:-1])
+    new_betas[-1] = 1.0
+    return new_betas, log_ab
+
+
+def _terminal_log_alpha(alphas_cumprod):
+    """log α of the last knot of a zero-terminal-SNR schedule's continuous-time view.
+
+    ``½ log min(2⁻²⁴, ᾱ_{T−2}²/ᾱ_{T−3})``: diffusers' clamp of ᾱ_{T−1} to 2⁻²⁴, unless ᾱ_{T−2}
+    is already below it (linear β, T = 1000: ᾱ_{T−2} ≈ 4.2e−9), then the last step of log ᾱ is
+    repeated (ᾱ_{T−3} := 1 for T = 2). Either way log α stays finite and strictly decreasing,
+    which the inverse interpolation (``time_of_log_mean_coeff``, ``inverse_lambda``) needs.
+    DPM-Solver and the PF-ODE start from this α (not 0) at t = 1: a v / x0 network sees label
+    T−1 there, and its ε̂ / x̂0 are formed with this α and the matching σ.
+    """
+    ab = alphas_cumprod
+    before = ab[-3] if ab.shape[0] >= 3 else 1.0
+    return 0.5 * math.log(min(TERMINAL_ALPHA_BAR, ab[-2] ** 2 / before))
 
 
 

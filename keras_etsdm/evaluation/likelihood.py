@@ -16,6 +16,9 @@ per sample (Rademacher or Gaussian; score_sde: one probe, held fixed along the t
 each ``vᵀJ`` one vector-Jacobian product of the denoiser (``backend.vector_jacobian_products``,
 the only backend-specific code), or the exact trace (one VJP per dimension: small D only).
 The network is only ever called through the denoiser (a ``DiffusionModel``'s ``denoise``).
+For a v- or x0-prediction denoiser the VJPs are of its native output p; since
+``ε = a x + b p`` with (a, b) set by α, σ alone (``parameterization.to_eps_and_x0``),
+``∇·ε = a D + b ∇·p`` is the same conversion applied to (D, ∇·p), in float64 on the host.
 
 Data and units (score_sde ``run_lib.evaluate`` with ``uniform_dequantization``): uint8 pixels
 k ∈ {0..255} become ``x = 2·(k + u)/256 − 1`` with u ~ U[0, 1), i.e. data in [−1, 1) whose
@@ -32,8 +35,10 @@ import numpy as np
 from keras import ops
 
 from keras_etsdm import backend as etsdm_backend
+from keras_etsdm.parameterization import check_prediction_type, to_eps_and_x0
 from keras_etsdm.samplers import _compiled
-from keras_etsdm.samplers.base import _conditioning_tensors, denoiser_cache_key
+from keras_etsdm.samplers.base import (_conditioning_tensors, denoiser_cache_key,
+                                       prediction_type_of)
 from keras_etsdm.samplers.ode import (
     TIME_VARIABLES,
     ODETime,
@@ -154,6 +159,7 @@ def log_likelihood(denoiser, x, schedule=None, rtol=1e-5, atol=1e-5, method="RK4
         raise ValueError(f"Unknown time_variable {time_variable!r}; expected one of "
                          f"{TIME_VARIABLES}.")
     check_denoiser_schedule("log_likelihood", schedule, denoiser)
+    prediction_type = check_prediction_type(prediction_type_of(denoiser))
     x = etsdm_backend.to_numpy(x).astype(np.float64)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"x must have shape [B, ...] with B >= 1, got {x.shape}.")
@@ -182,6 +188,11 @@ def log_likelihood(denoiser, x, schedule=None, rtol=1e-5, atol=1e-5, method="RK4
         eps_hat = etsdm_backend.to_numpy(eps_hat).astype(np.float64)
         div_eps = weights @ etsdm_backend.to_numpy(quad).astype(np.float64)  # [B]
         sigma = float(schedule.marginal_std(t))
+        if prediction_type != "epsilon":
+            # ε = a x + b p is affine in (x, p): ∇·ε = a D + b ∇·p, the same map on (D, ∇·p).
+            alpha = float(schedule.marginal_alpha(t))
+            eps_hat, _ = to_eps_and_x0(eps_hat, prediction_type, xt, alpha, sigma)
+            div_eps, _ = to_eps_and_x0(div_eps, prediction_type, float(dim), alpha, sigma)
         factor = clock.factor(t)
         drift = factor * (xt - eps_hat / sigma)
         div_drift = factor * (dim - div_eps / sigma)

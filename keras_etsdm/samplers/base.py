@@ -8,9 +8,13 @@ A sampler is configured once and then called on any denoiser::
     x0 = sampler.sample(model, noise)             # model: a DiffusionModel
     x0 = sampler.sample(eps_fn, noise)            # eps_fn(x [B,...], t [B]) -> eps, keras.ops
 
-``denoiser(x, t)`` returns the predicted noise ε̂ (shape of ``x``) for float time labels ``t`` of
-shape ``[B]`` in ``[0, T-1]``. For a ``DiffusionModel`` the sampler calls ``model.denoise``, so
-E-TSDM time sharing is applied there and the sampler never knows whether it is on.
+``denoiser(x, t)`` returns the network's prediction (shape of ``x``) for float time labels ``t``
+of shape ``[B]`` in ``[0, T-1]``: ε̂ by default, or v̂ / x̂0 when the denoiser has a
+``prediction_type`` attribute saying so (a ``DiffusionModel`` or ``ClassifierFreeGuidance``
+does; a bare callable is taken as ε). The loop converts with the α, σ of the state
+(``keras_etsdm.parameterization``). For a ``DiffusionModel`` the sampler calls
+``model.denoise``, so E-TSDM time sharing is applied there and the sampler never knows whether
+it is on.
 
 The schedule is a constructor argument (``schedule=DiscreteVPSchedule()`` by default) because
 every coefficient is precomputed from it when the sampler is built. When the denoiser carries
@@ -31,11 +35,11 @@ The loop state ("carry") is a tuple of tensors of the sample's shape, created by
 
 Pure building block (for jit / tf.function / jax2tf export)
 -----------------------------------------------------------
-``loop = sampler.build_loop(denoise_fn)`` returns a pure function::
+``loop = sampler.build_loop(denoise_fn, prediction_type="epsilon")`` returns a pure function::
 
     x0 = loop(noise, seed=None, step_noise=None)
 
-* ``denoise_fn(x, t) -> eps`` must itself be pure ``keras.ops`` code (e.g. a closure over
+* ``denoise_fn(x, t) -> prediction`` must itself be pure ``keras.ops`` code (e.g. a closure over
   ``network.stateless_call`` with weight values, or ``model.denoise`` under ``tf.function``).
 * ``noise``: ``[B, ...]`` float32, the starting sample x_T.
 * ``seed``: int32 ``[2]`` tensor; stochastic samplers (DDPM, DDIM with η > 0) draw the noise of
@@ -51,7 +55,8 @@ and the network weights passed as state, on TensorFlow with ``tf.function(jit_co
 ``T`` rows; the trip count is an input too), not constants baked into it. Compiled loops are
 cached per (denoiser, loop structure) in a module-level LRU, where the structure is the sampler
 class plus the options that change the traced loop body (``_trace_key``: e.g. DPM-Solver's order,
-algorithm and thresholding, but not its step count, grid or method). So a second call with the
+algorithm and thresholding, but not its step count, grid or method) plus the denoiser's
+prediction type (it changes the conversions in the body). So a second call with the
 same shapes does not retrace, and neither does a sampler that only differs in its steps or grid
 (sampling at 10, 20 and 50 steps compiles the network's loop once).
 """
@@ -65,6 +70,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_etsdm.parameterization import check_prediction_type, to_eps_and_x0
 from keras_etsdm.samplers import _compiled
 from keras_etsdm.schedules import ContinuousVPSchedule, DiscreteVPSchedule, schedule_from_config
 from keras_etsdm.time_sharing import TimestepSharing
@@ -135,7 +141,7 @@ class Sampler:
     def _init_carry(self, noise):
         return (noise,)
 
-    def _step(self, denoise_fn, carry, row, step_noise):
+    def _step(self, denoise_fn, carry, row, step_noise, prediction_type="epsilon"):
         raise NotImplementedError
 
     def _result(self, carry):
@@ -188,14 +194,15 @@ class Sampler:
         return self._loop_tables_cache
 
     # ----- the pure loop ----------------------------------------------------------------------
-    def _segment_fn(self, denoise_fn):
+    def _segment_fn(self, denoise_fn, prediction_type="epsilon"):
         """Pure ``(tables, carry, extra, start, stop) -> carry`` running iterations
         ``start..stop-1``.
 
         ``tables``: dict of float32 ``[rows]`` coefficient tables, ``rows >= stop`` (constants or
         inputs). ``extra`` is None, an int ``[2]`` seed, or ``{"step_noise": [num_iterations, B,
-        ...]}``. The body may only depend on the options in ``_trace_key`` (it is shared by all
-        samplers with the same key).
+        ...]}``. ``prediction_type``: what ``denoise_fn`` returns. The body may only depend on
+        the options in ``_trace_key`` and on ``prediction_type`` (it is shared by all samplers
+        with the same key).
         """
 
         def segment(tables, carry, extra, start, stop):
@@ -216,7 +223,8 @@ class Sampler:
                         step_noise = ops.take(extra["step_noise"], i, axis=0)
                     else:
                         step_noise = _compiled.stateless_normal(shape, extra, i, carry[0].dtype)
-                return tuple(self._step(denoise_fn, carry, row, step_noise))
+                return tuple(self._step(denoise_fn, carry, row, step_noise,
+                                        prediction_type=prediction_type))
 
             return ops.fori_loop(start, stop, body, carry)
 
@@ -234,21 +242,25 @@ class Sampler:
             return {"step_noise": step_noise}
         return seed_tensor(seed)
 
-    def build_loop(self, denoise_fn):
+    def build_loop(self, denoise_fn, prediction_type="epsilon"):
         """A pure ``loop(noise, seed=None, step_noise=None, **conditioning) -> x0`` (see the
         module docstring).
 
         Args:
             denoise_fn: pure ``keras.ops`` function ``(x [B, ...], t [B] float32,
-                **conditioning) -> eps``; ``conditioning`` (e.g. ``y`` class labels,
+                **conditioning) -> prediction``; ``conditioning`` (e.g. ``y`` class labels,
                 ``guidance_scale``) is passed through at every NFE.
+            prediction_type: what ``denoise_fn`` returns: "epsilon" (default), "v" or "x0"
+                (given explicitly here: a pure function carries no model to ask).
         """
+        self._check_prediction_type(prediction_type)
         tables = self._float32_tables()  # constants of the exported function
 
         def loop(noise, seed=None, step_noise=None, **conditioning):
             noise = ops.convert_to_tensor(noise, dtype="float32")
             extra = self._extra(0 if seed is None else seed, step_noise, noise.shape)
-            segment = self._segment_fn(_compiled._bind(denoise_fn, conditioning))
+            segment = self._segment_fn(_compiled._bind(denoise_fn, conditioning),
+                                       prediction_type)
             carry = segment(tables, self._init_carry(noise), extra, 0, self.num_iterations)
             return self._result(carry)
 
@@ -273,6 +285,18 @@ class Sampler:
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a DiffusionModel or a callable (x, t) -> eps, got "
                             f"{type(denoiser)}.")
+        self._check_prediction_type(prediction_type_of(denoiser))
+
+    def _check_prediction_type(self, prediction_type):
+        """Known type, and no ε-prediction on a grid that visits α = 0 (a zero-terminal-SNR
+        schedule's last label), where x̂0 = (x − σ ε̂)/α is undefined."""
+        check_prediction_type(prediction_type)
+        alpha = self.tables.get("alpha")
+        if prediction_type == "epsilon" and alpha is not None and np.any(alpha == 0.0):
+            raise ValueError(
+                f"{type(self).__name__} visits a label with α = 0 (zero terminal SNR), where an "
+                f"ε-prediction denoiser cannot give x̂0; sample a v- or x0-prediction model "
+                f"there, or use a grid that does not start at the last label.")
 
     def compiled_segment(self, denoiser):
         """The cached ``CompiledSegment`` for ``denoiser`` and this sampler's loop structure
@@ -280,11 +304,16 @@ class Sampler:
 
         Call it as ``segment(sampler._loop_tables(), carry, extra, start, stop)``.
         """
-        key = (denoiser_cache_key(denoiser), self._trace_key())
+        prediction_type = prediction_type_of(denoiser)
+        key = (denoiser_cache_key(denoiser), self._trace_key(), prediction_type)
         if key in _COMPILED:
             _COMPILED.move_to_end(key)
             return _COMPILED[key]
-        compiled = _compiled.CompiledSegment(self._segment_fn, denoiser)
+
+        def make_segment(denoise_fn):
+            return self._segment_fn(denoise_fn, prediction_type)
+
+        compiled = _compiled.CompiledSegment(make_segment, denoiser)
         _COMPILED[key] = compiled
         while len(_COMPILED) > _CACHE_SIZE:
             _COMPILED.popitem(last=False)
@@ -297,7 +326,8 @@ class Sampler:
         Args:
             denoiser: a ``DiffusionModel`` (its ``denoise`` is used, E-TSDM sharing included), a
                 ``ClassifierFreeGuidance`` wrapper, or any callable ``(x [B, ...], t [B] float
-                labels in [0, T-1], **conditioning) -> eps`` in keras.ops.
+                labels in [0, T-1], **conditioning) -> eps`` in keras.ops (a callable with a
+                ``prediction_type`` attribute "v" / "x0" returns that prediction instead).
             noise: ``[B, ...]`` starting sample (standard normal for generation).
             seed: int or int ``[2]`` seed of the per-step noise of stochastic samplers.
             step_noise: optional explicit per-step noise ``[num_iterations, B, ...]``.
@@ -345,6 +375,13 @@ class Sampler:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
                          if k != "schedule" and not (k == "sharing" and v is None))
         return f"{type(self).__name__}({args})"
+
+
+def prediction_type_of(denoiser):
+    """What ``denoiser`` predicts: its ``prediction_type`` attribute (a ``DiffusionModel``, a
+    ``ClassifierFreeGuidance`` wrapper, a model's bound ``denoise``), else "epsilon"."""
+    owner = denoiser.__self__ if isinstance(denoiser, types.MethodType) else denoiser
+    return getattr(denoiser, "prediction_type", getattr(owner, "prediction_type", "epsilon"))
 
 
 def denoiser_cache_key(denoiser):
@@ -509,14 +546,15 @@ def broadcast_label(label, x):
     return ops.broadcast_to(ops.cast(label, "float32"), (ops.shape(x)[0],))
 
 
-def predict_eps_and_x0(denoise_fn, x, row, clip_x0=False):
-    """One network call at ``row["label"]`` → ``(ε̂, x̂0)`` with ``x̂0 = (x − σ ε̂) / α``.
+def predict_eps_and_x0(denoise_fn, x, row, clip_x0=False, prediction_type="epsilon"):
+    """One network call at ``row["label"]`` → ``(ε̂, x̂0)`` (``parameterization.to_eps_and_x0``
+    with the row's α, σ: for ε ``x̂0 = (x − σ ε̂) / α``; v and x0 are exact at α = 0).
 
     With ``clip_x0``, x̂0 is clipped to [−1, 1] and ε̂ recomputed to match it. Shared by the
     DDPM and DDIM steps (``row`` holds the step's ``label``, ``alpha`` and ``sigma``).
     """
-    eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
-    x0 = (x - row["sigma"] * eps) / row["alpha"]
+    prediction = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
+    eps, x0 = to_eps_and_x0(prediction, prediction_type, x, row["alpha"], row["sigma"])
     if clip_x0:
         x0 = ops.clip(x0, -1.0, 1.0)
         eps = (x - row["alpha"] * x0) / row["sigma"]

@@ -8,6 +8,9 @@ From label t to the previous label p (ᾱ read from the schedule's tables):
 
 The last step goes to ᾱ = 1 (returns x̂0) unless ``set_alpha_to_one=False``, in which case it
 goes to ᾱ of label 0. No noise is added on the last step.
+
+For v- and x0-prediction denoisers ε̂ and x̂0 come from ``parameterization.to_eps_and_x0``
+(exact at α_t = 0: "trailing" spacing on a zero-terminal-SNR schedule starts there).
 """
 
 import numpy as np
@@ -162,9 +165,9 @@ class DDIMSampler(Sampler):
             "noise_std": noise_std,
         }
 
-    def _step(self, denoise_fn, carry, row, step_noise):
+    def _step(self, denoise_fn, carry, row, step_noise, prediction_type="epsilon"):
         (x,) = carry
-        eps, x0 = predict_eps_and_x0(denoise_fn, x, row, self.clip_x0)
+        eps, x0 = predict_eps_and_x0(denoise_fn, x, row, self.clip_x0, prediction_type)
         x = row["alpha_prev"] * x0 + row["direction"] * eps
         if step_noise is not None:
             x = x + row["noise_std"] * step_noise

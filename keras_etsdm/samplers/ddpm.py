@@ -9,7 +9,9 @@ the last), β'_t = 1 − ᾱ_t/ᾱ_prev:
 with s_t² = β̃_t = β'_t (1 − ᾱ_prev)/(1 − ᾱ_t) ("fixed_small", the posterior variance) or
 s_t² = β'_t ("fixed_large"), and no noise on the last step. With all T steps β' = β. Respacing
 follows guided-diffusion: S labels evenly spaced over [0, T−1] (rounded), the network still sees
-the original labels.
+the original labels. The chain starts at label T−1; on a zero-terminal-SNR schedule α = 0 there
+(β' = 1, so the step is x_prev = sqrt(ᾱ_prev) x̂0 + s_t z), which needs a v- or x0-prediction
+denoiser (x̂0 from ``parameterization.to_eps_and_x0``, exact at α = 0).
 """
 
 import numpy as np
@@ -106,9 +108,9 @@ class DDPMSampler(Sampler):
             "noise_std": np.sqrt(var),
         }
 
-    def _step(self, denoise_fn, carry, row, step_noise):
+    def _step(self, denoise_fn, carry, row, step_noise, prediction_type="epsilon"):
         (x,) = carry
-        _, x0 = predict_eps_and_x0(denoise_fn, x, row, self.clip_x0)
+        _, x0 = predict_eps_and_x0(denoise_fn, x, row, self.clip_x0, prediction_type)
         x = row["coef_x0"] * x0 + row["coef_xt"] * x + row["noise_std"] * step_noise
         return (x,)
 

@@ -19,11 +19,21 @@ a table of coefficients computed in float64 numpy (``_make_tables``) and one gen
     anchor  = x_{i+1} at the end of an outer step (always for multistep)
 
 One iteration is one network evaluation, so NFE == ``num_steps`` exactly.
+
+v- and x0-prediction denoisers: ε̂ (dpmsolver) or x̂0 (dpmsolver++) come from
+``parameterization.to_eps_and_x0`` with the continuous-time α, σ of the evaluation's true time
+(tables ``alpha`` / ``sigma``); an x0 model under dpmsolver++ uses its prediction as is. On a
+zero-terminal-SNR schedule the solver starts at t = 1 with the clamped α of the schedule's
+continuous view (``schedules._terminal_log_alpha``, ≈ 2⁻¹² or less), not 0: the update rules
+need a finite λ. Prefer "dpmsolver++" there: from so small an α the noise-prediction updates
+scale x by α_t/α_s up to ~1e4, and the singlestep ones amplify float32 round-off by as much
+(tests/test_parameterization.py).
 """
 
 import numpy as np
 from keras import ops
 
+from keras_etsdm.parameterization import to_eps_and_x0
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
                                        allocate_steps, broadcast_label, sharing_segments)
 
@@ -82,7 +92,7 @@ def multistep_orders(num_steps, order, lower_order_final=True):
 
 
 class DPMSolverSampler(Sampler):
-    """DPM-Solver / DPM-Solver++ on a discrete- or continuous-time ε-prediction model.
+    """DPM-Solver / DPM-Solver++ on a discrete- or continuous-time ε-, v- or x0-prediction model.
 
     Args:
         num_steps: NFE, 1 ≤ S ≤ T.
@@ -311,6 +321,8 @@ class DPMSolverSampler(Sampler):
             "end": np.array([r[3] for r in rows]),
             "x0_from_x": 1.0 / alpha,  # x̂0 = x/α − (σ/α) ε̂ (used by dpmsolver++)
             "x0_from_eps": -sigma / alpha,
+            "alpha": alpha,  # α, σ of the true time: conversions of v / x0 predictions
+            "sigma": sigma,
         }
         for k in range(self.order):
             tables[f"c{k}"] = coeffs[:, k]
@@ -337,15 +349,18 @@ class DPMSolverSampler(Sampler):
         s = ops.reshape(s, (-1,) + (1,) * (len(x0.shape) - 1))
         return ops.clip(x0, -s, s) / s
 
-    def _step(self, denoise_fn, carry, row, step_noise):
+    def _step(self, denoise_fn, carry, row, step_noise, prediction_type="epsilon"):
         x, anchor, history = carry[0], carry[1], carry[2:]
-        eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
-        if self._plus:
-            model_out = row["x0_from_x"] * x + row["x0_from_eps"] * eps
-            if self.thresholding:
-                model_out = self._threshold(model_out)
+        prediction = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
+        if prediction_type == "epsilon":
+            # The ε path as it always was (bit-identical): x̂0 from the precomputed ratios.
+            eps = prediction
+            model_out = (row["x0_from_x"] * x + row["x0_from_eps"] * eps) if self._plus else eps
         else:
-            model_out = eps
+            eps, x0 = to_eps_and_x0(prediction, prediction_type, x, row["alpha"], row["sigma"])
+            model_out = x0 if self._plus else eps
+        if self._plus and self.thresholding:
+            model_out = self._threshold(model_out)
         history = (model_out,) + tuple(history[:-1])
         x_next = row["anchor"] * anchor
         for k, value in enumerate(history):

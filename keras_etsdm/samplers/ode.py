@@ -33,6 +33,11 @@ arguments, or ``tf.function(jit_compile=True)``); the solver loop itself runs in
 
 The number of network evaluations is chosen by the solver: ``last_nfe`` (and
 ``nfe_history``, one entry per ``sample`` call) report it.
+
+v- and x0-prediction denoisers (``prediction_type`` attribute, e.g. a ``DiffusionModel``): ε̂ is
+formed on the host in float64 with ``parameterization.to_eps_and_x0`` and the continuous-time
+α(t), σ(t). On a zero-terminal-SNR schedule the integration starts at t = 1 where that view's α
+is the clamped ``schedules._terminal_log_alpha`` (finite λ), not 0.
 """
 
 import collections
@@ -42,8 +47,10 @@ import numpy as np
 from keras import ops
 
 from keras_etsdm import backend as etsdm_backend
+from keras_etsdm.parameterization import check_prediction_type, to_eps_and_x0
 from keras_etsdm.samplers import _compiled
-from keras_etsdm.samplers.base import _conditioning_tensors, denoiser_cache_key
+from keras_etsdm.samplers.base import (_conditioning_tensors, denoiser_cache_key,
+                                       prediction_type_of)
 from keras_etsdm.schedules import DiscreteVPSchedule, schedule_from_config
 
 # The explicit and implicit solvers of scipy.integrate.solve_ivp.
@@ -243,7 +250,8 @@ class ProbabilityFlowSampler:
         Args:
             denoiser: a ``DiffusionModel`` (its ``denoise``, E-TSDM sharing included), a
                 ``ClassifierFreeGuidance`` wrapper, or a ``keras.ops`` callable
-                ``(x [B, ...], t [B] float labels, **conditioning) -> ε̂``.
+                ``(x [B, ...], t [B] float labels, **conditioning) -> ε̂`` (or v̂ / x̂0 when it
+                has that ``prediction_type`` attribute).
             noise: ``[B, ...]`` starting sample x_1 (standard normal for generation).
             seed: unused (the ODE is deterministic); accepted for the common interface.
             progress: unused (the number of evaluations is not known in advance).
@@ -254,6 +262,7 @@ class ProbabilityFlowSampler:
         """
         del seed, progress
         check_denoiser_schedule(type(self).__name__, self.schedule, denoiser)
+        prediction_type = check_prediction_type(prediction_type_of(denoiser))
         noise = etsdm_backend.to_numpy(noise).astype(np.float64)
         if noise.ndim < 1 or noise.shape[0] == 0:
             raise ValueError(f"noise must have shape [B, ...] with B >= 1, got {noise.shape}.")
@@ -273,6 +282,9 @@ class ProbabilityFlowSampler:
             eps_hat = eps_fn(ops.convert_to_tensor(x.astype(np.float32)), t_in, **conditioning)
             eps_hat = etsdm_backend.to_numpy(eps_hat).astype(np.float64)
             sigma = float(schedule.marginal_std(t))
+            if prediction_type != "epsilon":  # v̂ / x̂0 → ε̂ in float64
+                alpha = float(schedule.marginal_alpha(t))
+                eps_hat, _ = to_eps_and_x0(eps_hat, prediction_type, x, alpha, sigma)
             # dx/dv = (dlog α/dv)(x − ε̂/σ): x in float64, only ε̂ carries float32 rounding.
             return (clock.factor(t) * (x - eps_hat / sigma)).reshape(-1)
 

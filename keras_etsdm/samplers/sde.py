@@ -22,12 +22,14 @@ The last predictor step adds no noise (score_sde's ``noise_removal`` / ``denoise
 sample is the last step's mean). Each network evaluation is one loop iteration, so the NFE is
 ``num_steps · (1 + corrector_steps)`` with the corrector on. Works on discrete
 (``DiscreteVPSchedule``, through its continuous-time view, t ∈ [1/T, 1]) and continuous
-schedules; the denoiser is called at ``schedule.label(t)`` as by every other sampler.
+schedules; the denoiser is called at ``schedule.label(t)`` as by every other sampler, and a v- or
+x0-prediction is converted to ε̂ with the α, σ of t (``parameterization.to_eps_and_x0``).
 """
 
 import numpy as np
 from keras import ops
 
+from keras_etsdm.parameterization import to_eps_and_x0
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
                                        broadcast_label)
 
@@ -98,7 +100,7 @@ class ReverseSDESampler(Sampler):
             noise = np.sqrt(beta)
         noise = noise.copy()
         noise[-1] = 0.0  # the last step returns its mean
-        rows = {"label": sched.label(t), "sigma": sigma, "coef_x": coef_x, "coef_eps": coef_eps,
+        rows = {"label": sched.label(t), "alpha": sched.marginal_alpha(t), "sigma": sigma, "coef_x": coef_x, "coef_eps": coef_eps,
                 "noise_std": noise, "corrector": np.zeros_like(t),
                 "langevin_alpha": 1.0 - g2 / sched.num_timesteps}
         if self.corrector == "none":
@@ -109,9 +111,10 @@ class ReverseSDESampler(Sampler):
         out["corrector"] = np.tile([1.0] * self.corrector_steps + [0.0], self.num_steps)
         return out
 
-    def _step(self, denoise_fn, carry, row, step_noise):
+    def _step(self, denoise_fn, carry, row, step_noise, prediction_type="epsilon"):
         (x,) = carry
-        eps = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
+        prediction = ops.cast(denoise_fn(x, broadcast_label(row["label"], x)), x.dtype)
+        eps, _ = to_eps_and_x0(prediction, prediction_type, x, row["alpha"], row["sigma"])
         predicted = row["coef_x"] * x + row["coef_eps"] * eps + row["noise_std"] * step_noise
         if self.corrector == "none":
             return (predicted,)
