@@ -138,3 +138,21 @@ def test_setting_names():
         ds.parse_setting("euler-10")
     # the noise of a chunk depends on (eval seed, training seed, chunk), never on the arm
     assert ds.noise_seed(0, 1, 2) == ds.noise_seed(0, 1, 2) != ds.noise_seed(0, 1, 3)
+
+
+@pytest.mark.slow
+def test_time_budget_stops_training_with_a_checkpoint(tmp_path):
+    """The device path: the budget's timer stops training through the run driver's SIGTERM
+    handling (checkpoint after the current step), the call exits normally with the stage
+    pending, and the state records the step the checkpoint holds."""
+    from keras_etsdm.checkpoint import latest_checkpoint
+
+    workdir = str(tmp_path / "study")
+    done, lines = _call(workdir, "--seeds=0", "--train_steps=1000000", "--budget_minutes=0.25",
+                        "--margin_seconds=0")
+    assert not done and lines[-1].startswith("Continue with:")
+    stage = _stage(_state(workdir), "train/ddpm/seed0")
+    assert stage["status"] == "pending" and 1 <= stage["step"] < 1000000
+    checkpoint = latest_checkpoint(os.path.join(workdir, "models", "ddpm_seed0"))
+    assert checkpoint.endswith(f"ckpt-{stage['step']:08d}")
+    assert _stage(_state(workdir), "train/etsdm/seed0")["step"] == 0  # nothing started after
