@@ -378,8 +378,10 @@ def summarise(testbed_result, metric):
 def format_markdown(results):
     lines = []
     for testbed, res in results["testbeds"].items():
-        metrics = (("sliced_w1", "energy", "fd_raw2d") if testbed == "gauss2d"
-                   else ("fd", "kid", "classifier_score"))
+        metrics = res.get("metrics") or (("sliced_w1", "energy", "fd_raw2d")
+                                         if testbed == "gauss2d"
+                                         else ("fd", "kid", "classifier_score"))
+        labels = {**METRIC_LABELS, **res.get("metric_labels", {})}
         seeds = sorted({str(r["seed"]) for r in res["runs"]})
         lines.append(f"### {testbed}: {res['train_steps']} steps, batch {res['batch_size']}, "
                      f"{res['num_eval_samples']} samples, EMA weights, training seeds "
@@ -387,7 +389,7 @@ def format_markdown(results):
         lines.append("")
         for metric in metrics:
             better = "higher" if metric == "classifier_score" else "lower"
-            lines.append(f"**{METRIC_LABELS[metric]}** ({better} is better; values per training "
+            lines.append(f"**{labels[metric]}** ({better} is better; values per training "
                          f"seed {' / '.join(seeds)}; paired difference E-TSDM − DDPM per seed; "
                          f"a difference counts only where its sign holds on every seed)")
             lines.append("")
@@ -405,15 +407,20 @@ def format_markdown(results):
                              f"{cells[0]} | {cells[1]} | {diffs} | {row['sign'] or '–'} | "
                              f"{shown} |")
             lines.append("")
-        train = {arm: np.mean([r["train_seconds"] for r in res["runs"] if r["arm"] == arm])
+        train = {arm: [r["train_seconds"] for r in res["runs"] if r["arm"] == arm]
                  for arm in ("ddpm", "etsdm")}
-        lipschitz = res["lipschitz"]
-        lines.append(f"Training time per model: DDPM {train['ddpm']:.0f} s, E-TSDM "
-                     f"{train['etsdm']:.0f} s. One-step K(0) = E‖ε(x,0) − ε(x,1)‖: "
-                     + ", ".join(f"{k} {v:.3g}" for k, v in lipschitz["k_at_0"].items())
-                     + "; E-TSDM slope between its shared values 0 and 20 at t = 0: "
-                     + ", ".join(f"{k} {v:.3g}" for k, v in lipschitz["shared_slope_at_0"].items())
-                     + f". Plot: {lipschitz['png']}.")
+        line = ("Training time per model: "
+                + ", ".join(f"{name} {np.mean(train[arm]):.0f} s" for arm, name in
+                            (("ddpm", "DDPM"), ("etsdm", "E-TSDM")) if train[arm]) + ".")
+        lipschitz = res.get("lipschitz")  # absent where no Lipschitz curve was measured
+        if lipschitz:
+            line = (line[:-1] + ". One-step K(0) = E‖ε(x,0) − ε(x,1)‖: "
+                    + ", ".join(f"{k} {v:.3g}" for k, v in lipschitz["k_at_0"].items())
+                    + "; E-TSDM slope between its shared values 0 and 20 at t = 0: "
+                    + ", ".join(f"{k} {v:.3g}"
+                                for k, v in lipschitz["shared_slope_at_0"].items())
+                    + f". Plot: {lipschitz['png']}.")
+        lines.append(line)
         if testbed == "gauss2d":
             lines.append("")
             lines.append("ε error E‖ε_θ − ε*‖² at label t (mean over seeds):")

@@ -1,0 +1,158 @@
+"""benchmarks/device_study.py: the tiny pipeline (both arms, 2 seeds, 1 setting) in three
+calls that stop in the middle: the state file progresses, training resumes from its checkpoint,
+finished sample chunks are not recomputed, and the final report has per-seed values and
+paired differences for both arms. Runs in-process (compiled programs are reused)."""
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import device_study as ds  # noqa: E402  (the study script lives in benchmarks/)
+
+SCRIPT = "benchmarks/device_study.py"
+
+
+def _state(workdir):
+    with open(os.path.join(workdir, ds.STATE_FILE)) as f:
+        return json.load(f)
+
+
+def _stage(state, stage_id):
+    return next(s for s in state["stages"] if s["id"] == stage_id)
+
+
+SETTINGS = ("ddim-5-uniform",)  # one setting (visits label 0 < t~): each costs a compile per model
+
+
+def _call(workdir, *args):
+    lines = []
+    opts = ds.parse_options([SCRIPT, f"--workdir={workdir}", "--quick",
+                             f"--settings={','.join(SETTINGS)}", *args])
+    done, _ = ds.run_study(opts, log=lines.append)
+    return done, lines
+
+
+def _chunk_files(workdir, seed):
+    root = os.path.join(workdir, "samples")
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if f"_seed{seed}" in path:
+                out[path] = os.stat(path).st_mtime_ns
+    return out
+
+
+def test_tiny_study_resumes_and_reports(tmp_path, capfd):
+    workdir = str(tmp_path / "study")
+    # Units: reference (1), train ddpm/etsdm seed 0 (1 each), per arm and setting 2 chunks +
+    # 1 score (6): stop before seed 1's training.
+    done, lines = _call(workdir, "--max_units_per_call=9")
+    assert not done
+    state = _state(workdir)
+    assert _stage(state, "train/etsdm/seed0")["status"] == "done"
+    assert all(s["status"] == "done" for s in state["stages"] if "seed0" in s["id"])
+    assert _stage(state, "train/ddpm/seed1") == {**_stage(state, "train/ddpm/seed1"),
+                                                 "status": "pending", "step": 0}
+    assert lines[-1].startswith("Continue with: python benchmarks/device_study.py")
+    assert os.path.isfile(os.path.join(workdir, "report.md"))  # a partial report already
+    with open(os.path.join(workdir, "report.md")) as f:
+        assert "PARTIAL" in f.read()
+    seed0_chunks = _chunk_files(workdir, 0)
+    assert len(seed0_chunks) == 2 * len(SETTINGS) * 2  # arms x settings x chunks of 8 (N = 16)
+
+    # Second call: one training unit of 2 steps, then stop in the middle of train/ddpm/seed1.
+    done, _ = _call(workdir, "--max_units_per_call=1", "--train_chunk_steps=2")
+    assert not done
+    ddpm1 = _stage(_state(workdir), "train/ddpm/seed1")
+    assert ddpm1["status"] == "pending" and ddpm1["step"] == 2
+    assert [(c["from"], c["to"]) for c in ddpm1["calls"]] == [(0, 2)]
+
+    # Third call: resumes at step 2 (bin/train's checkpoint), finishes, writes the report.
+    capfd.readouterr()
+    done, lines = _call(workdir)
+    out = capfd.readouterr().out
+    assert done, lines
+    assert "Resuming from" in out and "(step 2)" in out and "steps 2 → 4" in out
+    state = _state(workdir)
+    assert all(s["status"] == "done" for s in state["stages"])
+    assert [(c["from"], c["to"]) for c in _stage(state, "train/ddpm/seed1")["calls"]] == \
+        [(0, 2), (2, 4)]
+    with open(os.path.join(workdir, "models", "ddpm_seed1", "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
+    assert _chunk_files(workdir, 0) == seed0_chunks  # seed 0's chunks were not redrawn
+    assert len(state["calls"]) == 3 and sum(len(c["units"]) for c in state["calls"]) == \
+        1 + 4 + 1 + 2 * 6 * len(SETTINGS)  # reference, 4 + 1 training units, chunks, scores
+
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    assert report["complete"] and not report["pending_stages"]
+    (testbed,) = report["testbeds"].values()
+    assert sorted((r["arm"], r["seed"]) for r in testbed["runs"]) == \
+        [("ddpm", 0), ("ddpm", 1), ("etsdm", 0), ("etsdm", 1)]
+    for run in testbed["runs"]:
+        assert set(run["metrics"]) == set(SETTINGS)
+        for metrics in run["metrics"].values():
+            assert metrics["fd"] > 0 and "kid" in metrics
+    with open(os.path.join(workdir, "report.md")) as f:
+        text = f.read()
+    assert "complete report" in text and "E-TSDM − DDPM" in text
+    for setting in SETTINGS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {setting} |"))
+        cells = [c.strip() for c in row.split("|")]
+        # per-seed values of both arms (two seeds each) and the two paired differences
+        assert len(cells[4].split(" / ")) == 2 and len(cells[5].split(" / ")) == 2
+        assert len(cells[6].split(" / ")) == 2
+
+    # A finished study: another call does nothing; a changed study is refused.
+    done, lines = _call(workdir)
+    assert done and _state(workdir)["calls"][-1]["units"] == []
+    with pytest.raises(ds.StudyError, match="num_samples"):
+        _call(workdir, "--num_samples=32")
+
+
+def test_missing_data_is_one_clear_line(tmp_path, capsys):
+    code = ds.main([SCRIPT, f"--workdir={tmp_path}", "--gin_file=cifar10.gin",
+                    "--reference_stats=mnist32_test"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--data_dir" in err and "CIFAR-10" in err
+    code = ds.main([SCRIPT, f"--workdir={tmp_path}", "--gin_file=cifar10.gin",
+                    f"--data_dir={tmp_path}/nowhere"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "does not exist" in err
+    assert not os.path.exists(os.path.join(tmp_path, ds.STATE_FILE))
+
+
+def test_setting_names():
+    assert ds.parse_setting("ddim-10-trailing") == ("ddim", 10, {"spacing": "trailing"})
+    assert ds.parse_setting("ddpm-1000") == ("ddpm", 1000, {})
+    assert ds.parse_setting("dpm++3m-20-logSNR")[2] == {
+        "order": 3, "method": "multistep", "algorithm": "dpmsolver++", "skip_type": "logSNR"}
+    assert ds.parse_setting("dpm3s-10-logSNR")[2]["method"] == "singlestep"
+    assert len(ds.FULL_SETTINGS) == 17 and len(set(ds.FULL_SETTINGS)) == 17
+    with pytest.raises(ds.StudyError):
+        ds.parse_setting("euler-10")
+    # the noise of a chunk depends on (eval seed, training seed, chunk), never on the arm
+    assert ds.noise_seed(0, 1, 2) == ds.noise_seed(0, 1, 2) != ds.noise_seed(0, 1, 3)
+
+
+@pytest.mark.slow
+def test_time_budget_stops_training_with_a_checkpoint(tmp_path):
+    """The device path: the budget's timer stops training through the run driver's SIGTERM
+    handling (checkpoint after the current step), the call exits normally with the stage
+    pending, and the state records the step the checkpoint holds."""
+    from keras_etsdm.checkpoint import latest_checkpoint
+
+    workdir = str(tmp_path / "study")
+    done, lines = _call(workdir, "--seeds=0", "--train_steps=1000000", "--budget_minutes=0.25",
+                        "--margin_seconds=0")
+    assert not done and lines[-1].startswith("Continue with:")
+    stage = _stage(_state(workdir), "train/ddpm/seed0")
+    assert stage["status"] == "pending" and 1 <= stage["step"] < 1000000
+    checkpoint = latest_checkpoint(os.path.join(workdir, "models", "ddpm_seed0"))
+    assert checkpoint.endswith(f"ckpt-{stage['step']:08d}")
+    assert _stage(_state(workdir), "train/etsdm/seed0")["step"] == 0  # nothing started after
