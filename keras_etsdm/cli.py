@@ -287,13 +287,15 @@ def _run_bpd_only(workdir, checkpoint, use_ema, data, num_images, batch_size, se
 
 # ----- bin/lipschitz ----------------------------------------------------------------------------
 def run_lipschitz(workdirs, data, output_dir, num_images=64, use_ema=True, seed=0,
-                  timesteps=None, zoom=200, title=None, label=None):
+                  timesteps=None, zoom=200, title=None, label=None, output="epsilon"):
     """K(t) of one or more trained models (name → workdir) on the same data and noise.
 
     Writes ``lipschitz.csv`` and ``lipschitz.png`` into ``output_dir``; returns the curves.
     Class-conditional models are evaluated at class ``label`` (None: the null class, i.e. the
     unconditional ε̂). ``zoom`` is in network labels; for continuous-time models (K per unit
-    of t, one step = one network label 1/(N − 1)) it is converted to t.
+    of t, one step = one network label 1/(N − 1)) it is converted to t. ``output``: "epsilon"
+    (v / x0 models converted to the ε̂ they imply) or "native" (see
+    ``lipschitz.model_denoise_fn``).
     """
     curves, zoom_t = {}, None
     for name, workdir in workdirs.items():
@@ -305,7 +307,7 @@ def run_lipschitz(workdirs, data, output_dir, num_images=64, use_ema=True, seed=
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(images), min(num_images, len(images)), replace=False)
         x0 = images[np.sort(pick)].astype(np.float32) / 127.5 - 1.0
-        fn = lipschitz.model_denoise_fn(model, label=label)
+        fn = lipschitz.model_denoise_fn(model, label=label, output=output)
         curves[name] = lipschitz.lipschitz_curve(fn, x0, model.schedule, timesteps,
                                                  sharing=model.sharing, seed=seed)
     lipschitz.write_lipschitz_outputs(output_dir, curves, zoom=zoom if zoom_t is None else zoom_t,

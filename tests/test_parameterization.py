@@ -474,3 +474,33 @@ def test_gin_bindings():
         assert model.schedule.zero_terminal_snr and model.schedule.num_timesteps == 100
     finally:
         gin.clear_config()
+
+
+# ----- the Lipschitz diagnostic on v / x0 models ------------------------------------------------
+class _EchoTime(layers.Layer):
+    """Channel 0 echoes x_t, channel 1 the time condition: a stand-in v / x0 network."""
+
+    def call(self, inputs):
+        x, t = inputs["x"], inputs["t"]
+        return ops.concatenate(
+            [x[..., :1], ops.ones_like(x[..., :1]) * ops.reshape(t, (-1, 1, 1, 1))], axis=-1)
+
+
+@pytest.mark.parametrize("prediction_type", ["v", "x0"])
+def test_lipschitz_fn_converts_v_and_x0_to_the_eps_they_imply(prediction_type):
+    from keras_etsdm.evaluation import lipschitz
+
+    x_in, t_in = keras.Input((4, 4, 2), name="x"), keras.Input((), name="t")
+    net = keras.Model({"x": x_in, "t": t_in}, _EchoTime()({"x": x_in, "t": t_in}))
+    model = ke.DiffusionModel(net, prediction_type=prediction_type)
+    x = np.random.default_rng(0).normal(size=(3, 4, 4, 2)).astype(np.float32)
+    t = np.array([5.0, 37.0, 640.0])  # 37: inside the piece [20, 40), condition 20
+    native = lipschitz.model_denoise_fn(model, output="native")(x, t)
+    eps = lipschitz.model_denoise_fn(model)(x, t)
+    np.testing.assert_allclose(native[:, 0, 0, 1], [0.0, 20.0, 640.0])
+    alpha, sigma = model.schedule.alphas[t.astype(int)], model.schedule.sigmas[t.astype(int)]
+    a, s = alpha[:, None, None, None], sigma[:, None, None, None]
+    expected = s * x + a * native if prediction_type == "v" else (x - a * native) / s
+    np.testing.assert_allclose(eps, expected, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="output"):
+        lipschitz.model_denoise_fn(model, output="score")

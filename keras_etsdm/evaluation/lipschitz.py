@@ -26,6 +26,7 @@ import numpy as np
 
 from keras_etsdm.backend import to_numpy
 from keras_etsdm.io_utils import atomic_write_bytes
+from keras_etsdm.parameterization import to_eps_and_x0
 from keras_etsdm.samplers._compiled import compiled_denoiser
 
 
@@ -125,7 +126,7 @@ class GaussianMixtureEpsStar:
         return eps.reshape(shape)
 
 
-def model_denoise_fn(model, label=None):
+def model_denoise_fn(model, label=None, output="epsilon"):
     """A numpy callable ``(x, t) -> ε̂`` for a ``DiffusionModel``, compiled once.
 
     Every evaluation goes through ``model.denoise`` (the seam: E-TSDM sharing and any subclass
@@ -136,18 +137,33 @@ def model_denoise_fn(model, label=None):
         model: a ``DiffusionModel``.
         label: class-conditional models: the class id to condition on (None: the null class,
             i.e. the unconditional ε̂ that guidance also uses).
+        output: "epsilon" (default, the paper's quantity): a v- or x0-prediction model's output
+            is converted to the ε̂ it implies, with α, σ of the queried t
+            (``parameterization.to_eps_and_x0``); "native": the network's own prediction
+            (v̂ or x̂0), i.e. the Lipschitz constant of what the network learns. Identical for
+            ε-prediction models.
     """
+    if output not in ("epsilon", "native"):
+        raise ValueError(f"output must be 'epsilon' or 'native', got {output!r}.")
     compiled = compiled_denoiser(model)
     if label is not None:
         model.check_labels([label])
     elif model.conditional:
         label = model.null_id
+    convert = output == "epsilon" and getattr(model, "prediction_type", "epsilon") != "epsilon"
 
     def fn(x, t):
         x = np.asarray(x, np.float32)
         t = np.broadcast_to(np.asarray(t, np.float32), (x.shape[0],))
         conditioning = {} if label is None else {"y": np.full((x.shape[0],), label, np.int32)}
-        return np.asarray(to_numpy(compiled(x, t, **conditioning)))
+        out = np.asarray(to_numpy(compiled(x, t, **conditioning)))
+        if not convert:
+            return out
+        alpha, sigma = alpha_sigma(model.schedule, t.astype(np.float64))
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        eps, _ = to_eps_and_x0(out.astype(np.float64), model.prediction_type,
+                               x.astype(np.float64), alpha.reshape(shape), sigma.reshape(shape))
+        return eps.astype(np.float32)
 
     return fn
 
