@@ -9,8 +9,9 @@ between repeats; no per-repeat fit set-up is timed).
 Each backend runs in its own worker process (the backend is fixed at import); the workers take
 turns in a random order per repeat (seeded), one timed repeat each, warm-up excluded; medians
 and inter-quartile ranges over the repeats are reported. Achieved GFLOP/s uses the model FLOPs
-of a training step, 3 × the forward FLOPs counted by XLA's cost analysis (forward + backward ≈ 3 × forward), against float32
-matmul rates measured at the same time in numpy and in each framework.
+of a training step, 3 × the forward FLOPs counted by XLA's cost analysis (forward + backward ≈
+3 × forward), against float32 matmul rates measured at the same time in numpy and in each
+framework.
 
     python benchmarks/train_step.py                      # jax and tensorflow, defaults
     python benchmarks/train_step.py --repeats 7 --steps 4 --json /tmp/train_step.json

@@ -14,7 +14,8 @@ from keras_etsdm.samplers import (DDIMSampler, DDPMSampler, DPMSolverSampler,
 
 __all__ = [
     "DiscreteVPSchedule", "ContinuousVPSchedule", "LinearVPSDE", "make_betas", "TimestepSharing",
-    "build_unet", "DDPM_CIFAR10", "DDPM_256", "ADM_IMAGENET64", "DiffusionModel", "ClassifierFreeGuidance",
+    "build_unet", "DDPM_CIFAR10", "DDPM_256", "ADM_IMAGENET64", "DiffusionModel",
+    "ClassifierFreeGuidance",
     "StopOnNonFiniteLoss", "NonFiniteLossError", "DDIMSampler", "DDPMSampler",
     "DPMSolverSampler", "ProbabilityFlowSampler", "Sampler", "get_sampler",
 ]

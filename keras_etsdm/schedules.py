@@ -162,6 +162,12 @@ class DiscreteVPSchedule(_VPMarginals):
         """Start of the continuous time interval, ``1/T`` (label 0)."""
         return 1.0 / self.num_timesteps
 
+    @property
+    def ode_T(self):
+        """Where DPM-Solver, the PF-ODE and the SDE samplers start: 1 (with
+        ``zero_terminal_snr`` the continuous view's last knot is clamped to a finite α)."""
+        return 1.0
+
     def marginal_log_mean_coeff(self, t):
         """``log α(t)`` by piecewise-linear interpolation over the knots (extrapolated linearly)."""
         t = np.asarray(t, dtype=np.float64)
@@ -361,12 +367,16 @@ class ContinuousVPSchedule(_VPMarginals):
             training draw is ``t ~ U(eps, T)``).
         num_scales: N: the network sees ``(N − 1)·t``; also the default (and largest) number
             of steps of the DDPM / DDIM samplers on this schedule.
+        zero_terminal_snr: rescale α(t) → (α(t) − α(T))/(1 − α(T)) (Lin et al. 2024 in
+            continuous time) so that t = T is pure noise; needs a v- or x0-prediction model.
+            DDIM / DDPM then start at α = 0 exactly; the solvers that need a finite λ start at
+            ``ode_T`` (α = 2⁻¹²), as on a discrete zero-terminal-SNR schedule.
     """
 
     is_continuous = True
 
     def __init__(self, kind="linear", beta_min=0.1, beta_max=20.0, cosine_s=0.008, eps=1e-3,
-                 num_scales=1000):
+                 num_scales=1000, zero_terminal_snr=False):
         if kind not in CONTINUOUS_KINDS:
             raise ValueError(f"Unknown continuous schedule kind {kind!r}; expected one of "
                              f"{CONTINUOUS_KINDS}.")
@@ -392,11 +402,24 @@ class ContinuousVPSchedule(_VPMarginals):
             raise ValueError(f"eps must be in (0, {self._T:g}) (the schedule's time interval), "
                              f"got {eps!r}.")
         self.eps = float(eps)
+        self.zero_terminal_snr = bool(zero_terminal_snr)
+        # α of the base schedule at T: the zero-terminal-SNR rescaling subtracts it.
+        self._alpha_T = math.exp(float(self._base_log_alpha(self._T)))
 
     @property
     def T(self):
         """End of the time interval: 1, or ≈ 0.9946 for "cosine"."""
         return self._T
+
+    @property
+    def ode_T(self):
+        """Where DPM-Solver, the PF-ODE, the likelihood and the reverse-SDE samplers start:
+        ``T``, or with ``zero_terminal_snr`` the time where α = 2⁻¹² (ᾱ = 2⁻²⁴, diffusers'
+        clamp), because their update rules need a finite λ and score. DDIM and DDPM start at
+        ``T`` itself (α = 0 exactly)."""
+        if not self.zero_terminal_snr:
+            return self._T
+        return float(self.time_of_log_mean_coeff(-12.0 * math.log(2.0)))
 
     @property
     def num_timesteps(self):
@@ -416,8 +439,8 @@ class ContinuousVPSchedule(_VPMarginals):
         # where α → 0 (float32 cos of a number near π/2 keeps only ~1e-5 relative accuracy).
         return backend.log(backend.sin((1.0 - t) / (1.0 + self.cosine_s) * (math.pi / 2.0)))
 
-    def marginal_log_mean_coeff(self, t):
-        """``log α(t)`` (numpy float64, shape of ``t``)."""
+    def _base_log_alpha(self, t):
+        """``log α(t)`` of the kind itself, before any zero-terminal-SNR rescaling."""
         t = np.asarray(t, dtype=np.float64)
         if self.kind == "linear":
             return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -427,8 +450,7 @@ class ContinuousVPSchedule(_VPMarginals):
             return -t * (3.0 * a * a + 3.0 * a * b * t + b * b * t * t) / 6.0
         return self._cosine_log_cos(t) - self._log_cos_0
 
-    def marginal_log_mean_coeff_derivative(self, t):
-        """``f(t) = d log α / dt = −½ β(t)`` (units 1 / time)."""
+    def _base_derivative(self, t):
         t = np.asarray(t, dtype=np.float64)
         if self.kind == "linear":
             return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
@@ -437,8 +459,7 @@ class ContinuousVPSchedule(_VPMarginals):
             return -0.5 * (a + b * t) ** 2
         return -np.tan(self._cosine_u(t)) * (math.pi / 2.0) / (1.0 + self.cosine_s)
 
-    def time_of_log_mean_coeff(self, log_alpha):
-        """The t with ``marginal_log_mean_coeff(t) == log_alpha`` (closed form per kind)."""
+    def _base_time_of_log_alpha(self, log_alpha):
         r = np.asarray(log_alpha, dtype=np.float64)
         if self.kind == "linear":
             # Positive root of ¼Δβ t² + ½β_min t + log α = 0, cancellation-free.
@@ -449,6 +470,32 @@ class ContinuousVPSchedule(_VPMarginals):
             return (np.cbrt(a**3 - 6.0 * b * r) - a) / b
         s = self.cosine_s
         return np.arccos(np.exp(r + self._log_cos_0)) * 2.0 * (1.0 + s) / math.pi - s
+
+    # The zero-terminal-SNR rescaling (Lin et al. 2024, Algorithm 1, in continuous time): with
+    # α_T the base α at T, α'(t) = (α(t) − α_T)/(1 − α_T): α'(0) = 1 unchanged, α'(T) = 0.
+    def marginal_log_mean_coeff(self, t):
+        """``log α(t)`` (numpy float64, shape of ``t``; −∞ at T with ``zero_terminal_snr``)."""
+        log_alpha = self._base_log_alpha(t)
+        if not self.zero_terminal_snr:
+            return log_alpha
+        with np.errstate(divide="ignore"):
+            return (np.log(np.maximum(np.exp(log_alpha) - self._alpha_T, 0.0))
+                    - math.log1p(-self._alpha_T))
+
+    def marginal_log_mean_coeff_derivative(self, t):
+        """``f(t) = d log α / dt`` (units 1 / time; −½ β(t) without the rescaling)."""
+        f = self._base_derivative(t)
+        if not self.zero_terminal_snr:
+            return f
+        alpha = np.exp(self._base_log_alpha(t))
+        return f * alpha / (alpha - self._alpha_T)
+
+    def time_of_log_mean_coeff(self, log_alpha):
+        """The t with ``marginal_log_mean_coeff(t) == log_alpha`` (closed form per kind)."""
+        if not self.zero_terminal_snr:
+            return self._base_time_of_log_alpha(log_alpha)
+        alpha = self._alpha_T + (1.0 - self._alpha_T) * np.exp(np.asarray(log_alpha, np.float64))
+        return self._base_time_of_log_alpha(np.log(alpha))
 
     def inverse_lambda(self, lamb):
         """The t with ``marginal_lambda(t) == lamb``."""
@@ -477,8 +524,7 @@ class ContinuousVPSchedule(_VPMarginals):
         """``t ~ U(eps, T)``: float32 ``[batch]`` times for one training batch."""
         return keras.random.uniform((batch,), self.eps, self.T, seed=seed, dtype="float32")
 
-    def log_alpha_ops(self, t):
-        """``log α(t)`` in ``keras.ops`` (float32 ``t`` of any shape)."""
+    def _base_log_alpha_ops(self, t):
         t = ops.cast(t, "float32")
         if self.kind == "linear":
             return -0.25 * t * t * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
@@ -487,10 +533,26 @@ class ContinuousVPSchedule(_VPMarginals):
             return -t * (3.0 * a * a + 3.0 * a * b * t + b * b * t * t) / 6.0
         return self._cosine_log_cos(t, ops) - self._log_cos_0
 
+    def log_alpha_ops(self, t):
+        """``log α(t)`` in ``keras.ops`` (float32 ``t`` of any shape)."""
+        if not self.zero_terminal_snr:
+            return self._base_log_alpha_ops(t)
+        return ops.log(self.alpha_sigma(t)[0])
+
     def alpha_sigma(self, labels):
-        """α(t), σ(t) as float32 ``keras.ops`` tensors (shape of ``t``); σ via expm1, exact
-        for small t."""
-        log_alpha = self.log_alpha_ops(labels)
+        """α(t), σ(t) as float32 ``keras.ops`` tensors (shape of ``t``); σ without the
+        cancellation of 1 − α² at small t."""
+        alpha, sigma = self._base_alpha_sigma(labels)
+        if not self.zero_terminal_snr:
+            return alpha, sigma
+        scale = 1.0 - self._alpha_T
+        rescaled = ops.maximum(alpha - self._alpha_T, 0.0) / scale
+        # 1 − α' = (1 − α)/(1 − α_T) with 1 − α = σ²/(1 + α); σ'² = (1 − α')(1 + α').
+        one_minus = sigma * sigma / ((1.0 + alpha) * scale)
+        return rescaled, ops.sqrt(one_minus * (1.0 + rescaled))
+
+    def _base_alpha_sigma(self, labels):
+        log_alpha = self._base_log_alpha_ops(labels)
         if self.kind == "cosine":
             # σ² = (cos²u₀ − cos²u_t)/cos²u₀ = sin(u_t − u₀) sin(u_t + u₀)/cos²u₀: free of the
             # cancellation in 1 − α² at small t (float32 log α − log cos u₀ would cost 1e-5).
@@ -532,15 +594,19 @@ class ContinuousVPSchedule(_VPMarginals):
                              f"{self.T:g}], got [{t.min():g}, {t.max():g}].")
 
     def get_config(self):
-        return {"kind": self.kind, "beta_min": self.beta_min, "beta_max": self.beta_max,
-                "cosine_s": self.cosine_s, "eps": self.eps, "num_scales": self.num_scales}
+        config = {"kind": self.kind, "beta_min": self.beta_min, "beta_max": self.beta_max,
+                  "cosine_s": self.cosine_s, "eps": self.eps, "num_scales": self.num_scales}
+        if self.zero_terminal_snr:  # only when set: earlier configs stay as they were
+            config["zero_terminal_snr"] = True
+        return config
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def __repr__(self):
-        return f"ContinuousVPSchedule(kind={self.kind!r}, eps={self.eps:g})"
+        ztsnr = ", zero_terminal_snr=True" if self.zero_terminal_snr else ""
+        return f"ContinuousVPSchedule(kind={self.kind!r}, eps={self.eps:g}{ztsnr})"
 
 
 @keras.saving.register_keras_serializable(package="keras_etsdm")

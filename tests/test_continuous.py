@@ -376,3 +376,125 @@ def test_reverse_sde_options_are_checked():
         EulerMaruyamaSampler(10, eps=2.0, schedule=ContinuousVPSchedule())
     sampler = build_sampler("pc", ContinuousVPSchedule("quadratic"), 10, {"snr": 0.1})
     assert sampler.num_iterations == 20 and sampler.labels[0] == 1.0
+
+
+# ----- zero terminal SNR in continuous time, v / x0 prediction ------------------------------------
+@pytest.mark.parametrize("kind", ("linear", "cosine"))
+def test_continuous_zero_terminal_snr_schedule(kind):
+    base = ContinuousVPSchedule(kind)
+    sched = ContinuousVPSchedule(kind, zero_terminal_snr=True)
+    a_T = base.marginal_alpha(base.T)
+    t = np.linspace(sched.eps, sched.T, 41)
+    # α'(t) = (α(t) − α_T)/(1 − α_T): unchanged at 0, exactly 0 at T (Lin et al., Algorithm 1).
+    np.testing.assert_allclose(sched.marginal_alpha(t), (base.marginal_alpha(t) - a_T) / (1 - a_T),
+                               rtol=1e-12, atol=1e-15)
+    assert sched.marginal_alpha(sched.T) == 0.0 and sched.marginal_std(sched.T) == 1.0
+    assert float(sched.marginal_alpha(0.0)) == pytest.approx(1.0, abs=1e-15)
+    inner = t[:-1]
+    np.testing.assert_allclose(sched.time_of_log_mean_coeff(sched.marginal_log_mean_coeff(inner)),
+                               inner, rtol=1e-9)
+    h = 1e-7
+    numeric = (sched.marginal_log_mean_coeff(inner[:-1] + h)
+               - sched.marginal_log_mean_coeff(inner[:-1] - h)) / (2 * h)
+    np.testing.assert_allclose(sched.marginal_log_mean_coeff_derivative(inner[:-1]), numeric,
+                               rtol=1e-5)
+    alpha, sigma = sched.alpha_sigma(t.astype(np.float32))
+    np.testing.assert_allclose(ops.convert_to_numpy(alpha), sched.marginal_alpha(t), rtol=2e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(ops.convert_to_numpy(sigma), sched.marginal_std(t), rtol=2e-6)
+    assert float(sched.marginal_alpha(sched.ode_T)) == pytest.approx(2.0**-12, rel=1e-9)
+    assert schedule_from_config(sched.get_config()).get_config() == sched.get_config()
+    assert "zero_terminal_snr" not in base.get_config()
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        probe_model(sched)  # an ε-prediction model cannot use it
+
+
+def gaussian_v_t(schedule):
+    """v*(x, t) = α ε* − σ x0* for data N(μ, s²) (numpy float64; exact at α = 0: v* = −μ)."""
+
+    def v(x, t):
+        a, sig = schedule.marginal_alpha(t), schedule.marginal_std(t)
+        var = a * a * S * S + sig * sig
+        eps = sig * (x - a * MU) / var
+        x0 = MU + a * S * S * (x - a * MU) / var
+        return a * eps - sig * x0
+
+    return v
+
+
+class GaussianV:
+    """The same v* in keras.ops float32, marked as a v-prediction denoiser for the samplers."""
+
+    prediction_type = "v"
+
+    def __init__(self, schedule):
+        self.schedule = schedule
+
+    def __call__(self, x, t):
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        a, sig = ops.reshape(alpha, (-1, 1)), ops.reshape(sigma, (-1, 1))
+        var = a * a * S * S + sig * sig
+        return a * sig * (x - a * MU) / var - sig * (MU + a * S * S * (x - a * MU) / var)
+
+
+def execute_ddim_v_float64(sampler, v_fn, x):
+    """A deterministic DDIMSampler's tables in float64 with a v-prediction (exact at α = 0)."""
+    t, x = sampler.tables, np.asarray(x, np.float64)
+    for i in range(sampler.num_iterations):
+        v = v_fn(x, t["label"][i])
+        eps = t["sigma"][i] * x + t["alpha"][i] * v
+        x0 = t["alpha"][i] * x - t["sigma"][i] * v
+        x = t["alpha_prev"][i] * x0 + t["direction"][i] * eps
+    return x
+
+
+def test_ddim_from_pure_noise_on_continuous_zero_terminal_snr():
+    """DDIM (trailing) starts at t = T where α = 0 and converges at first order to the exact
+    PF-ODE map from pure noise; the compiled float32 loop equals its float64 tables; an ε
+    denoiser is refused there."""
+    sched = ContinuousVPSchedule("cosine", zero_terminal_snr=True)
+    exact = gaussian_flow(X_T, MU, S, 0.0, 1.0, 1.0, 0.0)  # from α = 0 to x0
+    errors = {}
+    for n in (10, 20, 50, 100, 200):
+        sampler = DDIMSampler(n, spacing="trailing", schedule=sched)
+        assert sampler.tables["alpha"][0] == 0.0
+        errors[n] = np.max(np.abs(execute_ddim_v_float64(sampler, gaussian_v_t(sched), X_T)
+                                  - exact))
+    assert errors[200] < errors[100] < errors[50] < errors[20] < errors[10]
+    slope = -np.polyfit(np.log([50, 100, 200]), np.log([errors[n] for n in (50, 100, 200)]), 1)[0]
+    assert slope == pytest.approx(1.0, abs=0.25)
+    sampler = DDIMSampler(20, spacing="trailing", schedule=sched)
+    out = ops.convert_to_numpy(sampler.sample(GaussianV(sched), X_T.reshape(-1, 1)
+                                              .astype(np.float32)))[:, 0]
+    np.testing.assert_allclose(out, execute_ddim_v_float64(sampler, gaussian_v_t(sched), X_T),
+                               atol=2e-4)
+    with pytest.raises(ValueError, match="α = 0"):
+        sampler.sample(gaussian_eps_ops(sched), X_T.reshape(-1, 1).astype(np.float32))
+
+
+def test_dpm_solver_on_continuous_zero_terminal_snr_starts_at_ode_T():
+    sched = ContinuousVPSchedule("linear", zero_terminal_snr=True)
+    sampler = DPMSolverSampler(50, order=2, skip_type="logSNR", schedule=sched)
+    assert sampler.labels[0] == pytest.approx(sched.ode_T)
+    x = X_T.reshape(-1, 1).astype(np.float32)
+    out = ops.convert_to_numpy(sampler.sample(GaussianV(sched), x))[:, 0]
+    start = sched.ode_T
+    exact = gaussian_flow(X_T, MU, S, sched.marginal_alpha(start), sched.marginal_std(start),
+                          sched.marginal_alpha(sched.eps), sched.marginal_std(sched.eps))
+    assert np.max(np.abs(out - exact)) < 1e-2
+
+
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_v_target_in_continuous_time(zero_terminal_snr):
+    """The v target uses the closed-form α(t), σ(t): with x0 = 0, target = α(t) ε."""
+    sched = ContinuousVPSchedule("linear", zero_terminal_snr=zero_terminal_snr)
+    x = keras.Input((4, 4, 2), name="x")
+    t = keras.Input((), name="t")
+    net = keras.Model({"x": x, "t": t}, Probe()({"x": x, "t": t}))
+    model = ke.DiffusionModel(net, schedule=sched, prediction_type="v", seed=3)
+    out = model(np.zeros((512, 4, 4, 2), np.float32), training=True)
+    times = ops.convert_to_numpy(out["prediction"])[:, 0, 0, 1] / 999.0  # f(t) = t above t̃
+    keep = times >= 0.1
+    noise = ops.convert_to_numpy(out["noise"])[keep, 0, 0, 0]
+    target = ops.convert_to_numpy(out["target"])[keep, 0, 0, 0]
+    np.testing.assert_allclose(target, sched.marginal_alpha(times[keep]) * noise, atol=2e-5)

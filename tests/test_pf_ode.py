@@ -31,7 +31,8 @@ from keras_etsdm.samplers import (  # noqa: E402
     serialize,
 )
 from keras_etsdm.samplers.ode import drift_coefficient, time_of_log_alpha  # noqa: E402
-from keras_etsdm.schedules import DiscreteVPSchedule, LinearVPSDE  # noqa: E402
+from keras_etsdm.schedules import (ContinuousVPSchedule, DiscreteVPSchedule,  # noqa: E402
+                                   LinearVPSDE)
 
 SCHED = DiscreteVPSchedule()
 SDE = LinearVPSDE()
@@ -136,10 +137,8 @@ def correlated_eps(schedule):
     lam, mu = LAM.astype(np.float32), MU_VEC.astype(np.float32)
 
     def eps(x, label):
-        if isinstance(schedule, LinearVPSDE):
-            t = label  # a continuous schedule's label is the time itself
-            log_a = -0.25 * t**2 * (schedule.beta_max - schedule.beta_min) \
-                - 0.5 * t * schedule.beta_min
+        if schedule.is_continuous:  # a continuous schedule's label is the time itself
+            log_a = schedule.log_alpha_ops(label)
         else:
             table = ops.convert_to_tensor(schedule.log_alphas.astype(np.float32))
             low = ops.clip(ops.floor(label), 0.0, float(schedule.num_timesteps - 2))
@@ -158,11 +157,12 @@ def exact_logp(schedule, x, eps=None):
     """(log p under the ODE with prior N(0, I), z, per-eigendirection ∫ f/(α²λ+σ²) dt, L)."""
     eps = schedule.eps if eps is None else eps
     a_e, s_e = schedule.marginal_alpha(eps), schedule.marginal_std(eps)
-    a_1, s_1 = schedule.marginal_alpha(1.0), schedule.marginal_std(1.0)
+    a_1, s_1 = schedule.marginal_alpha(schedule.T), schedule.marginal_std(schedule.T)
     var_e, var_1 = a_e**2 * LAM + s_e**2, a_1**2 * LAM + s_1**2
     z = a_1 * MU_VEC + ((x - a_e * MU_VEC) @ Q) * np.sqrt(var_1 / var_e) @ Q.T
     g = 0.5 * np.log(var_1 / var_e)  # ∫ f (1 − 1/(α²λ+σ²)) dt per eigendirection
-    big_l = float(schedule.marginal_log_mean_coeff(1.0) - schedule.marginal_log_mean_coeff(eps))
+    big_l = float(schedule.marginal_log_mean_coeff(schedule.T)
+                  - schedule.marginal_log_mean_coeff(eps))
     m = big_l - g  # ∫ f / (α²λ + σ²) dt
     return likelihood.prior_logp(z) + g.sum(), z, m, big_l
 
@@ -178,7 +178,8 @@ def bits(logp):
     return -np.asarray(logp) / (D * math.log(2))
 
 
-@pytest.mark.parametrize("schedule", [SCHED, SDE], ids=["discrete", "linear_vp_sde"])
+@pytest.mark.parametrize("schedule", [SCHED, SDE, ContinuousVPSchedule("cosine")],
+                         ids=["discrete", "linear_vp_sde", "continuous_cosine"])
 def test_exact_trace_log_density(schedule):
     """Exact trace at rtol = atol = tol ∈ {1e-5, 1e-6}: −log p in bits/dim within 4·tol of
     the closed form, z within 10·tol (measured: ≈ 3·tol and ≈ 7·tol at 1e-5)."""

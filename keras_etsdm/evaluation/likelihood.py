@@ -175,7 +175,7 @@ def log_likelihood(denoiser, x, schedule=None, rtol=1e-5, atol=1e-5, method="RK4
     conditioning = _conditioning_tensors(conditioning, batch)
     segment = _compiled_divergence(denoiser, probes.shape[0])
     probes_in = ops.convert_to_tensor(probes)
-    clock = ODETime(schedule, time_variable, eps, schedule.T)
+    clock = ODETime(schedule, time_variable, eps, schedule.ode_T)
     state = {"nfe": 0}
 
     def rhs(v, y):

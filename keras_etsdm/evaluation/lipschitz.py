@@ -35,8 +35,8 @@ def alpha_sigma(schedule, t):
     """α_t, σ_t (float64 numpy) at labels ``t``.
 
     ``DiscreteVPSchedule``: integer labels index the tables; fractional labels interpolate them.
-    A continuous schedule (``ContinuousVPSchedule``, anything with ``marginal_alpha``/``marginal_std``
-    and no tables): ``t`` is the continuous time itself.
+    A continuous schedule (``ContinuousVPSchedule``, anything with ``marginal_alpha`` /
+    ``marginal_std`` and no tables): ``t`` is the continuous time itself.
     """
     t = np.asarray(t, np.float64)
     if hasattr(schedule, "alphas") and hasattr(schedule, "sigmas"):

@@ -1,9 +1,10 @@
 """DPM-Solver and DPM-Solver++ (Lu et al. 2022), singlestep and multistep, orders 1–3.
 
 On a ``ContinuousVPSchedule`` the solver works on t ∈ [eps, T] with the closed-form log α and
-the denoiser is called at t itself. A discrete-time model is seen through the continuous-time wrapper of the reference
-implementation (LuChengTHU/dpm-solver): t ∈ [1/T, 1], log α(t) interpolated piecewise linearly
-over the knots t_n = (n+1)/T, the network label is (t − 1/T)·T (``DiscreteVPSchedule.label``).
+the denoiser is called at t itself. A discrete-time model is seen through the continuous-time
+wrapper of the reference implementation (LuChengTHU/dpm-solver): t ∈ [1/T, 1], log α(t)
+interpolated piecewise linearly over the knots t_n = (n+1)/T, the network label is (t − 1/T)·T
+(``DiscreteVPSchedule.label``).
 The update rules, time grids ("time_uniform", "logSNR", "time_quadratic"), the multistep warm-up,
 ``lower_order_final`` (which, as in the reference code, acts only below 10 steps) and the
 singlestep order schedule (``singlestep_orders``) follow the reference with its
@@ -205,11 +206,11 @@ class DPMSolverSampler(Sampler):
         ``allocate_steps`` over their lengths in the grid's variable (λ, t or √t)."""
         ns = self.schedule
         if self.sharing is None:
-            return [(ns.T, ns.eps, self.num_steps)]
-        low, top = ns.label(ns.eps), ns.label(ns.T)
+            return [(ns.ode_T, ns.eps, self.num_steps)]
+        low, top = ns.label(ns.eps), ns.label(ns.ode_T)
         ends = [float(ns.time_of_label(label))
                 for label in sharing_segments(self.sharing, top, low)]
-        ends[0], ends[-1] = ns.T, ns.eps  # exact ends
+        ends[0], ends[-1] = ns.ode_T, ns.eps  # exact ends
         if self.skip_type == "logSNR":
             measure = ns.marginal_lambda(np.asarray(ends))
         elif self.skip_type == "time_uniform":
@@ -229,7 +230,7 @@ class DPMSolverSampler(Sampler):
 
     def _multistep_rows(self):
         ns = self.schedule
-        grid, orders = [ns.T], []
+        grid, orders = [ns.ode_T], []
         for t_hi, t_lo, nfe in self._segments():
             grid.extend(time_grid(ns, self.skip_type, t_hi, t_lo, nfe)[1:])
             # The history restarts on each piece boundary: a stencil never spans a jump.
@@ -248,7 +249,7 @@ class DPMSolverSampler(Sampler):
     def _singlestep_rows(self):
         if self.sharing is None:
             orders = singlestep_orders(self.num_steps, self.order)
-            return self._singlestep_segment(self.schedule.T, self.schedule.eps, self.num_steps,
+            return self._singlestep_segment(self.schedule.ode_T, self.schedule.eps, self.num_steps,
                                             orders), orders
         rows, orders = [], []
         for t_hi, t_lo, nfe in self._segments():

@@ -20,9 +20,9 @@ on the continuous-time view of the schedule, with ``f(t) = d log α(t)/dt`` and
   exact solution for Gaussian data depends only on α, σ at the two ends, so it is still the
   reference the tests compare with.
 
-The sampler integrates from the schedule's ``T`` (1; 0.9946 for cosine) down to ``t = eps`` (default the
-schedule's ``eps``: ``1/T`` = label 0 for a ``DiscreteVPSchedule``, like DPM-Solver; no final
-denoising step, as score_sde's default) with ``scipy.integrate.solve_ivp`` in float64 on the
+The sampler integrates from the schedule's ``T`` (1; 0.9946 for cosine) down to ``t = eps``
+(default the schedule's ``eps``: ``1/T`` = label 0 for a ``DiscreteVPSchedule``, like
+DPM-Solver; no final denoising step, as score_sde's default) with ``scipy.integrate.solve_ivp`` in float64 on the
 host; the whole batch is one state vector with one ``rtol`` / ``atol`` (as score_sde). Each
 right-hand-side evaluation is ONE network evaluation through the denoiser (a
 ``DiffusionModel``'s ``denoise``: E-TSDM's time sharing applies there, unseen by the solver),
@@ -270,7 +270,7 @@ class ProbabilityFlowSampler:
         conditioning = _conditioning_tensors(conditioning, shape[0])
         eps_fn = compiled_denoiser(denoiser)
         schedule = self.schedule
-        clock = ODETime(schedule, self.time_variable, schedule.T, self.eps)
+        clock = ODETime(schedule, self.time_variable, schedule.ode_T, self.eps)
         labels = []
 
         def rhs(v, y):

@@ -69,15 +69,16 @@ class ReverseSDESampler(Sampler):
         self.corrector_steps = int(corrector_steps)
         self._eps_arg = eps
         self.eps = float(sched.eps if eps is None else eps)
-        if not sched.eps * (1.0 - 1e-12) <= self.eps < sched.T:
-            raise ValueError(f"eps must be in [{sched.eps:g}, {sched.T:g}) (the schedule's time "
-                             f"interval), got {eps!r}.")
+        if not sched.eps * (1.0 - 1e-12) <= self.eps < sched.ode_T:
+            raise ValueError(f"eps must be in [{sched.eps:g}, {sched.ode_T:g}) (the schedule's "
+                             f"time interval), got {eps!r}.")
         self._finish_init()
 
     @property
     def time_grid(self):
-        """float64 ``[S + 1]``: ``linspace(T, eps, S + 1)``, the predictor's grid."""
-        return np.linspace(self.schedule.T, self.eps, self.num_steps + 1)
+        """float64 ``[S + 1]``: ``linspace(T, eps, S + 1)``, the predictor's grid (from
+        ``schedule.ode_T``, where the score is finite)."""
+        return np.linspace(self.schedule.ode_T, self.eps, self.num_steps + 1)
 
     def _make_tables(self):
         sched = self.schedule
@@ -100,8 +101,8 @@ class ReverseSDESampler(Sampler):
             noise = np.sqrt(beta)
         noise = noise.copy()
         noise[-1] = 0.0  # the last step returns its mean
-        rows = {"label": sched.label(t), "alpha": sched.marginal_alpha(t), "sigma": sigma, "coef_x": coef_x, "coef_eps": coef_eps,
-                "noise_std": noise, "corrector": np.zeros_like(t),
+        rows = {"label": sched.label(t), "alpha": sched.marginal_alpha(t), "sigma": sigma,
+                "coef_x": coef_x, "coef_eps": coef_eps, "noise_std": noise, "corrector": np.zeros_like(t),
                 "langevin_alpha": 1.0 - g2 / sched.num_timesteps}
         if self.corrector == "none":
             return rows
