@@ -7,8 +7,10 @@ Two testbeds that converge in minutes on 2 CPU cores (see ``shared/reference/exp
   the Lipschitz plot also shows the exact curve and the report gives the ε error near t = 0.
   Metrics: sliced Wasserstein-1, energy distance and FD of the raw 2-D points, against fresh
   data.
-* ``digits8``: scikit-learn's 1,797 8×8 digits with a small ADM U-Net (base 16, mult (1, 2)). Metrics: FD and KID
-  with the project's ``classifier_digits8`` features (not FID) and its classifier score.
+* ``digits8``: scikit-learn's 8×8 digits with a small ADM U-Net (base 16, mult (1, 2)), trained
+  on the 1,438 digits ``classifier_digits8`` was trained on; FD and KID of its features (not
+  FID) against the 359 held-out digits of its test split, which neither the models nor the
+  classifier saw (``digits_split``), and its classifier score.
 
 For each testbed both arms (DDPM: ``TimestepSharing(0, 0)``; E-TSDM: t̃ = 100, n = 5) are
 trained with identical seeds, data order and budgets — two training seeds per arm, so the
@@ -143,9 +145,20 @@ def training_data(testbed, settings, seed=0):
         n = max(65536 if settings.gauss_steps > 1000 else 4096, settings.gauss_batch)
         points = GaussianMixtureEpsStar(means, std, None).sample(n, seed=1000 + seed)
         return points.astype(np.float32).reshape(n, 1, 1, 2)
-    from keras_etsdm.data import embedded
+    return digits_split()[0]
 
-    return embedded.load_digits(8)
+
+def digits_split():
+    """The 8×8 digits split exactly as ``classifier_digits8`` was trained (class-stratified,
+    ``split_indices(labels, 0.2, seed=0)``): float32 training images ``[1438, 8, 8, 1]`` in
+    [−1, 1] (what both arms train on) and the 359 held-out images as uint8 (the FD / KID
+    reference: neither the diffusion models nor the feature classifier saw them)."""
+    from keras_etsdm.data import embedded
+    from keras_etsdm.evaluation.classifier import split_indices
+
+    images, labels = embedded.load_digits(8, with_labels=True)
+    train_idx, test_idx = split_indices(np.asarray(labels), test_fraction=0.2, seed=0)
+    return images[train_idx], to_uint8(images[test_idx])
 
 
 def train(model, data, steps, batch_size, learning_rate, seed):
@@ -275,14 +288,18 @@ def _run_testbed(testbed, settings, output_dir, log):
         from keras_etsdm.evaluation.features import ClassifierExtractor
 
         extractor = ClassifierExtractor("digits8")
-        real = to_uint8(training_data("digits8", settings))
-        reference = (extractor, fid.compute_reference_statistics(real, extractor, 500))
+        train_images, heldout = digits_split()
+        reference = (extractor, fid.compute_reference_statistics(heldout, extractor, 500))
+        real = to_uint8(train_images)
         pick = np.random.default_rng(777).choice(len(real), settings.lipschitz_images, False)
         lipschitz_x0 = real[np.sort(pick)].astype(np.float32) / 127.5 - 1.0
     samplers = {name: make_sampler(name, schedule) for name in settings.samplers}
     num_samples = {name: min(num_ddpm, num_eval) if name.startswith("ddpm") else num_eval
                    for name in samplers}
     out = {"train_steps": steps, "batch_size": batch, "learning_rate": lr,
+           "reference": ("fresh 2-D samples of the mixture (seed 12345)" if gauss else
+                         f"{reference[1].count} held-out 8x8 digits (classifier_digits8's "
+                         f"test split; both arms train on the other {len(train_images)})"),
            "num_eval_samples": num_eval, "num_samples": num_samples, "runs": [],
            "labels_below_t_tilde": {n: labels_below(s) for n, s in samplers.items()},
            "nfe": {n: s.num_iterations for n, s in samplers.items()}}
@@ -387,6 +404,8 @@ def format_markdown(results):
                      f"{res['num_eval_samples']} samples, EMA weights, training seeds "
                      f"{', '.join(seeds)}")
         lines.append("")
+        if res.get("reference"):
+            lines += [f"Reference: {res['reference']}.", ""]
         for metric in metrics:
             better = "higher" if metric == "classifier_score" else "lower"
             lines.append(f"**{labels[metric]}** ({better} is better; values per training "
