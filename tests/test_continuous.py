@@ -498,3 +498,30 @@ def test_v_target_in_continuous_time(zero_terminal_snr):
     noise = ops.convert_to_numpy(out["noise"])[keep, 0, 0, 0]
     target = ops.convert_to_numpy(out["target"])[keep, 0, 0, 0]
     np.testing.assert_allclose(target, sched.marginal_alpha(times[keep]) * noise, atol=2e-5)
+
+
+class GaussianX0(GaussianV):
+    """x0*(x, t) = E[x0 | x_t = x] for data N(μ, s²), an x0-prediction denoiser."""
+
+    prediction_type = "x0"
+
+    def __call__(self, x, t):
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        a, sig = ops.reshape(alpha, (-1, 1)), ops.reshape(sigma, (-1, 1))
+        return MU + a * S * S * (x - a * MU) / (a * a * S * S + sig * sig)
+
+
+def test_reverse_sde_samplers_convert_v_and_x0():
+    """With the same step noise, v* and x0* denoisers give the ε* samples (the samplers convert
+    with the α, σ of each t)."""
+    sched = ContinuousVPSchedule("cosine")
+    x = X_T.reshape(-1, 1).astype(np.float32)
+    for sampler in (EulerMaruyamaSampler(30, schedule=sched),
+                    PredictorCorrectorSampler(15, schedule=sched)):
+        step_noise = np.random.default_rng(2).standard_normal(
+            (sampler.num_iterations,) + x.shape).astype(np.float32)
+        ref = ops.convert_to_numpy(sampler.sample(gaussian_eps_ops(sched), x,
+                                                  step_noise=step_noise))
+        for denoiser in (GaussianV(sched), GaussianX0(sched)):
+            out = ops.convert_to_numpy(sampler.sample(denoiser, x, step_noise=step_noise))
+            np.testing.assert_allclose(out, ref, atol=1e-4)
