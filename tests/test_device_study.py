@@ -140,7 +140,6 @@ def test_setting_names():
     assert ds.noise_seed(0, 1, 2) == ds.noise_seed(0, 1, 2) != ds.noise_seed(0, 1, 3)
 
 
-@pytest.mark.slow
 def test_time_budget_stops_training_with_a_checkpoint(tmp_path):
     """The device path: the budget's timer stops training through the run driver's SIGTERM
     handling (checkpoint after the current step), the call exits normally with the stage
