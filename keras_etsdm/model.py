@@ -252,10 +252,7 @@ class DiffusionModel(keras.Model):
         """v = α_t ε − σ_t x0 or x0 (the regression target of a v / x0 model)."""
         if self.prediction_type == "x0":
             return x0
-        shape = (-1,) + (1,) * (len(x0.shape) - 1)
-        alpha, sigma = self.schedule.alpha_sigma(t)  # as q_sample (tables or closed form)
-        alpha = ops.cast(ops.reshape(alpha, shape), x0.dtype)
-        sigma = ops.cast(ops.reshape(sigma, shape), x0.dtype)
+        alpha, sigma = self.schedule.alpha_sigma_like(t, x0)  # the α, σ q_sample used
         return alpha * noise - sigma * x0
 
     def _pack_labels(self, data):

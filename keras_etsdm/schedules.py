@@ -71,6 +71,26 @@ class _VPMarginals:
         log_mean = self.marginal_log_mean_coeff(t)
         return log_mean - 0.5 * np.log(-np.expm1(2.0 * log_mean))
 
+    # ----- keras.ops, shared by training (q_sample) and the model's v target ----------------
+    def alpha_sigma_like(self, t, x):
+        """``alpha_sigma(t)`` reshaped to ``[B, 1, …]`` and cast to the dtype of ``x [B, ...]``."""
+        alpha, sigma = self.alpha_sigma(t)
+        shape = (-1,) + (1,) * (len(x.shape) - 1)
+        return (ops.cast(ops.reshape(alpha, shape), x.dtype),
+                ops.cast(ops.reshape(sigma, shape), x.dtype))
+
+    def q_sample(self, x0, t, noise):
+        """Noise clean data: ``α_t x0 + σ_t ε``.
+
+        Args:
+            x0: clean data ``[B, ...]``.
+            t: ``[B]`` TRUE times in the schedule's coordinate (integer labels in ``[0, T−1]``
+                for a discrete schedule, times in ``[eps, T]`` for a continuous one).
+            noise: ``ε``, same shape as ``x0``.
+        """
+        alpha, sigma = self.alpha_sigma_like(t, x0)
+        return alpha * x0 + sigma * noise
+
 
 @keras.saving.register_keras_serializable(package="keras_etsdm")
 class DiscreteVPSchedule(_VPMarginals):
@@ -134,22 +154,6 @@ class DiscreteVPSchedule(_VPMarginals):
     def sigma_table(self):
         """float32 tensor ``[T]`` of σ_t."""
         return ops.convert_to_tensor(self._sigmas_f32)
-
-    def q_sample(self, x0, t, noise):
-        """Noise clean images: ``α_t x0 + σ_t ε``.
-
-        Args:
-            x0: clean data ``[B, ...]``.
-            t: integer labels ``[B]`` in ``[0, T-1]`` (the TRUE time step).
-            noise: ``ε``, same shape as ``x0``.
-        """
-        t = ops.cast(t, "int32")
-        shape = (-1,) + (1,) * (len(x0.shape) - 1)
-        alpha = ops.reshape(ops.take(self.alpha_table, t), shape)
-        sigma = ops.reshape(ops.take(self.sigma_table, t), shape)
-        alpha = ops.cast(alpha, x0.dtype)
-        sigma = ops.cast(sigma, x0.dtype)
-        return alpha * x0 + sigma * noise
 
     # ----- continuous-time view (numpy float64) --------------------------------------------
     @property
@@ -562,14 +566,6 @@ class ContinuousVPSchedule(_VPMarginals):
                              * ops.sin(self._cosine_u(t) + u_0)) / math.cos(u_0)
             return ops.exp(log_alpha), sigma
         return ops.exp(log_alpha), ops.sqrt(-ops.expm1(2.0 * log_alpha))
-
-    def q_sample(self, x0, t, noise):
-        """``α(t) x0 + σ(t) ε`` for times ``t [B]`` (float) and ``x0``, ``noise`` ``[B, ...]``."""
-        alpha, sigma = self.alpha_sigma(t)
-        shape = (-1,) + (1,) * (len(x0.shape) - 1)
-        alpha = ops.cast(ops.reshape(alpha, shape), x0.dtype)
-        sigma = ops.cast(ops.reshape(sigma, shape), x0.dtype)
-        return alpha * x0 + sigma * noise
 
     def network_time(self, labels):
         """The network's time condition for (shared) times: ``(num_scales − 1)·t``."""

@@ -107,16 +107,20 @@ def check_ode_options(rtol, atol, method, eps, schedule):
     if method not in ODE_METHODS:
         raise ValueError(f"Unknown ODE method {method!r}; expected one of {ODE_METHODS} "
                          f"(scipy.integrate.solve_ivp).")
-    if eps is None:
-        eps = float(schedule.eps)
-    else:
-        eps = _positive_float("eps", eps)
+    return rtol, atol, method, check_end_time(eps, schedule)
+
+
+def check_end_time(eps, schedule):
+    """The end time of an integration from ``schedule.ode_T`` down (PF-ODE, likelihood,
+    reverse SDE): None → ``schedule.eps``; otherwise it must lie in ``[schedule.eps, ode_T)``.
+    Returns it as a float."""
+    eps = float(schedule.eps) if eps is None else _positive_float("eps", eps)
     # Below the schedule's eps a discrete model would get negative labels (and a continuous
-    # one times it was never trained on): t must stay in [schedule.eps, 1).
-    if not float(schedule.eps) * (1.0 - 1e-12) <= eps < float(schedule.T):
-        raise ValueError(f"eps must be in [{schedule.eps:g}, {schedule.T:g}) (the schedule's "
-                         f"time interval), got {eps!r}.")
-    return rtol, atol, method, eps
+    # one times it was never trained on); at or above the start there is nothing to integrate.
+    if not float(schedule.eps) * (1.0 - 1e-12) <= eps < float(schedule.ode_T):
+        raise ValueError(f"eps must be in [{schedule.eps:g}, {schedule.ode_T:g}) (the "
+                         f"schedule's time interval), got {eps!r}.")
+    return eps
 
 
 TIME_VARIABLES = ("log_alpha", "t")

@@ -32,6 +32,7 @@ from keras import ops
 from keras_etsdm.parameterization import to_eps_and_x0
 from keras_etsdm.samplers.base import (Sampler, _check_choice, _validate_num_steps,
                                        broadcast_label)
+from keras_etsdm.samplers.ode import check_end_time
 
 PREDICTORS = ("euler_maruyama", "reverse_diffusion")
 CORRECTORS = ("none", "langevin")
@@ -68,10 +69,7 @@ class ReverseSDESampler(Sampler):
             raise ValueError(f"corrector_steps must be an integer >= 1, got {corrector_steps!r}.")
         self.corrector_steps = int(corrector_steps)
         self._eps_arg = eps
-        self.eps = float(sched.eps if eps is None else eps)
-        if not sched.eps * (1.0 - 1e-12) <= self.eps < sched.ode_T:
-            raise ValueError(f"eps must be in [{sched.eps:g}, {sched.ode_T:g}) (the schedule's "
-                             f"time interval), got {eps!r}.")
+        self.eps = check_end_time(eps, sched)
         self._finish_init()
 
     @property
