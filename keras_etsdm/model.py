@@ -68,6 +68,13 @@ class DiffusionModel(keras.Model):
             training target changes (same loss, same draws of t and ε); ``denoise`` returns this
             prediction and the samplers convert it (``keras_etsdm.parameterization``). A
             schedule with ``zero_terminal_snr`` needs "v" or "x0".
+        min_snr_gamma: None (default): the plain MSE of the paper (every t weighted alike).
+            A number γ > 0: Min-SNR-γ loss weighting (Hang et al., ICCV 2023), which weights
+            each example's MSE by ``min(SNR_t, γ) / SNR_t`` (ε-prediction), ``min(SNR_t, γ) /
+            (SNR_t + 1)`` (v) or ``min(SNR_t, γ)`` (x0), ``SNR_t = α_t² / σ_t²`` of the TRUE t,
+            so that the many low-noise steps stop dominating the gradient; γ = 5 is the paper's
+            choice. Only the weights change (same draws of t and ε), and E-TSDM is unaffected:
+            the sharing acts on the network's time input, the weight on the true t.
 
     Calling the model on clean images ``x0 [B,H,W,C]`` in [−1, 1] (conditional models:
     ``{"x0": images, "y": int labels [B]}``) draws ``t ~ U{0..T−1}`` (continuous schedules:
@@ -81,7 +88,8 @@ class DiffusionModel(keras.Model):
     """
 
     def __init__(self, network, schedule=None, sharing=None, ema_decay=0.9999, seed=0,
-                 num_classes=None, class_dropout=0.1, prediction_type="epsilon", **kwargs):
+                 num_classes=None, class_dropout=0.1, prediction_type="epsilon",
+                 min_snr_gamma=None, **kwargs):
         super().__init__(**kwargs)
         self.network = network
         self.schedule = schedule if schedule is not None else DiscreteVPSchedule()
@@ -113,6 +121,10 @@ class DiffusionModel(keras.Model):
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}.")
         self.class_dropout = float(class_dropout)
+        if min_snr_gamma is not None and not (np.isfinite(min_snr_gamma) and min_snr_gamma > 0):
+            raise ValueError(f"min_snr_gamma must be None (unweighted MSE) or a number > 0 "
+                             f"(5 is the Min-SNR paper's choice), got {min_snr_gamma!r}.")
+        self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         self._default_loss = keras.losses.MeanSquaredError()
         self.seed_generator = etsdm_backend.ReplicaSeedGenerator(seed, name="train_noise")
         input_shape = network.input["x"].shape if isinstance(network.input, dict) else None
@@ -241,12 +253,29 @@ class DiffusionModel(keras.Model):
                     < self.class_dropout
                 y = ops.where(drop, ops.full_like(y, self.null_id), y)
         prediction = self.denoise(x_t, ops.cast(t, "float32"), y=y, training=training)
+        weight = {} if self.min_snr_gamma is None else {"weight": self.loss_weight(t)}
         if self.prediction_type == "epsilon":
             return {"noise": noise, "noise_pred": prediction, "target": noise,
-                    "prediction": prediction}
+                    "prediction": prediction, **weight}
         # α, σ of the TRUE t as in q_sample; no extra random draws, so
         # t and ε are the draws an ε model makes with the same seed.
-        return {"noise": noise, "target": self._target(x0, t, noise), "prediction": prediction}
+        return {"noise": noise, "target": self._target(x0, t, noise), "prediction": prediction,
+                **weight}
+
+    def loss_weight(self, t):
+        """Per-example loss weight ``[B]`` (float32) at TRUE times ``t [B]``: Min-SNR-γ
+        (``min_snr_gamma``), or ones when the model trains with the plain MSE."""
+        alpha, sigma = self.schedule.alpha_sigma(t)
+        alpha, sigma = ops.cast(alpha, "float32"), ops.cast(sigma, "float32")
+        if self.min_snr_gamma is None:
+            return ops.ones_like(alpha)
+        snr = ops.square(alpha) / ops.square(sigma)  # σ > 0 at every label ε / v / x0 train on
+        clipped = ops.minimum(snr, self.min_snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr
+        if self.prediction_type == "v":
+            return clipped / (snr + 1.0)
+        return clipped
 
     def _target(self, x0, t, noise):
         """v = α_t ε − σ_t x0 or x0 (the regression target of a v / x0 model)."""
@@ -288,6 +317,11 @@ class DiffusionModel(keras.Model):
         """
         target = y_pred["target"]
         prediction = ops.cast(y_pred["prediction"], "float32")
+        if "weight" in y_pred:  # per example [B] → per pixel [B, H, W] (MSE averages channels)
+            weight = ops.reshape(y_pred["weight"], (-1,) + (1,) * (len(target.shape) - 2))
+            weight = ops.broadcast_to(weight, ops.shape(target)[:-1])
+            sample_weight = weight if sample_weight is None else weight * ops.reshape(
+                ops.cast(sample_weight, "float32"), (-1,) + (1,) * (len(target.shape) - 2))
         if self._compile_loss is not None:
             return super().compute_loss(x=x, y=target, y_pred=prediction,
                                         sample_weight=sample_weight, training=training)
@@ -456,6 +490,7 @@ class DiffusionModel(keras.Model):
             # Likewise only when not the default ε.
             **({"prediction_type": self.prediction_type}
                if self.prediction_type != "epsilon" else {}),
+            **({"min_snr_gamma": self.min_snr_gamma} if self.min_snr_gamma is not None else {}),
         }
 
     @classmethod

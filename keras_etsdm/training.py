@@ -51,7 +51,7 @@ from keras_etsdm.time_sharing import TimestepSharing
 # ----- model and optimizer ----------------------------------------------------------------
 def build_model(image_size=32, channels=1, network_fn=None, schedule=None, sharing=None,
                 use_etsdm=True, ema_decay=0.9999, seed=0, num_classes=None, class_dropout=0.1,
-                prediction_type="epsilon"):
+                prediction_type="epsilon", min_snr_gamma=None):
     """A ``DiffusionModel`` from its parts (the gin entry point for the model).
 
     Args:
@@ -72,6 +72,7 @@ def build_model(image_size=32, channels=1, network_fn=None, schedule=None, shari
             (classifier-free guidance).
         prediction_type: what the network predicts, "epsilon" (default), "v" or "x0"
             (``DiffusionModel``); a ``zero_terminal_snr`` schedule needs "v" or "x0".
+        min_snr_gamma: None (plain MSE) or γ of Min-SNR-γ loss weighting (``DiffusionModel``).
     """
     network_fn = network_fn or folding.build_network
     class_kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -83,7 +84,8 @@ def build_model(image_size=32, channels=1, network_fn=None, schedule=None, shari
         sharing = schedule.default_sharing()
     return DiffusionModel(network, schedule=schedule, sharing=sharing, ema_decay=ema_decay,
                           seed=seed, num_classes=num_classes, class_dropout=class_dropout,
-                          prediction_type=prediction_type, name="diffusion_model")
+                          prediction_type=prediction_type, min_snr_gamma=min_snr_gamma,
+                          name="diffusion_model")
 
 
 # ----- samplers of the side jobs ----------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The recipe-study tools of issue 18 (no training here: the runs they drive are bin/train's,
+tested in test_training / test_training_e2e).
+
+* ``heldout_curve.read_curve`` sums step time per logged interval into training minutes and
+  keeps eval time apart; ``fd_at_budget`` picks the last evaluation within the budget;
+  ``write_curves`` writes the csv / md (with the per-run budget row) / png.
+* Every recipe of ``recipe_study.RECIPES`` is a valid set of gin bindings on top of
+  ``gin/default.gin`` (parsed by the library's own ``config.parse``), and one of them is the
+  unchanged default, so the study always has its baseline.
+"""
+
+import csv
+import json
+import os
+import sys
+
+import gin
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from benchmarks import heldout_curve, recipe_study  # noqa: E402
+
+GIN_DIR = os.path.join(os.path.dirname(__file__), "..", "gin")
+
+
+def write_metrics(workdir, records):
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def fake_run(workdir, fds):
+    """Logs every 10 steps at 0.6 s/step (first interval 3 s/step: compilation), an
+    evaluation every 20 steps taking 30 s."""
+    records, step = [], 0
+    for i, fd in enumerate(fds):
+        for _ in range(2):
+            step += 10
+            records.append({"step": step, "loss": 0.1,
+                            "seconds_per_step": 3.0 if step == 10 else 0.6})
+        records.append({"step": step, "eval/fd": fd, "eval/kid": fd / 10,
+                        "eval/kid_std": 0.01, "eval_seconds": 30.0, "eval_num_samples": 2000,
+                        "eval_sampler": "DDIMSampler", "eval_nfe": 20})
+    write_metrics(workdir, records)
+
+
+def test_read_curve_minutes_and_budget(tmp_path):
+    fake_run(tmp_path / "a", [20.0, 10.0, 5.0])
+    rows = heldout_curve.read_curve(str(tmp_path / "a"))
+    assert [r["step"] for r in rows] == [20, 40, 60]
+    minutes = [(10 * 3.0 + 10 * 0.6) / 60, (36 + 12) / 60, (36 + 24) / 60]
+    assert [r["train_minutes"] for r in rows] == pytest.approx(minutes)
+    assert [r["eval_minutes"] for r in rows] == pytest.approx([0.5, 1.0, 1.5])
+    assert rows[1]["sampler"] == "DDIMSampler-20" and rows[1]["num_samples"] == 2000
+    assert heldout_curve.fd_at_budget(rows, 0.9)["fd"] == 10.0  # 0.8 min ≤ 0.9 < 1.0
+    assert heldout_curve.fd_at_budget(rows, 0.5) is None
+    with pytest.raises(FileNotFoundError, match="not a bin/train work directory"):
+        heldout_curve.read_curve(str(tmp_path / "missing"))
+
+
+def test_write_curves_files(tmp_path):
+    for seed, fds in enumerate([[20.0, 10.0], [22.0, 11.0]]):
+        fake_run(tmp_path / f"r-seed{seed}", fds)
+    curves = {f"r-seed{s}": heldout_curve.read_curve(str(tmp_path / f"r-seed{s}"))
+              for s in range(2)}
+    out = tmp_path / "out"
+    heldout_curve.write_curves(curves, str(out), machine="test CPU", budget_minutes=0.9,
+                               recipes={"r": ["train.batch_size = 8"]})
+    with open(out / "curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["run"], float(r["fd"])) for r in rows] == [
+        ("r-seed0", 20.0), ("r-seed0", 10.0), ("r-seed1", 22.0), ("r-seed1", 11.0)]
+    text = (out / "curve.md").read_text()
+    assert "Machine: test CPU" in text and "`train.batch_size = 8`" in text
+    assert "| r-seed0 | 40 | 0.8 | 10.00 | 1.0000 |" in text  # the budget row
+    assert (out / "curve.png").stat().st_size > 1000
+
+
+def test_every_recipe_parses_on_the_default_config():
+    from keras_etsdm import config
+
+    assert ([], ) == recipe_study.RECIPES["r0_default"][:1]
+    for name, (bindings, max_steps) in recipe_study.RECIPES.items():
+        assert max_steps > 0, name
+        gin.clear_config()
+        try:
+            config.parse(bindings=bindings + ["train.seed = 1", "build_model.seed = 1"],
+                         search_paths=[GIN_DIR])
+        finally:
+            gin.clear_config()
