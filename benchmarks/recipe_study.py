@@ -30,7 +30,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmarks.heldout_curve import read_curve, write_curves  # noqa: E402
+from benchmarks.heldout_curve import read_curve, write_curves
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 

@@ -14,12 +14,13 @@ import json
 import os
 import sys
 
-import gin
 import pytest
+
+import gin
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks import heldout_curve, recipe_study  # noqa: E402
+from benchmarks import heldout_curve, recipe_study
 
 GIN_DIR = os.path.join(os.path.dirname(__file__), "..", "gin")
 
@@ -27,8 +28,7 @@ GIN_DIR = os.path.join(os.path.dirname(__file__), "..", "gin")
 def write_metrics(workdir, records):
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+        f.writelines(json.dumps(record) + "\n" for record in records)
 
 
 def fake_run(workdir, fds):
