@@ -81,9 +81,9 @@ def test_write_curves_files(tmp_path):
 def test_every_recipe_parses_on_the_default_config():
     from keras_etsdm import config
 
-    assert ([], ) == recipe_study.RECIPES["r0_default"][:1]
-    for name, (bindings, max_steps) in recipe_study.RECIPES.items():
-        assert max_steps > 0, name
+    assert recipe_study.RECIPES["default"][0] == []
+    for name, (bindings, max_steps, seeds) in recipe_study.RECIPES.items():
+        assert max_steps > 0 and seeds, name
         gin.clear_config()
         try:
             config.parse(bindings=bindings + ["train.seed = 1", "build_model.seed = 1"],
