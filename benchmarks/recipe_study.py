@@ -49,7 +49,8 @@ RECIPES = {
     "lr1e-3_minsnr5_bs32": (["make_optimizer.learning_rate = 1e-3", "train.batch_size = 32"],
                             4000, [0]),
     "default": ([], 5000, [0, 1]),
-    "default_ddpm": (["USE_ETSDM = False"], 5000, [0, 1]),
+    # The DDPM arm of the default (issue 18 item 4); seed 1 not run yet (CPU time).
+    "default_ddpm": (["USE_ETSDM = False"], 5000, [0]),
 }
 
 flags.DEFINE_list("recipes", None, f"Recipes to run, of: {', '.join(RECIPES)}.", required=True)
