@@ -16,6 +16,7 @@ Class-conditional models (``num_classes=K``) train on ``(images, labels)`` with 
 """
 
 import contextlib
+import numbers
 
 import keras
 import numpy as np
@@ -121,7 +122,9 @@ class DiffusionModel(keras.Model):
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"class_dropout must be in [0, 1), got {class_dropout}.")
         self.class_dropout = float(class_dropout)
-        if min_snr_gamma is not None and not (np.isfinite(min_snr_gamma) and min_snr_gamma > 0):
+        if min_snr_gamma is not None and not (
+                isinstance(min_snr_gamma, numbers.Real) and not isinstance(min_snr_gamma, bool)
+                and np.isfinite(min_snr_gamma) and min_snr_gamma > 0):
             raise ValueError(f"min_snr_gamma must be None (unweighted MSE) or a number > 0 "
                              f"(5 is the Min-SNR paper's choice), got {min_snr_gamma!r}.")
         self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
@@ -318,10 +321,12 @@ class DiffusionModel(keras.Model):
         target = y_pred["target"]
         prediction = ops.cast(y_pred["prediction"], "float32")
         if "weight" in y_pred:  # per example [B] → per pixel [B, H, W] (MSE averages channels)
-            weight = ops.reshape(y_pred["weight"], (-1,) + (1,) * (len(target.shape) - 2))
-            weight = ops.broadcast_to(weight, ops.shape(target)[:-1])
-            sample_weight = weight if sample_weight is None else weight * ops.reshape(
-                ops.cast(sample_weight, "float32"), (-1,) + (1,) * (len(target.shape) - 2))
+            per_example = (-1,) + (1,) * (len(target.shape) - 2)
+            weight = ops.broadcast_to(ops.reshape(y_pred["weight"], per_example),
+                                      ops.shape(target)[:-1])
+            if sample_weight is not None:
+                weight = weight * ops.reshape(ops.cast(sample_weight, "float32"), per_example)
+            sample_weight = weight
         if self._compile_loss is not None:
             return super().compute_loss(x=x, y=target, y_pred=prediction,
                                         sample_weight=sample_weight, training=training)

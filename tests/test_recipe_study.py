@@ -35,7 +35,7 @@ def fake_run(workdir, fds):
     """Logs every 10 steps at 0.6 s/step (first interval 3 s/step: compilation), an
     evaluation every 20 steps taking 30 s."""
     records, step = [], 0
-    for i, fd in enumerate(fds):
+    for fd in fds:
         for _ in range(2):
             step += 10
             records.append({"step": step, "loss": 0.1,
