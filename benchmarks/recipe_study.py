@@ -36,6 +36,8 @@ from benchmarks.heldout_curve import read_curve, write_curves
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
+EMA_TRACKS = ("decay:0", "decay:0.998", "decay:0.9995", "sigma_rel:0.05", "sigma_rel:0.1")
+
 # name -> (gin bindings on top of gin/default.gin, max_steps, seeds). "default" is today's
 # gin/default.gin; "r0_2e-4_mse" is the default this study started from (lr 2e-4, plain MSE);
 # the screens ran one seed for 2,000 steps (4,000 at batch 32: the same number of images);
@@ -49,8 +51,15 @@ RECIPES = {
     "lr1e-3_minsnr5_bs32": (["make_optimizer.learning_rate = 1e-3", "train.batch_size = 32"],
                             4000, [0]),
     "default": ([], 5000, [0, 1]),
-    # The DDPM arm of the default (issue 18 item 4); seed 1 not run yet (CPU time).
-    "default_ddpm": (["USE_ETSDM = False"], 5000, [0]),
+    # The DDPM arm of the default (issue 18 item 4).
+    "default_ddpm": (["USE_ETSDM = False"], 5000, [0, 1]),
+    # Both arms with extra EMA tracks kept beside the model's own EMA (decay 0.999): the same
+    # weight trajectory averaged five other ways, scored afterwards by benchmarks/ema_study.py
+    # ("decay:0" is the raw weights). The tracks do not change training, so these are also the
+    # arms' third seed (seed 2) for benchmarks/etsdm_vs_ddpm.py --testbed=mnist32.
+    "default_ematracks": ([f"train.ema_tracks = {list(EMA_TRACKS)}"], 5000, [2]),
+    "default_ddpm_ematracks": (["USE_ETSDM = False", f"train.ema_tracks = {list(EMA_TRACKS)}"],
+                               5000, [2]),
 }
 
 flags.DEFINE_list("recipes", None, f"Recipes to run, of: {', '.join(RECIPES)}.", required=True)

@@ -328,3 +328,16 @@ class PeriodicEvaluation(SampleGrid):
                 f.write(json.dumps(record) + "\n")
         if self.summary_writer is not None:
             self.summary_writer.scalars(step, metrics)
+
+
+class UpdateEMATracks(keras.callbacks.Callback):
+    """Step extra EMA tracks (``keras_etsdm.ema.EMATracks``) after every training step; the run
+    driver saves them with its checkpoints."""
+
+    def __init__(self, tracks):
+        super().__init__()
+        self.tracks = tracks
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model  # noqa: B018 -- on JAX the property syncs the trained state into the variables
+        self.tracks.update()

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from keras_etsdm import export
+from keras_etsdm import ema, export
 from keras_etsdm.checkpoint import load_model
 from keras_etsdm.evaluation import evaluate, features, fid, lipschitz
 from keras_etsdm.io_utils import atomic_write_bytes, image_grid, save_png, to_uint8
@@ -137,7 +137,8 @@ def run_eval(sampler="ddim", steps=None, num_samples=1000, stats_path=None, work
              checkpoint=None, extractor="classifier_mnist32", inception_path=None,
              batch_size=250, seed=0, use_ema=True, sampler_options=None, output=None,
              save_samples=True, progress=False, labels=None, guidance_scale=0.0, metrics="fd",
-             data=None, bpd_num_images=256, bpd_options=None):
+             data=None, bpd_num_images=256, bpd_options=None, ema_track=None,
+             ema_track_step=None):
     """Score a model; write a provenance JSON.
 
     ``metrics``: "fd" (default: draw ``num_samples`` samples with ``sampler`` and score them
@@ -147,6 +148,9 @@ def run_eval(sampler="ddim", steps=None, num_samples=1000, stats_path=None, work
     "probe": "gaussian"}``; the dequantization noise and probes of batch b use the seed
     ``[seed, b]``), or both ("fd,bpd").
     ``steps``: None → 20 for the step-based samplers; must be None for "pf_ode" (adaptive).
+    ``ema_track``: score an extra EMA track the run kept (``train.ema_tracks``, e.g.
+    ``"sigma_rel:0.1"``) instead of the model's own EMA, from its file at ``ema_track_step``
+    (default the newest; ``keras_etsdm.ema``).
 
     Class-conditional models: ``labels`` (a ``parse_labels`` string — ``"balanced"``
     for every class equally often, ``"3"`` for one class — or int ids) and classifier-free
@@ -174,7 +178,15 @@ def run_eval(sampler="ddim", steps=None, num_samples=1000, stats_path=None, work
     stats_path = stats_path or evaluate.default_stats_path(workdir, extractor)
     reference = fid.ReferenceStatistics.load(stats_path)  # fail before sampling, not after
     ex = features.make_extractor(extractor, inception_path)
+    if ema_track is not None and (not workdir or not use_ema):
+        raise ValueError("An EMA track needs --workdir (its tracks live in <workdir>/ema_tracks) "
+                         "and the EMA weights (not --noema).")
     model = load_model(workdir=workdir, checkpoint=checkpoint, use_ema=use_ema)
+    weights = "ema" if use_ema else "raw"
+    track = {}
+    if ema_track is not None:
+        track = {"ema_track": ema_track,
+                 "ema_track_step": ema.load_ema_track(model, workdir, ema_track, ema_track_step)}
     labels, num_samples = parse_labels(labels, num_samples, model.num_classes)
     sampler_obj = build_sampler(key, model.schedule, steps, sampler_options, model.sharing)
     images = to_uint8(generate(model, sampler_obj, num_samples, batch_size, seed,
@@ -185,7 +197,6 @@ def run_eval(sampler="ddim", steps=None, num_samples=1000, stats_path=None, work
         bpd_scores, bpd_extra = compute_bpd(model, data, bpd_num_images, batch_size, seed,
                                             bpd_options)
         scores.update(bpd_scores)
-    weights = "ema" if use_ema else "raw"
     config = {k: v for k, v in sampler_obj.get_config().items() if k != "schedule"}
     # An adaptive sampler's NFE differs per batch: all of them are recorded, "steps" is the
     # rounded mean (and the file name carries the tolerance instead).
@@ -209,12 +220,14 @@ def run_eval(sampler="ddim", steps=None, num_samples=1000, stats_path=None, work
                    "class_labels": None if labels is None else
                    {"counts": np.bincount(labels, minlength=model.num_classes + 1).tolist()}}),
                **({"nfe_per_batch": nfe_history} if adaptive else {}),
-               **bpd_extra})
+               **track, **bpd_extra})
     if output is None:
         guided = f"_w{float(guidance_scale):g}" if model.conditional else ""
         steps_tag = f"rtol{sampler_obj.rtol:g}" if adaptive else sampler_obj.num_iterations
+        weights_tag = (weights if not track else
+                       f"ema-{ema_track.replace(':', '')}-step{track['ema_track_step']}")
         output = os.path.join(workdir or os.path.dirname(stats_path), "eval",
-                              f"{key}_{steps_tag}_{weights}_seed{seed}{guided}.json")
+                              f"{key}_{steps_tag}_{weights_tag}_seed{seed}{guided}.json")
     fid.write_result_json(output, record)
     if save_samples:
         write_outputs(images, os.path.dirname(output),

@@ -34,10 +34,15 @@ import threading
 import keras
 
 from keras_etsdm import callbacks as etsdm_callbacks
-from keras_etsdm import distribute, folding
-from keras_etsdm.checkpoint import (CLASS_LIST, MODEL_CONFIG, latest_checkpoint,
-                                    remove_stale_temporaries, restore_checkpoint,
-                                    save_checkpoint)
+from keras_etsdm import distribute, ema, folding
+from keras_etsdm.checkpoint import (
+    CLASS_LIST,
+    MODEL_CONFIG,
+    latest_checkpoint,
+    remove_stale_temporaries,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from keras_etsdm.data import make_dataset
 from keras_etsdm.evaluation import evaluate
 from keras_etsdm.io_utils import atomic_write_text
@@ -150,6 +155,22 @@ class TrainResult:
         self.history, self.model, self.start_step = history, model, start_step
 
 
+def _start_ema_tracks(model, workdir, profiles, start_step, stream):
+    """``ema.EMATracks`` for ``profiles`` (None when there are none), resumed from the track
+    file of ``start_step`` when it holds the same tracks, otherwise started at the current
+    weights (said in one line: such tracks average only from ``start_step`` on)."""
+    if not profiles:
+        return None
+    tracks = ema.EMATracks(list(profiles), model._network_weights)
+    if start_step and tracks.restore(os.path.join(workdir, ema.TRACKS_DIR), start_step):
+        return tracks
+    tracks.start()
+    if start_step:
+        print(f"EMA tracks {list(profiles)} start at step {start_step} (no track file of "
+              f"these tracks at that step).", file=stream or sys.stdout, flush=True)
+    return tracks
+
+
 # ----- the run ----------------------------------------------------------------------------
 def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_optimizer,
           batch_size=64, max_steps=20_000, mixed_precision=None, checkpoint_every=1000,
@@ -157,7 +178,8 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
           grid_sampler_fn=default_grid_sampler, grid_seed=0, grid_guidance_scale=0.0,
           eval_every=0, eval_num_samples=1000, eval_reference="mnist32_test",
           eval_sampler_fn=default_grid_sampler, eval_seed=0, data_seed=0, distribution="auto",
-          seed=0, jit_compile=True, operative_config_fn=None, handle_signals=True, stream=None):
+          seed=0, jit_compile=True, ema_tracks=(), ema_tracks_keep=0, operative_config_fn=None,
+          handle_signals=True, stream=None):
     """Train (or resume) a diffusion model in ``workdir``.
 
     Args:
@@ -186,6 +208,12 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
         seed: global seed (``keras.utils.set_random_seed``) for the weight initialisation.
         distribution: see ``keras_etsdm.distribute`` ("auto", "none", "mirrored", ...).
         jit_compile: XLA-compile the train step.
+        ema_tracks: extra EMA profiles to keep beside the model's own EMA, e.g.
+            ``["decay:0.9995", "sigma_rel:0.1"]`` (``keras_etsdm.ema``): updated every step,
+            written to ``<workdir>/ema_tracks/step-<step>.npz`` with every checkpoint and
+            resumed with it; evaluate one afterwards with ``bin/eval --ema_track=<profile>``.
+        ema_tracks_keep: how many track files to keep (0: all, so every checkpoint step can
+            be compared afterwards; ~4 bytes × parameters × tracks each).
         operative_config_fn: ``() -> str`` called once the model and data are built; the text is
             written to ``operative_config.gin`` and TensorBoard (bin/train passes
             ``gin.operative_config_str``).
@@ -211,7 +239,8 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
            checkpoint_every, keep_checkpoints, log_every, sample_every, num_grid_samples,
            grid_sampler_fn, grid_seed, grid_guidance_scale, eval_every, eval_num_samples,
            eval_reference, eval_sampler_fn, eval_seed, data_seed, distribution, seed,
-           jit_compile, operative_config_fn, handle_signals, stream, previous_policy=None):
+           jit_compile, ema_tracks, ema_tracks_keep, operative_config_fn, handle_signals, stream,
+           previous_policy=None):
     dataset_fn = dataset_fn or make_dataset
     dist = distribute.setup_distribution(distribution)
     dist.check_global_batch(batch_size)
@@ -275,15 +304,24 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
                                             metrics_path if dist.is_chief else None, writer,
                                             stream=stream, is_chief=dist.is_chief)
 
+    tracks = _start_ema_tracks(model, workdir, ema_tracks, start_step, stream)
+
     def save_fn(m, step):
         if dist.is_chief:
             with dist.process_local():  # the chief saves alone (multi-process JAX)
+                if tracks is not None:  # first, so a checkpoint never lacks its tracks
+                    tracks_dir = os.path.join(workdir, ema.TRACKS_DIR)
+                    tracks.save(tracks_dir, step)
+                    tracks.prune(tracks_dir, ema_tracks_keep)
                 save_checkpoint(m, workdir, step, keep=keep_checkpoints,
                                 extra_meta={"global_batch_size": batch_size,
                                             "num_replicas": dist.num_replicas})
 
-    callbacks = [etsdm_callbacks.StopOnNonFiniteLoss(), logger,
-                 etsdm_callbacks.PeriodicCheckpoint(save_fn, start_step, checkpoint_every, flag)]
+    callbacks = [etsdm_callbacks.StopOnNonFiniteLoss(), logger]
+    if tracks is not None:  # before the checkpoint, which saves them
+        callbacks.append(etsdm_callbacks.UpdateEMATracks(tracks))
+    callbacks.append(etsdm_callbacks.PeriodicCheckpoint(save_fn, start_step, checkpoint_every,
+                                                        flag))
     sampler = grid_sampler_fn(model.schedule) if sample_every and dist.is_chief else None
     if sampler is not None:
         grid_fn = etsdm_callbacks.make_grid_fn(workdir, sampler, num_grid_samples, grid_seed,
