@@ -382,7 +382,8 @@ def parse_gin(opts, arm, seed, max_steps=None):
     if opts.data_dir is not None:
         bindings.append(f"DATA_PATH = {opts.data_dir!r}")
     bindings += [f"USE_ETSDM = {arm == 'etsdm'}", f"train.seed = {seed}",
-                 f"train.data_seed = {seed}", "train.eval_every = 0"]
+                 f"train.data_seed = {seed}", f"build_model.seed = {seed}",
+                 "train.eval_every = 0"]
     if max_steps is not None:
         bindings.append(f"train.max_steps = {int(max_steps)}")
     gin.clear_config()
@@ -699,6 +700,22 @@ def _steps_per_second(workdir, start_step, end_step):
     return float(1.0 / np.median(speeds))
 
 
+def _training_seconds(workdir, stage):
+    """Seconds of training steps the model's metrics.jsonl logged (a model trained before the
+    study, e.g. by benchmarks/recipe_study.py, counts its own steps); else the calls' time."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return sum(c["seconds"] for c in stage["calls"])
+    seconds, last = 0.0, 0
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "seconds_per_step" in record:
+                seconds += record["seconds_per_step"] * (record["step"] - last)
+                last = record["step"]
+    return seconds
+
+
 # ----- report -------------------------------------------------------------------------------------
 def build_results(opts, state):
     """The scored stages in the shape ``comparison.format_markdown`` renders."""
@@ -713,7 +730,8 @@ def build_results(opts, state):
             runs[(stage["arm"], stage["seed"])] = {
                 "arm": stage["arm"], "seed": stage["seed"], "weights": "ema",
                 "train_steps": stage["step"], "metrics": {},
-                "train_seconds": sum(c["seconds"] for c in stage["calls"])}
+                "train_seconds": _training_seconds(model_dir(opts, stage["arm"], stage["seed"]),
+                                                   stage)}
         elif stage["kind"] == "score" and stage["status"] == "done":
             runs[(stage["arm"], stage["seed"])]["metrics"][stage["setting"]] = stage["metrics"]
     extractor = next((s.get("extractor") for s in state["stages"] if s["kind"] == "reference"),

@@ -57,6 +57,41 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+@functools.lru_cache(maxsize=8)
+def _flat_concat(count):
+    """A compiled ``(*arrays) -> one flat float32 vector`` for ``count`` arrays (TF / JAX)."""
+    if backend_name() == "tensorflow":
+        import tensorflow as tf
+
+        @tf.autograph.experimental.do_not_convert
+        def concat(*xs):
+            return tf.concat([tf.reshape(tf.cast(x, tf.float32), [-1]) for x in xs], 0)
+
+        return tf.function(concat)
+    if backend_name() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return jax.jit(lambda *xs: jnp.concatenate([jnp.ravel(x).astype(jnp.float32)
+                                                    for x in xs]))
+    return None
+
+
+def variables_to_flat_numpy(variables):
+    """The values of ``variables`` as one flat float32 numpy vector (in order).
+
+    One compiled concatenation and one device-to-host copy instead of one per variable: for the
+    166 weights of the embedded default's U-Net, ~6 ms instead of ~14–29 ms on 2 CPU cores.
+    """
+    if not variables:
+        return np.zeros(0, np.float32)
+    concat = _flat_concat(len(variables))
+    if concat is None:
+        return np.concatenate([np.ravel(to_numpy(v.value)).astype(np.float32)
+                               for v in variables])
+    return np.asarray(concat(*[v.value for v in variables]))
+
+
 # ----- stride-1 "same" convolution with a per-tap kernel gradient on JAX ----------------------
 # When jaxlib 0.10's XLA CPU runs convolutions as YNNPACK fusions (its default), the kernel
 # gradient of a convolution is 1.5–3× slower than the forward pass; as one matmul per kernel tap
