@@ -1,9 +1,13 @@
 """Shared machinery of the benchmarks: worker subprocesses taking turns, statistics, matmul rates.
 
 The Keras backend is fixed when keras is imported, so every framework runs in its own worker
-process. The parent starts all workers, lets each build and warm up, and then asks them in turn
-(jax, tensorflow, torch, jax, ...) to run one timed repeat, so that slow drifts of the machine
-(other load, thermal state) hit every framework alike. Workers wait idle while another runs.
+process. The parent starts all workers, lets each build and warm up, and then runs ROUNDS: in
+each round every worker runs one timed repeat, in a random order drawn afresh for every round
+(``round_orders``, seeded), so that slow drifts of the machine (other load, thermal state) hit
+every framework alike and no framework systematically runs first or right after a given other
+one. Workers wait idle while another runs. Two frameworks measured in the same round form a pair:
+``paired_ratio_ci`` gives the median over rounds of their per-round ratio with a percentile
+bootstrap interval that resamples rounds, and ``goal_status`` reads a goal off that interval.
 
 Protocol: the parent writes one JSON object per line to a worker's stdin; the worker answers
 with one line ``@@BENCH <json>`` on stdout (everything else a library prints is ignored).
@@ -30,13 +34,84 @@ def summarize(values):
             "min": float(values.min()), "max": float(values.max())}
 
 
+def round_orders(names, rounds, seed=0):
+    """The worker order of each of ``rounds`` rounds: independent uniformly random permutations
+    of ``names`` (so consecutive rounds may repeat an order), reproducible from ``seed``."""
+    names = list(names)
+    rng = np.random.default_rng(seed)
+    return [[names[i] for i in rng.permutation(len(names))] for _ in range(rounds)]
+
+
+def paired_ratio_ci(numerator, denominator, num_resamples=10000, confidence=0.95, seed=0):
+    """Median over rounds of ``numerator[r] / denominator[r]`` with a bootstrap interval.
+
+    ``numerator`` and ``denominator`` are per-round measurements (rates such as images/s) of two
+    frameworks taken in the same rounds, so round r of one is paired with round r of the other
+    and whatever slowed the machine in that round largely cancels in their ratio. The interval
+    is the percentile bootstrap: ``num_resamples`` times, draw n rounds with replacement, take
+    the median of their ratios; the interval is the central ``confidence`` part of those
+    medians. With few rounds it is coarse (the bootstrap median of n values takes at most n
+    distinct values) and, like any percentile bootstrap of a median, only approximately
+    ``confidence``. Returns ``{"ratio", "low", "high", "n", "confidence", "per_round"}`` plus
+    ``num_resamples``.
+    """
+    num = np.asarray(numerator, dtype=np.float64)
+    den = np.asarray(denominator, dtype=np.float64)
+    if num.ndim != 1 or den.ndim != 1:
+        raise ValueError(f"paired_ratio_ci needs two 1-D sequences of per-round values, got "
+                         f"shapes {num.shape} and {den.shape}.")
+    if num.size != den.size:
+        raise ValueError(f"paired_ratio_ci needs one value per round on both sides: got "
+                         f"{num.size} numerator and {den.size} denominator values.")
+    if num.size < 2:
+        raise ValueError(f"paired_ratio_ci needs at least 2 rounds for an interval, got "
+                         f"{num.size}.")
+    for label, values in (("numerator", num), ("denominator", den)):
+        bad = ~(np.isfinite(values) & (values > 0))
+        if bad.any():
+            raise ValueError(f"paired_ratio_ci needs positive finite rates; {label} has "
+                             f"{values[bad].tolist()} at rounds {np.flatnonzero(bad).tolist()}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}.")
+    if int(num_resamples) < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples!r}.")
+    num_resamples = int(num_resamples)
+    ratios = num / den
+    n = ratios.size
+    rng = np.random.default_rng(seed)
+    medians = np.empty(num_resamples)
+    chunk = max(1, 2_000_000 // n)  # bounded memory however many rounds there are
+    for start in range(0, num_resamples, chunk):
+        stop = min(start + chunk, num_resamples)
+        medians[start:stop] = np.median(ratios[rng.integers(0, n, size=(stop - start, n))],
+                                        axis=1)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(medians, [tail, 100.0 - tail])
+    return {"ratio": float(np.median(ratios)), "low": float(low), "high": float(high),
+            "n": int(n), "confidence": float(confidence), "num_resamples": num_resamples,
+            "per_round": ratios.tolist()}
+
+
+def goal_status(ci, goal):
+    """Whether a ratio interval (``paired_ratio_ci``'s dict) establishes ``ratio >= goal``.
+
+    "met" only when the whole interval lies at or above the goal, "not met" when it lies
+    entirely below it, otherwise "undecided (interval covers the goal)". The median alone never
+    decides."""
+    if ci["low"] >= goal:
+        return "met"
+    if ci["high"] < goal:
+        return "not met"
+    return "undecided (interval covers the goal)"
+
+
 def peak_rss_mib():
     """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def machine_description():
-    """One line: CPU model, core count, load average (the numbers depend on all three)."""
+def cpu_description():
+    """CPU model, core count and the ISA extensions that matter for float32/bf16 matmuls."""
     model, flags = "unknown CPU", set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -49,9 +124,20 @@ def machine_description():
         pass
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
                        "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa) or 'unknown'}"
+
+
+def machine_description():
+    """One line: CPU model, core count, ISA, load average (the numbers depend on all of them)."""
     load = os.getloadavg()
-    return (f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa) or 'unknown'}, load average "
-            f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return f"{cpu_description()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+
+
+def cpu_header(roof):
+    """The line that heads a table: CPU model, cores, ISA and the float32 matmul roof probe
+    (``numpy_matmul_roof``'s dict), so that no table's numbers lose their machine."""
+    return (f"CPU: {cpu_description()}; float32 matmul roof {roof['median']:.1f} GFLOP/s "
+            f"(numpy {roof['n']}³, median of {roof['repeats']}, IQR {roof['iqr']:.1f})")
 
 
 # ----- float32 matmul rates -----------------------------------------------------------------
@@ -77,6 +163,19 @@ def numpy_matmul_gflops(n=1024, repeats=5):
     a @ b  # warm-up
     times = time_repeated(lambda: a @ b, repeats)
     return matmul_flops(n) / np.median(times) / 1e9
+
+
+def numpy_matmul_roof(n=2048, repeats=7):
+    """Float32 matmul roof probe: ``summarize`` of the GFLOP/s of ``repeats`` timed ``n×n @ n×n``
+    numpy (BLAS, all cores) matmuls after one warm-up, plus ``n`` and ``repeats``. The default
+    n = 2048 (17 GFLOP a call) is meant to measure a sustained large-matrix rate, not the call
+    overheads of a small product."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up
+    times = np.asarray(time_repeated(lambda: a @ b, repeats))
+    return {**summarize(matmul_flops(n) / times / 1e9), "n": int(n), "repeats": int(repeats)}
 
 
 def framework_matmul_fn(framework, n=1024):
@@ -191,12 +290,20 @@ class Worker:
         self._log.close()
 
 
-def interleave(workers, cmd, repeats, **kwargs):
-    """Ask every worker in turn, ``repeats`` rounds; ``{worker name: [results...]}``."""
-    results = {w.name: [] for w in workers}
-    for _ in range(repeats):
-        for w in workers:
-            results[w.name].append(w.request(cmd, **kwargs))
+def interleave(workers, cmd, repeats, orders=None, **kwargs):
+    """Ask every worker once per round, ``repeats`` rounds; ``{worker name: [results...]}``.
+
+    ``orders``: the worker names in the order of each round (e.g. from ``round_orders``); by
+    default the fixed order of ``workers`` in every round."""
+    by_name = {w.name: w for w in workers}
+    if orders is None:
+        orders = [list(by_name)] * repeats
+    if len(orders) != repeats or any(sorted(o) != sorted(by_name) for o in orders):
+        raise ValueError(f"orders must hold {repeats} permutations of {sorted(by_name)}.")
+    results = {name: [] for name in by_name}
+    for order in orders:
+        for name in order:
+            results[name].append(by_name[name].request(cmd, **kwargs))
     return results
 
 

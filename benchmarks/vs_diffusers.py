@@ -3,8 +3,25 @@
 Same network (DDPM CIFAR-10: block widths 128/256/256/256, 2 res blocks per level, attention
 at 16×16, dropout 0.1, one head, GroupNorm 32, 35,746,307 parameters — checked equal on both
 sides before timing), same float32 precision, same batch. Each Keras backend and diffusers run
-in their own worker process; the workers take turns (one timed repeat each, round robin), warm-up
-excluded, medians and inter-quartile ranges over the repeats.
+in their own worker process.
+
+Protocol. Per task, every worker is built and warmed up (two untimed calls), then
+``--repeats`` (default 15) timed ROUNDS: in each round every worker runs one timed repeat, in a
+random order drawn afresh for every round (``harness.round_orders``, seeded by
+``--order_seed``; the order of every round is written to the JSON output). The float32 matmul
+rate of every framework is measured in 3 more such rounds at the end.
+
+Statistics. Per framework: median and inter-quartile range of the rate over the rounds. Per
+Keras backend and task: the PAIRED ratio keras ÷ diffusers — the median over rounds of the
+per-round ratio of the two rates measured in the same round — with a 95 % percentile bootstrap
+interval that resamples rounds (``harness.paired_ratio_ci``, 10,000 resamples). The goals of
+issue 19 for the training step — fastest Keras backend (by median ratio) ≥ 1.3× eager
+diffusers, JAX ≥ 0.9× diffusers — are called met only when the whole interval lies at or above
+the goal, not met when it lies below, undecided otherwise (``harness.goal_status``).
+
+Machine. The report's header line names the CPU (model, cores, ISA extensions) and a float32
+matmul roof probe (numpy, ``--matmul_n``³ with default 2048, median of ``--matmul_repeats``),
+measured before the workers start and again after they have exited.
 
 Tasks (``--tasks``):
   train     one training step: noise-prediction MSE, Adam, EMA update (the compiled
@@ -19,7 +36,7 @@ Needs the optional benchmark requirements (torch CPU wheel + diffusers) in a sep
 
     python3 -m venv venv-bench
     venv-bench/bin/pip install -r requirements.txt -r benchmarks/requirements.txt
-    venv-bench/bin/python benchmarks/vs_diffusers.py                       # full run
+    venv-bench/bin/python benchmarks/vs_diffusers.py --json /tmp/vs.json --markdown /tmp/vs.md
     venv-bench/bin/python benchmarks/vs_diffusers.py --base_channels 32 --repeats 2  # smoke test
 """
 
@@ -49,8 +66,15 @@ def parse_args(argv=None):
     p.add_argument("--sample_batch", type=int, default=8)
     p.add_argument("--sample_steps", type=int, default=5, help="NFE per timed sampling run")
     p.add_argument("--train_steps", type=int, default=2, help="training steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--matmul_n", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed rounds per task (>= 2: the paired intervals resample rounds)")
+    p.add_argument("--order_seed", type=int, default=0,
+                   help="seed of the random worker order drawn for every round")
+    p.add_argument("--matmul_n", type=int, default=2048,
+                   help="size n of the n×n float32 matmul roof probe (numpy and every framework)")
+    p.add_argument("--matmul_repeats", type=int, default=7,
+                   help="timed calls of the numpy roof probe (median reported)")
+    p.add_argument("--bootstrap_resamples", type=int, default=10000)
     p.add_argument("--jit_compile", default="true", choices=("true", "false", "auto"),
                    help="jit_compile of the Keras training step (true: as bin/train)")
     p.add_argument("--threads", type=int, default=0,
@@ -58,10 +82,14 @@ def parse_args(argv=None):
     p.add_argument("--malloc", default="hugetlb", choices=("hugetlb", "default"),
                    help="glibc malloc setup of EVERY worker (diffusers too): 'hugetlb' as the bin/ "
                         "entry points set it (keras_etsdm/cpu_tuning.py), 'default' glibc as is")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write every raw number and the report here")
+    p.add_argument("--markdown", default=None, help="also write the markdown report here")
     p.add_argument("--logdir", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "keras" or "diffusers"
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.worker is None and args.repeats < 2:
+        p.error("--repeats must be >= 2: the paired ratio intervals resample rounds")
+    return args
 
 
 def unet_kwargs(args):
@@ -296,94 +324,213 @@ def batch_of(task, args):
     return args.sample_batch
 
 
+# ----- report (pure: unit-tested with fake rounds in tests/test_bench_stats.py) ------------------
+REFERENCE = "diffusers"
+# Issue 19's goals for the training step, read off the paired 95 % intervals (harness.goal_status).
+# framework None: the Keras backend with the highest median paired ratio in this run.
+TRAIN_GOALS = (
+    {"goal": 1.3, "framework": None, "label": "fastest ≥ 1.3×",
+     "text": "fastest Keras backend ≥ 1.3× eager diffusers"},
+    {"goal": 0.9, "framework": "keras-jax", "label": "JAX ≥ 0.9×",
+     "text": "JAX ≥ 0.9× diffusers (the peer measured here: eager diffusers)"},
+)
+
+
+def _num(x, spec):
+    return "—" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def _ci_text(ci):
+    return f"{ci['ratio']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}]"
+
+
+def build_report(measured, num_resamples=10000, seed=0):
+    """Rows, goals and the markdown report from the per-round measurements.
+
+    ``measured`` holds: ``cpu_header`` (harness.cpu_header line), ``network`` (one line),
+    ``machine_start`` / ``machine_end`` (harness.machine_description), ``roof_end`` (roof dict
+    or None), ``order_seed``, ``workers`` (names; ``REFERENCE`` among them), ``tasks``,
+    ``batches`` {task: batch}, ``seconds`` and ``cpu_seconds`` {task: {worker: [per round]}},
+    ``warmup`` {task: {worker: {first_call_s, second_call_s}}}, ``matmul_gflops`` {worker:
+    [per round]}, ``forward_flops_per_image`` (or None), ``peak_rss_mib`` {worker: MiB},
+    ``sample_batch``. Round r of every worker's list for a task is the same round.
+    """
+    workers, tasks = measured["workers"], measured["tasks"]
+    keras_workers = [w for w in workers if w != REFERENCE]
+    flops = measured.get("forward_flops_per_image")
+    mm = {w: float(np.median(v)) for w, v in measured["matmul_gflops"].items()}
+    rows, goals = [], []
+    for task in tasks:
+        batch = measured["batches"][task]
+        rates = {w: batch / np.asarray(measured["seconds"][task][w], dtype=np.float64)
+                 for w in workers}
+        base_median = float(np.median(rates[REFERENCE]))
+        cis = {w: harness.paired_ratio_ci(rates[w], rates[REFERENCE],
+                                          num_resamples=num_resamples, seed=seed)
+               for w in keras_workers}
+        row_goals = {w: [] for w in workers}
+        if task == "train":
+            for g in TRAIN_GOALS:
+                name = g["framework"] or (max(keras_workers, key=lambda w: cis[w]["ratio"])
+                                          if keras_workers else None)
+                if name not in cis:
+                    continue
+                status = harness.goal_status(cis[name], g["goal"])
+                goals.append({"task": task, "goal": g["goal"], "text": g["text"],
+                              "framework": name, "picked": g["framework"] is None,
+                              "ratio_ci": cis[name], "status": status})
+                row_goals[name].append(f"{g['label']}: {status}")
+        for w in workers:
+            ips = harness.summarize(rates[w])
+            cpu_per_image = float(np.median(measured["cpu_seconds"][task][w])) / batch
+            per_image = flops * (3.0 if task == "train" else 1.0) if flops else None
+            gflops = ips["median"] * per_image / 1e9 if per_image else float("nan")
+            warm = measured["warmup"][task][w]
+            rows.append({
+                "task": task, "framework": w, "batch": batch, "images_per_s": ips,
+                "ratio_vs_diffusers": ips["median"] / base_median,  # ratio of the medians
+                "paired_ratio_vs_diffusers": cis.get(w), "goals": row_goals[w],
+                "gflops": gflops, "matmul_gflops": mm.get(w),
+                "first_call_s": warm["first_call_s"], "second_call_s": warm["second_call_s"],
+                "cpu_seconds_per_image": cpu_per_image})
+
+    overheads = []
+    fwd_task = f"forward_b{measured['sample_batch']}"
+    if fwd_task in tasks:
+        for task in ("ddim", "dpm"):
+            if task in tasks:
+                for w in workers:
+                    over = (np.median(measured["seconds"][task][w]) /
+                            np.median(measured["seconds"][fwd_task][w]) - 1.0)
+                    overheads.append({"task": task, "framework": w, "overhead": float(over)})
+
+    rounds = sorted({len(v) for t in tasks for v in measured["seconds"][t].values()})
+    protocol = (
+        f"{measured['network']}; {'/'.join(map(str, rounds))} timed rounds per task, workers in a "
+        f"random order each round (order seed {measured['order_seed']}). img/s and IQR: median "
+        f"and inter-quartile range over the rounds. ÷ {REFERENCE}: paired by round, the median "
+        f"of the per-round ratios keras ÷ {REFERENCE} with its 95 % percentile-bootstrap "
+        f"interval over rounds ({num_resamples:,} resamples). Goals (issue 19, training step) "
+        f"are met only when the whole interval lies at or above them.")
+    columns = (f"| task | framework | batch | img/s | IQR | ÷ {REFERENCE}, paired [95 % CI] | "
+               f"goal | GFLOP/s | % own mm | 1st call s | CPU ms/img |")
+    lines = [measured["cpu_header"], "", protocol, "", columns,
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for row in rows:
+        ci = row["paired_ratio_vs_diffusers"]
+        ratio = "1 (reference)" if row["framework"] == REFERENCE else _ci_text(ci)
+        own = (100 * row["gflops"] / row["matmul_gflops"]
+               if row["matmul_gflops"] and np.isfinite(row["gflops"]) else None)
+        lines.append(
+            f"| {row['task']} | {row['framework']} | {row['batch']} | "
+            f"{row['images_per_s']['median']:.2f} | {row['images_per_s']['iqr']:.2f} | {ratio} | "
+            f"{'; '.join(row['goals'])} | {_num(row['gflops'], '.1f')} | "
+            f"{_num(own, '.1f')}{'' if own is None else ' %'} | {row['first_call_s']:.1f} | "
+            f"{1e3 * row['cpu_seconds_per_image']:.1f} |")
+    notes = ("ddim / dpm rows: NFE·img/s (images × sampler steps per second). GFLOP/s: model "
+             "FLOPs (XLA cost analysis of the forward; training 3×) × rate; % own mm: of the "
+             "framework's own float32 matmul rate.")
+    lines += ["", notes]
+    if goals:
+        lines += ["", "Goals of issue 19, training step (paired ratio [95 % CI] → status):"]
+        for g in goals:
+            pick = " (highest median ratio in this run)" if g["picked"] else ""
+            lines.append(f"- {g['text']}: {g['framework']}{pick} {_ci_text(g['ratio_ci'])} → "
+                         f"{g['status']}")
+    if overheads:
+        lines.append("")
+        for o in overheads:
+            lines.append(f"- {o['task']} overhead per NFE over the bare forward, "
+                         f"{o['framework']}: {100 * o['overhead']:+.1f} %")
+    lines += ["", "peak RSS MiB: " + ", ".join(f"{k} {v:.0f}"
+                                               for k, v in measured["peak_rss_mib"].items()),
+              "framework matmul GFLOP/s (median of the matmul rounds): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in mm.items()),
+              f"machine at start: {measured['machine_start']}",
+              f"machine at end: {measured['machine_end']}"]
+    roof_end = measured.get("roof_end")
+    if roof_end:
+        lines.append(f"float32 matmul roof at end: {roof_end['median']:.1f} GFLOP/s (numpy "
+                     f"{roof_end['n']}³, median of {roof_end['repeats']}, IQR "
+                     f"{roof_end['iqr']:.1f})")
+    return {"rows": rows, "goals": goals, "sampler_overhead": overheads,
+            "markdown": "\n".join(lines) + "\n"}
+
+
+# ----- parent: the timed rounds ------------------------------------------------------------------
+MATMUL_ROUNDS = 3
+
+
 def main(args):
     if args.logdir:
         os.makedirs(args.logdir, exist_ok=True)
-    print(f"machine: {harness.machine_description()}", flush=True)
+    machine_start = harness.machine_description()
+    roof_start = harness.numpy_matmul_roof(args.matmul_n, args.matmul_repeats)  # no workers yet
+    print(harness.cpu_header(roof_start), flush=True)
+    print(f"machine: {machine_start}", flush=True)
     names = [b.strip() for b in args.backends.split(",") if b.strip()]
     workers = []
     try:
         for backend in names:
             workers.append(start_worker(args, "keras", backend, f"keras-{backend}"))
-        workers.append(start_worker(args, "diffusers", None, "diffusers"))
+        workers.append(start_worker(args, "diffusers", None, REFERENCE))
+        by_name = {w.name: w for w in workers}
         infos = {w.name: w.request("info") for w in workers}
         counts = {name: info["params"] for name, info in infos.items()}
         if len(set(counts.values())) != 1:
             raise SystemExit(f"Parameter counts differ, the networks are not the same: {counts}")
-        print(f"parameters: {counts['diffusers']:,} on every side", flush=True)
+        print(f"parameters: {counts[REFERENCE]:,} on every side", flush=True)
         print(f"malloc ({args.malloc}), every worker: GLIBC_TUNABLES="
               f"{workers[0].glibc_tunables!r}", flush=True)
         flops = next((i["forward_flops_per_image"] for i in infos.values()
                       if "forward_flops_per_image" in i), None)
-        tasks = infos["diffusers"]["tasks"]
-        warm, times, cpu_times = {}, {}, {}
-        for task in tasks:
+        tasks = infos[REFERENCE]["tasks"]
+        # One seeded stream of orders: the timed rounds of every task, then the matmul rounds.
+        orders = harness.round_orders(list(by_name), args.repeats * len(tasks) + MATMUL_ROUNDS,
+                                      args.order_seed)
+        warm, times, cpu_times, task_orders = {}, {}, {}, {}
+        for i, task in enumerate(tasks):
+            warm[task], times[task], cpu_times[task] = {}, {}, {}
             for w in workers:
-                first = warm[(w.name, task)] = w.request("warmup", task=task)
+                first = warm[task][w.name] = w.request("warmup", task=task)
                 print(f"  {w.name:<18} {task:<12} first call {first['first_call_s']:7.1f} s,"
                       f" second {first['second_call_s']:6.2f} s", flush=True)
-            for _ in range(args.repeats):
-                for w in workers:
-                    result = w.request("run", task=task)
-                    times.setdefault((w.name, task), []).append(result["seconds_per_unit"])
-                    cpu_times.setdefault((w.name, task), []).append(
-                        result["cpu_seconds_per_unit"])
-        matmul = harness.interleave(workers, "matmul", 3)
-        numpy_rate = harness.numpy_matmul_gflops(args.matmul_n)
+            task_orders[task] = orders[i * args.repeats:(i + 1) * args.repeats]
+            for order in task_orders[task]:
+                for name in order:
+                    result = by_name[name].request("run", task=task)
+                    times[task].setdefault(name, []).append(result["seconds_per_unit"])
+                    cpu_times[task].setdefault(name, []).append(result["cpu_seconds_per_unit"])
+        matmul_orders = orders[len(tasks) * args.repeats:]
+        matmul = harness.interleave(workers, "matmul", MATMUL_ROUNDS, orders=matmul_orders)
         peaks = {w.name: matmul[w.name][-1]["peak_rss_mib"] for w in workers}
     finally:
         for w in workers:
             w.close()
+    roof_end = harness.numpy_matmul_roof(args.matmul_n, args.matmul_repeats)  # workers gone
 
-    print(f"\nmachine after: {harness.machine_description()}")
-    print(f"U-Net base_channels {args.base_channels}, {args.image_size}x{args.image_size}, float32,"
-          f" {args.repeats} repeats; numpy matmul {numpy_rate:.1f} GFLOP/s")
-    mm = {name: float(np.median([r["gflops"] for r in rs])) for name, rs in matmul.items()}
-    header = (f"{'task':<12} {'framework':<18} {'batch':>5} {'img/s':>8} {'IQR':>7} "
-              f"{'÷ diffusers':>11} {'GFLOP/s':>8} {'% own mm':>8} {'1st call s':>10} "
-              f"{'CPU ms/img':>10}")
-    print(header)
-    print("-" * len(header))
-    rows = []
-    for task in tasks:
-        batch = batch_of(task, args)
-        base = np.median(batch / np.asarray(times[("diffusers", task)]))
-        for w in workers:
-            ips = harness.summarize(batch / np.asarray(times[(w.name, task)]))
-            cpu_per_image = float(np.median(cpu_times[(w.name, task)])) / batch
-            per_image = flops * (3.0 if task == "train" else 1.0) if flops else None
-            gflops = ips["median"] * per_image / 1e9 if per_image else float("nan")
-            row = {"task": task, "framework": w.name, "batch": batch, "images_per_s": ips,
-                   "ratio_vs_diffusers": ips["median"] / base, "gflops": gflops,
-                   "matmul_gflops": mm[w.name],
-                   "first_call_s": warm[(w.name, task)]["first_call_s"],
-                   "second_call_s": warm[(w.name, task)]["second_call_s"],
-                   "cpu_seconds_per_image": cpu_per_image}
-            rows.append(row)
-            unit = "NFE·img/s" if task in ("ddim", "dpm") else "img/s"
-            print(f"{task:<12} {w.name:<18} {batch:>5} {ips['median']:>8.2f} {ips['iqr']:>7.2f} "
-                  f"{row['ratio_vs_diffusers']:>11.2f} {gflops:>8.1f} "
-                  f"{100 * gflops / mm[w.name]:>7.1f}% {row['first_call_s']:>10.1f} "
-                  f"{1e3 * cpu_per_image:>10.1f}"
-                  + ("" if unit == "img/s" else f"  ({unit})"))
-    # Sampler overhead over the bare forward of the same batch, per NFE.
-    fwd_task = f"forward_b{args.sample_batch}"
-    if fwd_task in tasks:
-        for task in ("ddim", "dpm"):
-            if task in tasks:
-                for w in workers:
-                    over = (np.median(times[(w.name, task)]) /
-                            np.median(times[(w.name, fwd_task)]) - 1.0)
-                    print(f"{task} overhead per NFE over the bare forward, {w.name}: "
-                          f"{100 * over:+.1f} %")
-    print("peak RSS MiB: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
-    print("framework matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in mm.items()))
+    measured = {
+        "cpu_header": harness.cpu_header(roof_start),
+        "network": f"U-Net base_channels {args.base_channels}, {args.image_size}×"
+                   f"{args.image_size}, float32",
+        "machine_start": machine_start, "machine_end": harness.machine_description(),
+        "roof_start": roof_start, "roof_end": roof_end, "order_seed": args.order_seed,
+        "workers": list(by_name), "tasks": tasks,
+        "batches": {task: batch_of(task, args) for task in tasks},
+        "seconds": times, "cpu_seconds": cpu_times, "warmup": warm,
+        "matmul_gflops": {k: [r["gflops"] for r in v] for k, v in matmul.items()},
+        "forward_flops_per_image": flops, "peak_rss_mib": peaks,
+        "sample_batch": args.sample_batch,
+        "round_orders": task_orders, "matmul_round_orders": matmul_orders,
+    }
+    report = build_report(measured, num_resamples=args.bootstrap_resamples)
+    print("\n" + report["markdown"], flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report["markdown"])
     if args.json:
-        harness.write_json_atomic(args.json, {
-            "machine": harness.machine_description(), "args": vars(args), "rows": rows,
-            "forward_flops_per_image": flops, "numpy_matmul_gflops": numpy_rate,
-            "peak_rss_mib": peaks, "raw_seconds": {f"{k[0]}/{k[1]}": v for k, v in times.items()}})
-    return rows
+        harness.write_json_atomic(args.json, {"args": vars(args), **measured, **report})
+    return report["rows"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,337 @@
+"""Statistics of the benchmarks (issue 19, "statistics that hold"): random round orders, paired
+ratios with bootstrap intervals, goal status, and vs_diffusers' report on fake rounds.
+
+numpy only: no worker is started and no framework is imported."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+import harness
+import vs_diffusers
+
+NAMES = ["keras-jax", "keras-tensorflow", "diffusers"]
+
+
+# ----- round orders -----------------------------------------------------------------------------
+def test_round_orders_are_permutations_that_change_between_rounds():
+    orders = harness.round_orders(NAMES, 15, seed=0)
+    assert len(orders) == 15
+    for order in orders:
+        assert sorted(order) == sorted(NAMES) and len(order) == len(NAMES)
+    assert len({tuple(o) for o in orders}) > 1  # not one fixed order
+    assert orders != [NAMES] * 15  # not the old round robin
+    # Over many rounds every worker runs first, and in every position, sometimes.
+    many = harness.round_orders(NAMES, 300, seed=0)
+    for position in range(len(NAMES)):
+        assert {o[position] for o in many} == set(NAMES)
+
+
+def test_round_orders_are_reproducible_from_the_seed():
+    assert harness.round_orders(NAMES, 10, seed=3) == harness.round_orders(NAMES, 10, seed=3)
+    assert harness.round_orders(NAMES, 10, seed=3) != harness.round_orders(NAMES, 10, seed=4)
+    assert harness.round_orders(NAMES, 0, seed=0) == []
+
+
+class _FakeWorker:
+    def __init__(self, name, log):
+        self.name, self._log = name, log
+
+    def request(self, cmd, **kwargs):
+        self._log.append(self.name)
+        return {"cmd": cmd, **kwargs}
+
+
+def test_interleave_follows_the_given_orders():
+    log = []
+    workers = [_FakeWorker(n, log) for n in NAMES]
+    orders = harness.round_orders(NAMES, 4, seed=1)
+    results = harness.interleave(workers, "matmul", 4, orders=orders)
+    assert log == [name for order in orders for name in order]
+    assert all(len(results[n]) == 4 for n in NAMES)
+    log.clear()
+    harness.interleave(workers, "matmul", 2)  # default: the fixed order of ``workers``
+    assert log == NAMES * 2
+    with pytest.raises(ValueError, match="permutations"):
+        harness.interleave(workers, "matmul", 2, orders=[NAMES, NAMES[:2]])
+    with pytest.raises(ValueError, match="permutations"):
+        harness.interleave(workers, "matmul", 3, orders=[NAMES, NAMES])
+
+
+# ----- paired ratios ----------------------------------------------------------------------------
+def test_exact_ratio_on_constructed_data():
+    den = np.array([2.1, 2.5, 1.7, 2.9, 2.2, 3.3])
+    ci = harness.paired_ratio_ci(2.0 * den, den)
+    assert ci["ratio"] == 2.0 and ci["low"] == 2.0 and ci["high"] == 2.0
+    assert ci["n"] == 6 and ci["confidence"] == 0.95 and ci["per_round"] == [2.0] * 6
+
+
+def test_statistic_is_the_median_of_per_round_ratios_not_the_ratio_of_medians():
+    num = np.array([1.0, 4.0, 9.0])
+    den = np.array([1.0, 1.0, 1.0]) * np.array([1.0, 2.0, 3.0])
+    ci = harness.paired_ratio_ci(num, den, num_resamples=200)
+    assert ci["per_round"] == [1.0, 2.0, 3.0]
+    assert ci["ratio"] == 2.0
+    assert 1.0 <= ci["low"] <= ci["ratio"] <= ci["high"] <= 3.0
+
+
+def _noisy_rounds(n, true_ratio, rng):
+    # A common per-round machine factor (cancels in the pair) and independent noise per side.
+    machine = rng.uniform(0.6, 1.0, size=n)
+    den = 2.0 * machine * rng.lognormal(0.0, 0.08, size=n)
+    num = true_ratio * 2.0 * machine * rng.lognormal(0.0, 0.08, size=n)
+    return num, den
+
+
+def test_interval_covers_the_true_ratio_on_noisy_data():
+    num, den = _noisy_rounds(15, 1.3, np.random.default_rng(0))
+    ci = harness.paired_ratio_ci(num, den, seed=0)
+    assert ci["low"] < 1.3 < ci["high"]
+    assert ci["low"] <= ci["ratio"] <= ci["high"]
+    assert ci["high"] - ci["low"] < 0.3
+    assert harness.paired_ratio_ci(num, den, seed=0) == ci  # reproducible
+
+
+def test_interval_coverage_over_many_noisy_data_sets():
+    # Not a proof of 95 %, a guard against an interval that is off by construction.
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(60):
+        num, den = _noisy_rounds(15, 1.3, rng)
+        ci = harness.paired_ratio_ci(num, den, num_resamples=1000, seed=1)
+        hits += ci["low"] <= 1.3 <= ci["high"]
+    assert hits >= 48  # 80 %: the percentile bootstrap of a median of 15 is a bit short
+
+
+def test_interval_narrows_with_more_rounds():
+    # Mean width over several data sets per round count (one data set's width is itself noisy).
+    rng = np.random.default_rng(2)
+    widths = []
+    for n in (5, 20, 80):
+        w = []
+        for _ in range(20):
+            num, den = _noisy_rounds(n, 1.1, rng)
+            ci = harness.paired_ratio_ci(num, den, num_resamples=1000, seed=0)
+            w.append(ci["high"] - ci["low"])
+        widths.append(np.mean(w))
+    assert widths[0] > 1.5 * widths[1] > 2.25 * widths[2] > 0
+
+
+def test_pairing_cancels_the_shared_round_factor():
+    # Huge drift shared by both sides of a round, tiny own noise: the paired interval is narrow
+    # although each side's own spread is wide.
+    rng = np.random.default_rng(3)
+    machine = rng.uniform(0.3, 1.0, size=15)
+    den = machine * rng.lognormal(0.0, 0.01, size=15)
+    num = 1.2 * machine * rng.lognormal(0.0, 0.01, size=15)
+    ci = harness.paired_ratio_ci(num, den)
+    assert ci["high"] - ci["low"] < 0.05
+    assert harness.summarize(num)["iqr"] / np.median(num) > 0.2
+
+
+@pytest.mark.parametrize("num, den, match", [
+    ([1.0, 2.0, 3.0], [1.0, 2.0], "one value per round"),
+    ([1.0], [1.0], "at least 2 rounds"),
+    ([], [], "at least 2 rounds"),
+    ([1.0, 0.0], [1.0, 1.0], "positive finite"),
+    ([1.0, 2.0], [1.0, -1.0], "positive finite"),
+    ([1.0, np.nan], [1.0, 1.0], "positive finite"),
+    ([1.0, 2.0], [np.inf, 1.0], "positive finite"),
+    ([[1.0, 2.0]], [[1.0, 2.0]], "1-D"),
+])
+def test_paired_ratio_errors(num, den, match):
+    with pytest.raises(ValueError, match=match):
+        harness.paired_ratio_ci(num, den)
+
+
+def test_paired_ratio_rejects_bad_settings():
+    with pytest.raises(ValueError, match="confidence"):
+        harness.paired_ratio_ci([1.0, 2.0], [1.0, 2.0], confidence=1.0)
+    with pytest.raises(ValueError, match="num_resamples"):
+        harness.paired_ratio_ci([1.0, 2.0], [1.0, 2.0], num_resamples=0)
+
+
+# ----- goal status ------------------------------------------------------------------------------
+def test_goal_status_three_cases():
+    assert harness.goal_status({"low": 1.31, "high": 1.6}, 1.3) == "met"
+    assert harness.goal_status({"low": 1.3, "high": 1.6}, 1.3) == "met"  # low == goal
+    assert harness.goal_status({"low": 1.0, "high": 1.29}, 1.3) == "not met"
+    assert harness.goal_status({"low": 1.2, "high": 1.4}, 1.3) == \
+        "undecided (interval covers the goal)"
+    assert harness.goal_status({"low": 1.2, "high": 1.3}, 1.3) == \
+        "undecided (interval covers the goal)"  # high == goal: not below it
+    ci = harness.paired_ratio_ci([2.0, 4.0], [1.0, 2.0])
+    assert harness.goal_status(ci, 1.3) == "met"
+    assert harness.goal_status(ci, 2.5) == "not met"
+
+
+# ----- CPU header -------------------------------------------------------------------------------
+def test_cpu_header_names_the_machine_and_the_roof():
+    roof = harness.numpy_matmul_roof(n=64, repeats=3)
+    assert roof["n"] == 64 and roof["repeats"] == 3 and roof["median"] > 0
+    line = harness.cpu_header(roof)
+    assert line.startswith("CPU: ") and " cores, ISA " in line
+    assert "float32 matmul roof" in line and "GFLOP/s" in line and "64³" in line
+
+
+def test_vs_diffusers_defaults():
+    args = vs_diffusers.parse_args([])
+    assert args.repeats == 15 and args.order_seed == 0 and args.matmul_n == 2048
+    with pytest.raises(SystemExit):
+        vs_diffusers.parse_args(["--repeats", "1"])
+
+
+# ----- vs_diffusers report on fake rounds -------------------------------------------------------
+def _fake_measured(rounds=15, jax_factor=0.8, tf_factor=1.5, seed=0):
+    rng = np.random.default_rng(seed)
+    tasks = ["train", "forward_b8", "ddim"]
+    batches = {"train": 8, "forward_b8": 8, "ddim": 8}
+    seconds, cpu_seconds, warmup = {}, {}, {}
+    for task in tasks:
+        base = rng.uniform(0.5, 1.5, size=rounds)  # diffusers' seconds per unit, per round
+        # keras rate = factor × diffusers' rate in every round (seconds divided by the factor).
+        seconds[task] = {"keras-jax": (base / jax_factor).tolist(),
+                         "keras-tensorflow": (base / tf_factor).tolist(),
+                         "diffusers": base.tolist()}
+        cpu_seconds[task] = {k: (2 * np.asarray(v)).tolist() for k, v in seconds[task].items()}
+        warmup[task] = {k: {"first_call_s": 10.0, "second_call_s": 1.0} for k in NAMES}
+    return {
+        "cpu_header": "CPU: Fake CPU, 2 cores, ISA avx2 fma; float32 matmul roof 100.0 GFLOP/s "
+                      "(numpy 2048³, median of 7, IQR 1.0)",
+        "network": "U-Net base_channels 128, 32×32, float32",
+        "machine_start": "Fake CPU, load average 1.00 1.00 1.00",
+        "machine_end": "Fake CPU, load average 1.10 1.00 1.00",
+        "roof_end": {"median": 99.0, "iqr": 1.0, "n": 2048, "repeats": 7},
+        "order_seed": 0, "workers": NAMES, "tasks": tasks, "batches": batches,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "warmup": warmup,
+        "matmul_gflops": {k: [90.0, 100.0, 110.0] for k in NAMES},
+        "forward_flops_per_image": 12e9, "peak_rss_mib": dict.fromkeys(NAMES, 1000.0),
+        "sample_batch": 8,
+    }
+
+
+def test_report_paired_ratios_and_goals_on_fake_rounds():
+    report = vs_diffusers.build_report(_fake_measured(), num_resamples=500)
+    rows = {(r["task"], r["framework"]): r for r in report["rows"]}
+    assert len(rows) == 9
+    for task in ("train", "forward_b8", "ddim"):
+        assert rows[(task, "diffusers")]["paired_ratio_vs_diffusers"] is None
+        for name, factor in (("keras-jax", 0.8), ("keras-tensorflow", 1.5)):
+            ci = rows[(task, name)]["paired_ratio_vs_diffusers"]
+            assert ci["ratio"] == pytest.approx(factor)
+            assert ci["low"] == pytest.approx(factor) and ci["high"] == pytest.approx(factor)
+            assert ci["n"] == 15
+            assert rows[(task, name)]["images_per_s"]["n"] == 15  # median / IQR kept
+    goals = {g["text"].split(" ")[0]: g for g in report["goals"]}
+    assert goals["fastest"]["framework"] == "keras-tensorflow" and goals["fastest"]["picked"]
+    assert goals["fastest"]["status"] == "met"  # 1.5 ≥ 1.3 on the whole interval
+    assert goals["JAX"]["framework"] == "keras-jax" and goals["JAX"]["status"] == "not met"
+    assert rows[("train", "keras-tensorflow")]["goals"] == ["fastest ≥ 1.3×: met"]
+    assert rows[("train", "keras-jax")]["goals"] == ["JAX ≥ 0.9×: not met"]
+    assert rows[("forward_b8", "keras-jax")]["goals"] == []
+
+    md = report["markdown"]
+    lines = md.splitlines()
+    assert lines[0].startswith("CPU: Fake CPU, 2 cores, ISA") and "matmul roof" in lines[0]
+    table = [ln for ln in lines if ln.startswith("| ")]
+    assert "÷ diffusers, paired [95 % CI]" in table[0] and "| IQR |" in table[0]
+    assert len(table) == 1 + 9
+    assert "| train | keras-tensorflow | 8 |" in md and "1.50 [1.50, 1.50]" in md
+    assert "fastest ≥ 1.3×: met" in md and "JAX ≥ 0.9×: not met" in md
+    assert "| train | diffusers | 8 |" in md and "1 (reference)" in md
+    assert "random order each round (order seed 0)" in md
+
+
+def test_report_undecided_goal_and_sampler_overhead():
+    measured = _fake_measured(jax_factor=1.0, tf_factor=1.0)
+    # Noisy JAX rounds around 0.9× diffusers: the interval covers the goal.
+    rng = np.random.default_rng(7)
+    base = np.asarray(measured["seconds"]["train"]["diffusers"])
+    measured["seconds"]["train"]["keras-jax"] = (
+        base / (0.9 * rng.lognormal(0.0, 0.1, size=base.size))).tolist()
+    measured["tasks"] = ["train", "forward_b8", "ddim"]
+    report = vs_diffusers.build_report(measured, num_resamples=2000)
+    jax_goal = next(g for g in report["goals"] if g["framework"] == "keras-jax"
+                    and not g["picked"])
+    assert jax_goal["ratio_ci"]["low"] < 0.9 < jax_goal["ratio_ci"]["high"]
+    assert jax_goal["status"] == "undecided (interval covers the goal)"
+    # forward_b8 with sample_batch 8 is measured: the sampler overhead per NFE is reported.
+    assert {(o["task"], o["framework"]) for o in report["sampler_overhead"]} == \
+        {("ddim", n) for n in NAMES}
+
+
+def test_report_without_jax_or_train():
+    measured = _fake_measured()
+    for key in ("seconds", "cpu_seconds", "warmup"):
+        for task in measured[key]:
+            measured[key][task].pop("keras-jax")
+    measured["workers"] = ["keras-tensorflow", "diffusers"]
+    report = vs_diffusers.build_report(measured, num_resamples=200)
+    assert [g["framework"] for g in report["goals"]] == ["keras-tensorflow"]  # no JAX goal
+    measured["tasks"] = ["forward_b8"]
+    report = vs_diffusers.build_report(measured, num_resamples=200)
+    assert report["goals"] == [] and "Goals of issue 19" not in report["markdown"]
+
+
+# ----- vs_diffusers' parent loop with fake workers ----------------------------------------------
+class _FakeBenchWorker:
+    """Answers vs_diffusers' commands; keras-X runs ``speed`` × as fast as diffusers."""
+
+    def __init__(self, name, log, speed):
+        self.name, self._log, self._speed = name, log, speed
+        self.glibc_tunables = ""
+        self._calls = 0
+
+    def request(self, cmd, **kwargs):
+        self._log.append((cmd, kwargs.get("task"), self.name))
+        if cmd == "info":
+            return {"framework": self.name, "params": 123,
+                    "tasks": ["train", "forward_b8"], "peak_rss_mib": 1.0}
+        if cmd == "warmup":
+            return {"first_call_s": 1.0, "second_call_s": 0.5, "peak_rss_mib": 1.0}
+        if cmd == "run":
+            self._calls += 1
+            seconds = (1.0 + 0.1 * (self._calls % 3)) / self._speed
+            return {"seconds_per_unit": seconds, "cpu_seconds_per_unit": 2 * seconds,
+                    "peak_rss_mib": 1.0}
+        if cmd == "matmul":
+            return {"gflops": 100.0, "peak_rss_mib": 1.0}
+        raise AssertionError(cmd)
+
+    def close(self):
+        pass
+
+
+def test_main_runs_rounds_in_the_recorded_random_orders(monkeypatch, tmp_path):
+    log = []
+    speeds = {"keras-jax": 1.0, "keras-tensorflow": 1.4, "diffusers": 1.0}
+
+    def fake_start_worker(args, kind, backend, name):
+        return _FakeBenchWorker(name, log, speeds[name])
+
+    monkeypatch.setattr(vs_diffusers, "start_worker", fake_start_worker)
+    json_path, md_path = tmp_path / "vs.json", tmp_path / "vs.md"
+    args = vs_diffusers.parse_args(["--repeats", "4", "--order_seed", "3", "--matmul_n", "32",
+                                    "--matmul_repeats", "3", "--bootstrap_resamples", "200",
+                                    "--forward_batches", "8", "--json", str(json_path),
+                                    "--markdown", str(md_path)])
+    vs_diffusers.main(args)
+    out = json.loads(json_path.read_text())
+    expected = harness.round_orders(NAMES, 4 * 2 + vs_diffusers.MATMUL_ROUNDS, seed=3)
+    assert out["round_orders"] == {"train": expected[:4], "forward_b8": expected[4:8]}
+    assert out["matmul_round_orders"] == expected[8:]
+    for task in ("train", "forward_b8"):
+        ran = [name for cmd, t, name in log if cmd == "run" and t == task]
+        assert ran == [n for order in out["round_orders"][task] for n in order]
+    ran_mm = [name for cmd, _, name in log if cmd == "matmul"]
+    assert ran_mm == [n for order in out["matmul_round_orders"] for n in order]
+    row = next(r for r in out["rows"]
+               if r["task"] == "train" and r["framework"] == "keras-tensorflow")
+    assert row["paired_ratio_vs_diffusers"]["n"] == 4
+    assert out["roof_start"]["n"] == 32 and md_path.read_text() == out["markdown"]
+    assert out["markdown"].startswith("CPU: ")
