@@ -62,6 +62,12 @@ RECIPES = {
                                5000, [2]),
 }
 
+# The two arms of issue 18 item 4 per training seed (the tracked runs train exactly as the
+# untracked ones: the tracks only read the weights).
+ARM_RUNS = {"etsdm": {0: "default-seed0", 1: "default-seed1", 2: "default_ematracks-seed2"},
+            "ddpm": {0: "default_ddpm-seed0", 1: "default_ddpm-seed1",
+                     2: "default_ddpm_ematracks-seed2"}}
+
 flags.DEFINE_list("recipes", None, f"Recipes to run, of: {', '.join(RECIPES)}.", required=True)
 flags.DEFINE_list("seeds", None, "Training seeds (weights, data order, noise); default: each "
                   "recipe's own.")
@@ -105,6 +111,35 @@ def train_once(recipe, seed, workdir):
     print(f"{os.path.basename(workdir)}: {time.time() - start:.0f} s")
 
 
+def paired_arms_table(curves):
+    """Markdown: held-out FD of both arms per training seed at every evaluated step, the paired
+    difference E-TSDM − DDPM per seed and whether its sign holds on every seed (seeds whose
+    two runs are both in ``curves``)."""
+    seeds = [s for s in ARM_RUNS["etsdm"]
+             if ARM_RUNS["etsdm"][s] in curves and ARM_RUNS["ddpm"][s] in curves]
+    if not seeds:
+        return None
+    fd = {(arm, s): {r["step"]: r["fd"] for r in curves[ARM_RUNS[arm][s]]}
+          for arm in ARM_RUNS for s in seeds}
+    steps = sorted(set.intersection(*[set(v) for v in fd.values()]))
+    shown = " / ".join(str(s) for s in seeds)
+    lines = [f"E-TSDM vs DDPM (`USE_ETSDM = False`) at the default recipe, held-out FD per "
+             f"training seed {shown} (same seed: same initial weights, data order and training "
+             f"noise); Δ = E-TSDM − DDPM per seed.", "",
+             "| step | DDPM | E-TSDM | Δ per seed | mean Δ | sign holds on every seed |",
+             "|---:|---|---|---|---:|---|"]
+    for step in steps:
+        d = [fd[("etsdm", s)][step] - fd[("ddpm", s)][step] for s in seeds]
+        holds = all(x < 0 for x in d) or all(x > 0 for x in d)
+        lines.append(f"| {step} | " + " / ".join(f"{fd[('ddpm', s)][step]:.2f}" for s in seeds)
+                     + " | " + " / ".join(f"{fd[('etsdm', s)][step]:.2f}" for s in seeds)
+                     + " | " + " / ".join(f"{x:+.2f}" for x in d)
+                     + f" | {sum(d) / len(d):+.2f} | "
+                     + ("no" if not holds else "E-TSDM lower" if d[0] < 0 else "E-TSDM higher")
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
     del argv
     unknown = [r for r in FLAGS.recipes if r not in RECIPES]
@@ -123,6 +158,11 @@ def main(argv):
     description = {r: RECIPES[r][0] for r in FLAGS.recipes}
     write_curves(curves, FLAGS.output_dir, budget_minutes=FLAGS.budget_minutes,
                  recipes=description)
+    table = paired_arms_table(curves)
+    if table:
+        with open(os.path.join(FLAGS.output_dir, "arms.md"), "w") as f:
+            f.write(table)
+        print(table)
 
 
 if __name__ == "__main__":

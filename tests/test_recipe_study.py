@@ -90,3 +90,19 @@ def test_every_recipe_parses_on_the_default_config():
                          search_paths=[GIN_DIR])
         finally:
             gin.clear_config()
+
+
+def test_paired_arms_table_gives_per_seed_differences_and_the_sign_rule(tmp_path):
+    curves = {}
+    for seed, (etsdm, ddpm) in enumerate([([3.0, 1.0], [4.0, 0.5]), ([2.0, 1.5], [2.5, 1.0])]):
+        for arm, fds in (("etsdm", etsdm), ("ddpm", ddpm)):
+            fake_run(tmp_path / f"{arm}{seed}", fds)
+            curves[recipe_study.ARM_RUNS[arm][seed]] = heldout_curve.read_curve(
+                str(tmp_path / f"{arm}{seed}"))
+    table = recipe_study.paired_arms_table(curves).splitlines()
+    # step 20: Δ = −1.0 / −0.5 (same sign); step 40: +0.5 / +0.5.
+    assert "| 20 | 4.00 / 2.50 | 3.00 / 2.00 | -1.00 / -0.50 | -0.75 | E-TSDM lower |" in table
+    assert "| 40 | 0.50 / 1.00 | 1.00 / 1.50 | +0.50 / +0.50 | +0.50 | E-TSDM higher |" in table
+    del curves[recipe_study.ARM_RUNS["ddpm"][1]]  # seed 1 loses its pair: seed 0 alone
+    assert "training seed 0 (" in recipe_study.paired_arms_table(curves)
+    assert recipe_study.paired_arms_table({}) is None
