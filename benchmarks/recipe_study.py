@@ -123,9 +123,9 @@ def paired_arms_table(curves):
           for arm in ARM_RUNS for s in seeds}
     steps = sorted(set.intersection(*[set(v) for v in fd.values()]))
     shown = " / ".join(str(s) for s in seeds)
-    lines = [f"E-TSDM vs DDPM (`USE_ETSDM = False`) at the default recipe, held-out FD per "
-             f"training seed {shown} (same seed: same initial weights, data order and training "
-             f"noise); Δ = E-TSDM − DDPM per seed.", "",
+    lines = [(f"E-TSDM vs DDPM (`USE_ETSDM = False`) at the default recipe, held-out FD per "
+              f"training seed {shown} (same seed: same initial weights, data order and training "
+              f"noise); Δ = E-TSDM − DDPM per seed."), "",
              "| step | DDPM | E-TSDM | Δ per seed | mean Δ | sign holds on every seed |",
              "|---:|---|---|---|---:|---|"]
     for step in steps:
