@@ -68,15 +68,20 @@ ARM_RUNS = {"etsdm": {0: "default-seed0", 1: "default-seed1", 2: "default_ematra
             "ddpm": {0: "default_ddpm-seed0", 1: "default_ddpm-seed1",
                      2: "default_ddpm_ematracks-seed2"}}
 
-flags.DEFINE_list("recipes", None, f"Recipes to run, of: {', '.join(RECIPES)}.", required=True)
-flags.DEFINE_list("seeds", None, "Training seeds (weights, data order, noise); default: each "
-                  "recipe's own.")
-flags.DEFINE_string("root", "runs/recipe_study", "Parent of the runs' work directories.")
-flags.DEFINE_string("output_dir", None, "Where the curves go.", required=True)
-flags.DEFINE_integer("eval_every", 1000, "Steps between held-out evaluations.")
-flags.DEFINE_integer("max_steps", None, "Override every recipe's max_steps (smoke runs).")
-flags.DEFINE_float("budget_minutes", 25.0, "Minutes of training for the summary table.")
-flags.DEFINE_multi_string("extra_gin", [], "Extra gin bindings for every run (smoke runs).")
+
+def define_flags():
+    """Flags of the command line only, so that other scripts (ema_study) can import this one."""
+    flags.DEFINE_list("recipes", None, f"Recipes to run, of: {', '.join(RECIPES)}.", required=True)
+    flags.DEFINE_list("seeds", None, "Training seeds (weights, data order, noise); default: each "
+                      "recipe's own.")
+    flags.DEFINE_string("root", "runs/recipe_study", "Parent of the runs' work directories.")
+    flags.DEFINE_string("output_dir", None, "Where the curves go.", required=True)
+    flags.DEFINE_integer("eval_every", 1000, "Steps between held-out evaluations.")
+    flags.DEFINE_integer("max_steps", None, "Override every recipe's max_steps (smoke runs).")
+    flags.DEFINE_float("budget_minutes", 25.0, "Minutes of training for the summary table.")
+    flags.DEFINE_multi_string("extra_gin", [], "Extra gin bindings for every run (smoke runs).")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -166,4 +171,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
