@@ -103,11 +103,11 @@ def main(argv):
 
     n = table[(OWN, steps[0])][runs[0]]["eval_num_samples"]
     lines = [f"Machine: {machine_description()}", "",
-             (f"Runs: {', '.join(f'`{r}`' for r in runs)} (gin/default.gin + `train.ema_tracks`; "
-             f"E-TSDM and its DDPM arm, seed 2). Every value: FD of N = {n} DDIM-20 samples "
+             (f"Runs: {', '.join(f'`{r}`' for r in runs)} (bin/train work directories that kept "
+             f"`train.ema_tracks`). Every value: FD of N = {n} DDIM-20 samples "
              f"(noise seed 0) against the MNIST test set (judge classifier_mnist32_heldout). "
              f"Δ = track − own EMA of the same run (same weight trajectory, same noise); "
-             f"'sign holds' = the same sign in every run."), ""]
+             f"'sign holds' = the same sign in every run (trivially so for one run)."), ""]
     lines += ["| track | step | " + " | ".join(f"FD {r}" for r in runs) + " | "
               + " | ".join(f"Δ {r}" for r in runs) + " | mean Δ | sign holds |",
               "|---|---:|" + "---:|" * (2 * len(runs) + 1) + "---|"]
