@@ -31,6 +31,11 @@ import signal
 import sys
 import threading
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks
+    fcntl = None
+
 import keras
 
 from keras_etsdm import callbacks as etsdm_callbacks
@@ -155,6 +160,42 @@ class TrainResult:
         self.history, self.model, self.start_step = history, model, start_step
 
 
+LOCK_FILE = ".train.lock"
+
+
+class WorkdirInUseError(ValueError):
+    """Another process is training in the same work directory."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """Hold ``<workdir>/.train.lock`` exclusively (``flock``) while a run trains there.
+
+    Two runs in one work directory would interleave their checkpoints and truncate each other's
+    ``metrics.jsonl``; the second one to start gets ``WorkdirInUseError`` instead. The operating
+    system releases the lock when the process ends however it ends, so a killed run leaves no
+    stale lock. Where ``fcntl`` is missing (Windows) nothing is locked.
+    """
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise WorkdirInUseError(
+                f"{workdir!r} is in use: another process (pid {holder}) is training there. Wait "
+                f"for it to finish or stop it (it saves a checkpoint on Ctrl-C / SIGTERM), or "
+                f"use another work directory.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # closing the file releases the lock
+
+
 def _start_ema_tracks(model, workdir, profiles, start_step, stream):
     """``ema.EMATracks`` for ``profiles`` (None when there are none), resumed from the track
     file of ``start_step`` when it holds the same tracks, otherwise started at the current
@@ -226,13 +267,13 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
     os.makedirs(workdir, exist_ok=True)
-    remove_stale_temporaries(workdir)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(mixed_precision or "float32")
-    try:
-        return _train(**locals())
-    finally:
-        keras.config.set_dtype_policy(previous_policy)
+    with contextlib.ExitStack() as exit_stack:  # holds the work-directory lock
+        try:
+            return _train(**locals())
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
 
 
 def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,
@@ -240,9 +281,12 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
            grid_sampler_fn, grid_seed, grid_guidance_scale, eval_every, eval_num_samples,
            eval_reference, eval_sampler_fn, eval_seed, data_seed, distribution, seed,
            jit_compile, ema_tracks, ema_tracks_keep, operative_config_fn, handle_signals, stream,
-           previous_policy=None):
+           exit_stack, previous_policy=None):
     dataset_fn = dataset_fn or make_dataset
     dist = distribute.setup_distribution(distribution)
+    if dist.is_chief:  # the chief writes the work directory; one chief at a time
+        exit_stack.enter_context(workdir_lock(workdir))
+        remove_stale_temporaries(workdir)  # a live writer's temporaries are never removed
     dist.check_global_batch(batch_size)
     keras.utils.set_random_seed(seed)
     with dist.scope():

@@ -230,6 +230,25 @@ def test_different_model_in_same_workdir_is_a_clear_error(runs, tmp_path):
         training.train(workdir, max_steps=TOTAL + 1, **run_kwargs())
 
 
+def test_a_second_run_in_a_workdir_that_is_training_is_refused_and_touches_nothing(runs,
+                                                                                  tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "busy")
+    shutil.copytree(str(runs["root"] / "split"), workdir)
+    root = os.path.join(workdir, "checkpoints")
+    os.makedirs(os.path.join(root, ".tmp-ckpt-00000099-123"))  # as if the holder were saving
+    before = open(os.path.join(workdir, "metrics.jsonl")).read()
+    with training.workdir_lock(workdir):  # what the running train() holds
+        with pytest.raises(training.WorkdirInUseError, match=f"pid {os.getpid()}"):
+            training.train(workdir, max_steps=TOTAL + 1, **run_kwargs())
+    # The refused run truncated no metrics and removed none of the holder's temporaries.
+    assert open(os.path.join(workdir, "metrics.jsonl")).read() == before
+    assert os.path.isdir(os.path.join(root, ".tmp-ckpt-00000099-123"))
+    with training.workdir_lock(workdir):  # released when its holder is done
+        pass
+
+
 # ----- pieces that need no training ---------------------------------------------------------
 def test_warmup_schedule_values():
     schedule = optimizers.WarmupConstant(1e-3, warmup_steps=4)
