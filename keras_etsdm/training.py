@@ -263,6 +263,9 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
 
     Returns:
         ``TrainResult``.
+
+    Raises:
+        WorkdirInUseError: another process is training in ``workdir`` (``workdir_lock``).
     """
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
