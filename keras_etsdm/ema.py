@@ -33,6 +33,7 @@ import numpy as np
 
 from keras_etsdm import backend as etsdm_backend
 from keras_etsdm.io_utils import atomic_write_bytes
+from keras_etsdm.model import ema_decay_at
 
 TRACKS_DIR = "ema_tracks"
 _FILE_RE = re.compile(r"^step-(\d+)\.npz$")
@@ -82,10 +83,13 @@ def parse_profile(spec):
 
 
 def profile_decay(profile, count):
-    """The decay of the update that follows ``count`` earlier updates (float64 numpy)."""
-    k = float(count)
+    """The decay of the update that follows ``count`` earlier updates (a float).
+
+    A constant decay uses the model's own warm-up rule (``model.ema_decay_at``), so a
+    ``decay:β`` track averages exactly as ``DiffusionModel(ema_decay=β)`` does."""
     if profile.kind == "decay":
-        return min(profile.value, (1.0 + k) / (10.0 + k))
+        return float(etsdm_backend.to_numpy(ema_decay_at(count, profile.value)))
+    k = float(count)
     return (1.0 - 1.0 / (k + 1.0)) ** (profile.value + 1.0)
 
 
