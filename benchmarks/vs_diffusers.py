@@ -52,12 +52,26 @@ import harness  # noqa: E402
 
 NUM_TIMESTEPS = 1000
 
+# The diffusers variants ("peers"). "eager" is diffusers as its training example ships it (the
+# reference of every ratio); the others are what a user tuning PyTorch on a CPU would try.
+PEER_HELP = {
+    "eager": "as shipped: NCHW, torch.optim.Adam, EMAModel per parameter",
+    "tuned": "channels_last, fused Adam, foreach EMA, eager",
+    "compile": "tuned + torch.compile(unet) (inductor, default mode)",
+    "autotune": "tuned + torch.compile(unet, mode='max-autotune-no-cudagraphs')",
+}
+PEER_WORKERS = {"eager": "diffusers", "tuned": "diffusers-tuned",
+                "compile": "diffusers-compile", "autotune": "diffusers-autotune"}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="jax,tensorflow",
                    help="comma-separated Keras backends to compare with diffusers")
     p.add_argument("--tasks", default="train,forward,ddim,dpm")
+    p.add_argument("--peers", default="eager,tuned,compile,autotune",
+                   help="comma-separated diffusers variants, each its own worker: " +
+                        "; ".join(f"{k} ({v})" for k, v in PEER_HELP.items()))
     p.add_argument("--base_channels", type=int, default=128,
                    help="128 is DDPM CIFAR-10; smaller values scale every level (smoke tests)")
     p.add_argument("--image_size", type=int, default=32)
@@ -86,9 +100,15 @@ def parse_args(argv=None):
     p.add_argument("--markdown", default=None, help="also write the markdown report here")
     p.add_argument("--logdir", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "keras" or "diffusers"
+    p.add_argument("--peer", default="eager", help=argparse.SUPPRESS)  # a diffusers worker's variant
     args = p.parse_args(argv)
     if args.worker is None and args.repeats < 2:
         p.error("--repeats must be >= 2: the paired ratio intervals resample rounds")
+    peers = [x.strip() for x in args.peers.split(",") if x.strip()]
+    unknown = sorted(set(peers) - set(PEER_WORKERS))
+    if unknown or "eager" not in peers:
+        p.error(f"--peers: unknown {unknown} or 'eager' missing (the reference); got "
+                f"{args.peers!r}, expected a list of {sorted(PEER_WORKERS)} including 'eager'")
     return args
 
 
@@ -170,6 +190,7 @@ def keras_worker(args):
 
 # ----- diffusers worker ------------------------------------------------------------------------
 def diffusers_worker(args):
+    """One diffusers variant (``args.peer``, see ``PEER_HELP``) on the same tasks."""
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
@@ -187,21 +208,38 @@ def diffusers_worker(args):
         dropout=0.1, norm_num_groups=32, norm_eps=1e-5, attention_head_dim=None,
         time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1)
     params = sum(p.numel() for p in unet.parameters())
+    tuned = args.peer != "eager"
+    layout = torch.channels_last if tuned else torch.contiguous_format
+    if tuned:
+        unet = unet.to(memory_format=torch.channels_last)
+    if args.peer in ("compile", "autotune"):
+        mode = "max-autotune-no-cudagraphs" if args.peer == "autotune" else None
+        # One compiled module for every task; train / eval mode changes recompile once each.
+        net = torch.compile(unet, mode=mode)
+    else:
+        net = unet
     tasks = {}
+
+    def nchw(x_nhwc):
+        return torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
     def setup_train():
         unet.train()
-        optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4)
-        ema = EMAModel(unet.parameters(), decay=0.9999)
+        if tuned:
+            optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4, fused=True)
+            ema = EMAModel(unet.parameters(), decay=0.9999, foreach=True)
+        else:
+            optimizer = torch.optim.Adam(unet.parameters(), lr=2e-4)
+            ema = EMAModel(unet.parameters(), decay=0.9999)
         scheduler = DDPMScheduler(num_train_timesteps=NUM_TIMESTEPS, beta_schedule="linear")
         x0, _ = inputs(args.train_batch, args.image_size)
-        x0 = torch.from_numpy(np.clip(x0, -1, 1)).permute(0, 3, 1, 2).contiguous()
+        x0 = nchw(np.clip(x0, -1, 1))
 
         def step():
             noise = torch.randn_like(x0)
             t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],))
             x_t = scheduler.add_noise(x0, noise, t)
-            loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, noise)
+            loss = torch.nn.functional.mse_loss(net(x_t, t).sample, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -215,13 +253,12 @@ def diffusers_worker(args):
 
     def setup_forward(batch):
         x, t = inputs(batch, args.image_size)
-        x = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
-        t = torch.from_numpy(t)
+        x, t = nchw(x), torch.from_numpy(t)
 
         def run():
             unet.eval()
             with torch.inference_mode():
-                unet(x, t).sample
+                net(x, t).sample
         return run, run, 1
 
     def setup_sampler(kind):
@@ -233,7 +270,7 @@ def diffusers_worker(args):
                 num_train_timesteps=NUM_TIMESTEPS, beta_schedule="linear",
                 algorithm_type="dpmsolver++", solver_order=2)
         noise, _ = inputs(args.sample_batch, args.image_size, seed=1)
-        noise = torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous()
+        noise = nchw(noise)
 
         def run():
             unet.eval()
@@ -241,7 +278,7 @@ def diffusers_worker(args):
             x = noise
             with torch.inference_mode():
                 for t in scheduler.timesteps:
-                    eps = unet(x, t).sample
+                    eps = net(x, t).sample
                     x = scheduler.step(eps, t, x).prev_sample
             return x
         return run, run, steps
@@ -266,6 +303,11 @@ def worker_main(args):
 
     def info(request):
         result = {"framework": framework, "params": int(params), "tasks": list(task_setups)}
+        if framework == "torch":
+            import torch
+
+            result["torch_threads"] = torch.get_num_threads()
+            result["torch_version"] = torch.__version__
         if framework == "jax":
             from train_step import forward_flops_per_image
 
@@ -305,8 +347,8 @@ def worker_main(args):
 
 
 # ----- parent ------------------------------------------------------------------------------------
-def start_worker(args, kind, backend, name):
-    argv = [sys.executable, os.path.abspath(__file__), "--worker", kind]
+def start_worker(args, kind, backend, name, peer="eager"):
+    argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--peer", peer]
     for key in ("tasks", "base_channels", "image_size", "train_batch", "forward_batches",
                 "sample_batch", "sample_steps", "train_steps", "matmul_n", "threads",
                 "jit_compile"):
@@ -325,15 +367,30 @@ def batch_of(task, args):
 
 
 # ----- report (pure: unit-tested with fake rounds in tests/test_bench_stats.py) ------------------
-REFERENCE = "diffusers"
-# Issue 19's goals for the training step, read off the paired 95 % intervals (harness.goal_status).
-# framework None: the Keras backend with the highest median paired ratio in this run.
+REFERENCE = "diffusers"  # eager diffusers: the reference of every ratio
+# Issue 19's goals, read off the paired 95 % intervals (harness.goal_status). framework None: the
+# Keras backend with the highest median paired ratio in this run; against "eager": eager
+# diffusers, "best": the diffusers variant with the highest median rate on that task (eager
+# included: a user tuning PyTorch keeps whatever is fastest).
 TRAIN_GOALS = (
-    {"goal": 1.3, "framework": None, "label": "fastest ≥ 1.3×",
+    {"goal": 1.3, "framework": None, "against": "eager", "label": "fastest ≥ 1.3× eager",
      "text": "fastest Keras backend ≥ 1.3× eager diffusers"},
-    {"goal": 0.9, "framework": "keras-jax", "label": "JAX ≥ 0.9×",
-     "text": "JAX ≥ 0.9× diffusers (the peer measured here: eager diffusers)"},
+    {"goal": 1.0, "framework": None, "against": "best", "label": "fastest ≥ 1.0× best peer",
+     "text": "fastest Keras backend ≥ 1.0× the best diffusers variant"},
+    {"goal": 0.9, "framework": "keras-jax", "against": "best", "label": "JAX ≥ 0.9× best peer",
+     "text": "JAX ≥ 0.9× the best diffusers variant"},
 )
+SAMPLE_GOALS = (
+    {"goal": 1.0, "framework": None, "against": "best", "label": "fastest ≥ 1.0× best peer",
+     "text": "sampling per NFE: fastest Keras backend ≥ 1.0× the best diffusers variant"},
+)
+FIRST_CALL_LIMIT_S = 30.0  # issue 19 item 5: first call of the training step
+PEAK_RSS_LIMIT = 1.5  # × eager diffusers' peak RSS
+
+
+def is_peer(name):
+    """Whether worker ``name`` is a diffusers variant (``diffusers``, ``diffusers-tuned``, ...)."""
+    return name == REFERENCE or name.startswith(REFERENCE + "-")
 
 
 def _num(x, spec):
@@ -349,14 +406,17 @@ def build_report(measured, num_resamples=10000, seed=0):
 
     ``measured`` holds: ``cpu_header`` (harness.cpu_header line), ``network`` (one line),
     ``machine_start`` / ``machine_end`` (harness.machine_description), ``roof_end`` (roof dict
-    or None), ``order_seed``, ``workers`` (names; ``REFERENCE`` among them), ``tasks``,
-    ``batches`` {task: batch}, ``seconds`` and ``cpu_seconds`` {task: {worker: [per round]}},
-    ``warmup`` {task: {worker: {first_call_s, second_call_s}}}, ``matmul_gflops`` {worker:
-    [per round]}, ``forward_flops_per_image`` (or None), ``peak_rss_mib`` {worker: MiB},
-    ``sample_batch``. Round r of every worker's list for a task is the same round.
+    or None), ``order_seed``, ``workers`` (names; ``REFERENCE`` among them, other diffusers
+    variants named ``diffusers-*``), ``tasks``, ``batches`` {task: batch}, ``seconds`` and
+    ``cpu_seconds`` {task: {worker: [per round]}}, ``warmup`` {task: {worker: {first_call_s,
+    second_call_s}}}, ``matmul_gflops`` {worker: [per round]}, ``forward_flops_per_image`` (or
+    None), ``peak_rss_mib`` {worker: MiB}, ``sample_batch``; optional ``torch_threads``
+    {worker: threads} and ``peer_variants`` {worker: description}. Round r of every worker's
+    list for a task is the same round.
     """
     workers, tasks = measured["workers"], measured["tasks"]
-    keras_workers = [w for w in workers if w != REFERENCE]
+    keras_workers = [w for w in workers if not is_peer(w)]
+    peers = [w for w in workers if is_peer(w)]
     flops = measured.get("forward_flops_per_image")
     mm = {w: float(np.median(v)) for w, v in measured["matmul_gflops"].items()}
     rows, goals = [], []
@@ -364,22 +424,29 @@ def build_report(measured, num_resamples=10000, seed=0):
         batch = measured["batches"][task]
         rates = {w: batch / np.asarray(measured["seconds"][task][w], dtype=np.float64)
                  for w in workers}
-        base_median = float(np.median(rates[REFERENCE]))
-        cis = {w: harness.paired_ratio_ci(rates[w], rates[REFERENCE],
-                                          num_resamples=num_resamples, seed=seed)
-               for w in keras_workers}
+        medians = {w: float(np.median(rates[w])) for w in workers}
+        best = max(peers, key=lambda w: medians[w])
+
+        def ci(w, ref, rates=rates):
+            return harness.paired_ratio_ci(rates[w], rates[ref], num_resamples=num_resamples,
+                                           seed=seed)
+        vs_eager = {w: ci(w, REFERENCE) for w in workers if w != REFERENCE}
+        vs_best = {w: ci(w, best) for w in keras_workers}
         row_goals = {w: [] for w in workers}
-        if task == "train":
-            for g in TRAIN_GOALS:
-                name = g["framework"] or (max(keras_workers, key=lambda w: cis[w]["ratio"])
-                                          if keras_workers else None)
-                if name not in cis:
-                    continue
-                status = harness.goal_status(cis[name], g["goal"])
-                goals.append({"task": task, "goal": g["goal"], "text": g["text"],
-                              "framework": name, "picked": g["framework"] is None,
-                              "ratio_ci": cis[name], "status": status})
-                row_goals[name].append(f"{g['label']}: {status}")
+        task_goals = TRAIN_GOALS if task == "train" else (
+            SAMPLE_GOALS if task in ("ddim", "dpm") else ())
+        for g in task_goals:
+            cis = vs_eager if g["against"] == "eager" else vs_best
+            name = g["framework"] or (max(keras_workers, key=lambda w: cis[w]["ratio"])
+                                      if keras_workers else None)
+            if name not in cis:
+                continue
+            status = harness.goal_status(cis[name], g["goal"])
+            goals.append({"task": task, "goal": g["goal"], "text": g["text"],
+                          "framework": name, "picked": g["framework"] is None,
+                          "against": REFERENCE if g["against"] == "eager" else best,
+                          "ratio_ci": cis[name], "status": status})
+            row_goals[name].append(f"{g['label']}: {status}")
         for w in workers:
             ips = harness.summarize(rates[w])
             cpu_per_image = float(np.median(measured["cpu_seconds"][task][w])) / batch
@@ -388,11 +455,29 @@ def build_report(measured, num_resamples=10000, seed=0):
             warm = measured["warmup"][task][w]
             rows.append({
                 "task": task, "framework": w, "batch": batch, "images_per_s": ips,
-                "ratio_vs_diffusers": ips["median"] / base_median,  # ratio of the medians
-                "paired_ratio_vs_diffusers": cis.get(w), "goals": row_goals[w],
+                "ratio_vs_diffusers": ips["median"] / medians[REFERENCE],  # ratio of medians
+                "paired_ratio_vs_diffusers": vs_eager.get(w),
+                "best_peer": best, "paired_ratio_vs_best_peer": vs_best.get(w),
+                "goals": row_goals[w],
                 "gflops": gflops, "matmul_gflops": mm.get(w),
                 "first_call_s": warm["first_call_s"], "second_call_s": warm["second_call_s"],
                 "cpu_seconds_per_image": cpu_per_image})
+
+    # Item 5: compile time (first call of the training step) and peak memory, single numbers.
+    resources = []
+    if "train" in tasks:
+        for w in keras_workers:
+            first = measured["warmup"]["train"][w]["first_call_s"]
+            resources.append({"text": f"first call of the training step ≤ "
+                                      f"{FIRST_CALL_LIMIT_S:.0f} s", "framework": w,
+                              "value": first, "limit": FIRST_CALL_LIMIT_S,
+                              "status": "met" if first <= FIRST_CALL_LIMIT_S else "not met"})
+    peak = measured["peak_rss_mib"]
+    for w in keras_workers:
+        limit = PEAK_RSS_LIMIT * peak[REFERENCE]
+        resources.append({"text": f"peak RSS ≤ {PEAK_RSS_LIMIT}× eager diffusers' "
+                                  f"({limit:.0f} MiB)", "framework": w, "value": peak[w],
+                          "limit": limit, "status": "met" if peak[w] <= limit else "not met"})
 
     overheads = []
     fwd_task = f"forward_b{measured['sample_batch']}"
@@ -408,35 +493,50 @@ def build_report(measured, num_resamples=10000, seed=0):
     protocol = (
         f"{measured['network']}; {'/'.join(map(str, rounds))} timed rounds per task, workers in a "
         f"random order each round (order seed {measured['order_seed']}). img/s and IQR: median "
-        f"and inter-quartile range over the rounds. ÷ {REFERENCE}: paired by round, the median "
-        f"of the per-round ratios keras ÷ {REFERENCE} with its 95 % percentile-bootstrap "
-        f"interval over rounds ({num_resamples:,} resamples). Goals (issue 19, training step) "
-        f"are met only when the whole interval lies at or above them.")
-    columns = (f"| task | framework | batch | img/s | IQR | ÷ {REFERENCE}, paired [95 % CI] | "
-               f"goal | GFLOP/s | % own mm | 1st call s | CPU ms/img |")
-    lines = [measured["cpu_header"], "", protocol, "", columns,
-             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        f"and inter-quartile range over the rounds. ÷ {REFERENCE} (eager) and ÷ best peer (the "
+        f"diffusers variant with the highest median on the task): paired by round, the median "
+        f"of the per-round ratios with its 95 % percentile-bootstrap interval over rounds "
+        f"({num_resamples:,} resamples). Goals (issue 19) are met only when the whole interval "
+        f"lies at or above them.")
+    lines = [measured["cpu_header"], "", protocol, ""]
+    variants = measured.get("peer_variants") or {}
+    threads = measured.get("torch_threads") or {}
+    for w in peers:
+        lines.append(f"- {w}: {variants.get(w, 'diffusers')}"
+                     + (f"; torch intra-op threads {threads[w]}" if w in threads else ""))
+    columns = (f"| task | framework | batch | img/s | IQR | ÷ {REFERENCE} (eager), paired "
+               f"[95 % CI] | ÷ best peer [95 % CI] | goal | GFLOP/s | % own mm | 1st call s | "
+               f"CPU ms/img |")
+    lines += ["", columns, "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
     for row in rows:
-        ci = row["paired_ratio_vs_diffusers"]
-        ratio = "1 (reference)" if row["framework"] == REFERENCE else _ci_text(ci)
+        eager = row["paired_ratio_vs_diffusers"]
+        ratio = "1 (reference)" if row["framework"] == REFERENCE else _ci_text(eager)
+        vs_best = row["paired_ratio_vs_best_peer"]
+        best = (f"{_ci_text(vs_best)} ({row['best_peer']})" if vs_best
+                else ("best" if row["framework"] == row["best_peer"] else ""))
         own = (100 * row["gflops"] / row["matmul_gflops"]
                if row["matmul_gflops"] and np.isfinite(row["gflops"]) else None)
         lines.append(
             f"| {row['task']} | {row['framework']} | {row['batch']} | "
             f"{row['images_per_s']['median']:.2f} | {row['images_per_s']['iqr']:.2f} | {ratio} | "
-            f"{'; '.join(row['goals'])} | {_num(row['gflops'], '.1f')} | "
+            f"{best} | {'; '.join(row['goals'])} | {_num(row['gflops'], '.1f')} | "
             f"{_num(own, '.1f')}{'' if own is None else ' %'} | {row['first_call_s']:.1f} | "
             f"{1e3 * row['cpu_seconds_per_image']:.1f} |")
     notes = ("ddim / dpm rows: NFE·img/s (images × sampler steps per second). GFLOP/s: model "
              "FLOPs (XLA cost analysis of the forward; training 3×) × rate; % own mm: of the "
-             "framework's own float32 matmul rate.")
+             "framework's own float32 matmul rate. 1st call: includes compilation (XLA for "
+             "Keras, inductor for the compiled peers).")
     lines += ["", notes]
     if goals:
-        lines += ["", "Goals of issue 19, training step (paired ratio [95 % CI] → status):"]
+        lines += ["", "Goals of issue 19 (paired ratio [95 % CI] → status):"]
         for g in goals:
             pick = " (highest median ratio in this run)" if g["picked"] else ""
-            lines.append(f"- {g['text']}: {g['framework']}{pick} {_ci_text(g['ratio_ci'])} → "
-                         f"{g['status']}")
+            lines.append(f"- {g['task']}: {g['text']}: {g['framework']}{pick} vs "
+                         f"{g['against']} {_ci_text(g['ratio_ci'])} → {g['status']}")
+    if resources:
+        lines += ["", "Compile time and memory (issue 19 item 5; single measurements):"]
+        for r in resources:
+            lines.append(f"- {r['text']}: {r['framework']} {r['value']:.1f} → {r['status']}")
     if overheads:
         lines.append("")
         for o in overheads:
@@ -453,7 +553,7 @@ def build_report(measured, num_resamples=10000, seed=0):
         lines.append(f"float32 matmul roof at end: {roof_end['median']:.1f} GFLOP/s (numpy "
                      f"{roof_end['n']}³, median of {roof_end['repeats']}, IQR "
                      f"{roof_end['iqr']:.1f})")
-    return {"rows": rows, "goals": goals, "sampler_overhead": overheads,
+    return {"rows": rows, "goals": goals, "resources": resources, "sampler_overhead": overheads,
             "markdown": "\n".join(lines) + "\n"}
 
 
@@ -473,13 +573,17 @@ def main(args):
     try:
         for backend in names:
             workers.append(start_worker(args, "keras", backend, f"keras-{backend}"))
-        workers.append(start_worker(args, "diffusers", None, REFERENCE))
+        for peer in [x.strip() for x in args.peers.split(",") if x.strip()]:
+            workers.append(start_worker(args, "diffusers", None, PEER_WORKERS[peer], peer))
         by_name = {w.name: w for w in workers}
         infos = {w.name: w.request("info") for w in workers}
         counts = {name: info["params"] for name, info in infos.items()}
         if len(set(counts.values())) != 1:
             raise SystemExit(f"Parameter counts differ, the networks are not the same: {counts}")
         print(f"parameters: {counts[REFERENCE]:,} on every side", flush=True)
+        torch_threads = {name: info["torch_threads"] for name, info in infos.items()
+                         if "torch_threads" in info}
+        print(f"torch intra-op threads: {torch_threads}", flush=True)
         print(f"malloc ({args.malloc}), every worker: GLIBC_TUNABLES="
               f"{workers[0].glibc_tunables!r}", flush=True)
         flops = next((i["forward_flops_per_image"] for i in infos.values()
@@ -520,7 +624,9 @@ def main(args):
         "seconds": times, "cpu_seconds": cpu_times, "warmup": warm,
         "matmul_gflops": {k: [r["gflops"] for r in v] for k, v in matmul.items()},
         "forward_flops_per_image": flops, "peak_rss_mib": peaks,
-        "sample_batch": args.sample_batch,
+        "sample_batch": args.sample_batch, "torch_threads": torch_threads,
+        "peer_variants": {PEER_WORKERS[k]: v for k, v in PEER_HELP.items()
+                          if PEER_WORKERS[k] in by_name},
         "round_orders": task_orders, "matmul_round_orders": matmul_orders,
     }
     report = build_report(measured, num_resamples=args.bootstrap_resamples)

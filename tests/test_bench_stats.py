@@ -227,22 +227,36 @@ def test_report_paired_ratios_and_goals_on_fake_rounds():
             assert ci["low"] == pytest.approx(factor) and ci["high"] == pytest.approx(factor)
             assert ci["n"] == 15
             assert rows[(task, name)]["images_per_s"]["n"] == 15  # median / IQR kept
-    goals = {g["text"].split(" ")[0]: g for g in report["goals"]}
-    assert goals["fastest"]["framework"] == "keras-tensorflow" and goals["fastest"]["picked"]
-    assert goals["fastest"]["status"] == "met"  # 1.5 ≥ 1.3 on the whole interval
-    assert goals["JAX"]["framework"] == "keras-jax" and goals["JAX"]["status"] == "not met"
-    assert rows[("train", "keras-tensorflow")]["goals"] == ["fastest ≥ 1.3×: met"]
-    assert rows[("train", "keras-jax")]["goals"] == ["JAX ≥ 0.9×: not met"]
+    # Only the eager peer ran: it is also the best peer of every task.
+    goals = {(g["task"], g["text"]): g for g in report["goals"]}
+    assert len(goals) == 4  # three for the training step, one for sampling; none for forward
+    eager = goals[("train", "fastest Keras backend ≥ 1.3× eager diffusers")]
+    assert eager["framework"] == "keras-tensorflow" and eager["picked"]
+    assert eager["status"] == "met"  # 1.5 ≥ 1.3 on the whole interval
+    jax = goals[("train", "JAX ≥ 0.9× the best diffusers variant")]
+    assert jax["framework"] == "keras-jax" and jax["status"] == "not met"
+    assert jax["against"] == "diffusers"
+    sampling = "sampling per NFE: fastest Keras backend ≥ 1.0× the best diffusers variant"
+    assert goals[("ddim", sampling)]["status"] == "met"
+    assert rows[("train", "keras-tensorflow")]["goals"] == [
+        "fastest ≥ 1.3× eager: met", "fastest ≥ 1.0× best peer: met"]
+    assert rows[("train", "keras-jax")]["goals"] == ["JAX ≥ 0.9× best peer: not met"]
     assert rows[("forward_b8", "keras-jax")]["goals"] == []
+    assert rows[("train", "keras-jax")]["best_peer"] == "diffusers"
 
     md = report["markdown"]
     lines = md.splitlines()
     assert lines[0].startswith("CPU: Fake CPU, 2 cores, ISA") and "matmul roof" in lines[0]
     table = [ln for ln in lines if ln.startswith("| ")]
-    assert "÷ diffusers, paired [95 % CI]" in table[0] and "| IQR |" in table[0]
+    assert "÷ diffusers (eager), paired [95 % CI]" in table[0] and "| IQR |" in table[0]
+    assert "÷ best peer [95 % CI]" in table[0]
     assert len(table) == 1 + 9
     assert "| train | keras-tensorflow | 8 |" in md and "1.50 [1.50, 1.50]" in md
-    assert "fastest ≥ 1.3×: met" in md and "JAX ≥ 0.9×: not met" in md
+    assert "fastest ≥ 1.3× eager: met" in md and "JAX ≥ 0.9× best peer: not met" in md
+    # Item 5 on fake numbers: first call 10 s ≤ 30 s; peak RSS equal to the eager peer's.
+    assert {(r["framework"], r["status"]) for r in report["resources"]} == {
+        ("keras-jax", "met"), ("keras-tensorflow", "met")}
+    assert len(report["resources"]) == 4
     assert "| train | diffusers | 8 |" in md and "1 (reference)" in md
     assert "random order each round (order seed 0)" in md
 
@@ -272,7 +286,8 @@ def test_report_without_jax_or_train():
             measured[key][task].pop("keras-jax")
     measured["workers"] = ["keras-tensorflow", "diffusers"]
     report = vs_diffusers.build_report(measured, num_resamples=200)
-    assert [g["framework"] for g in report["goals"]] == ["keras-tensorflow"]  # no JAX goal
+    assert {g["framework"] for g in report["goals"]} == {"keras-tensorflow"}  # no JAX goal
+    assert len(report["goals"]) == 3
     measured["tasks"] = ["forward_b8"]
     report = vs_diffusers.build_report(measured, num_resamples=200)
     assert report["goals"] == [] and "Goals of issue 19" not in report["markdown"]
@@ -311,12 +326,13 @@ def test_main_runs_rounds_in_the_recorded_random_orders(monkeypatch, tmp_path):
     log = []
     speeds = {"keras-jax": 1.0, "keras-tensorflow": 1.4, "diffusers": 1.0}
 
-    def fake_start_worker(args, kind, backend, name):
+    def fake_start_worker(args, kind, backend, name, peer="eager"):
         return _FakeBenchWorker(name, log, speeds[name])
 
     monkeypatch.setattr(vs_diffusers, "start_worker", fake_start_worker)
     json_path, md_path = tmp_path / "vs.json", tmp_path / "vs.md"
     args = vs_diffusers.parse_args(["--repeats", "4", "--order_seed", "3", "--matmul_n", "32",
+                                    "--peers", "eager",
                                     "--matmul_repeats", "3", "--bootstrap_resamples", "200",
                                     "--forward_batches", "8", "--json", str(json_path),
                                     "--markdown", str(md_path)])
@@ -335,3 +351,53 @@ def test_main_runs_rounds_in_the_recorded_random_orders(monkeypatch, tmp_path):
     assert row["paired_ratio_vs_diffusers"]["n"] == 4
     assert out["roof_start"]["n"] == 32 and md_path.read_text() == out["markdown"]
     assert out["markdown"].startswith("CPU: ")
+
+
+def test_report_best_peer_is_chosen_per_task_and_resource_goals():
+    """A compiled peer 1.2× eager on training, 0.7× on sampling: the best peer differs by task,
+    and the paired ratios against it are the keras ÷ eager ratios divided by the peer's."""
+    measured = _fake_measured()
+    names = NAMES + ["diffusers-compile"]
+    measured["workers"] = names
+    factor = {"train": 1.2, "forward_b8": 1.0, "ddim": 0.7}
+    for task in measured["tasks"]:
+        base = np.asarray(measured["seconds"][task]["diffusers"])
+        measured["seconds"][task]["diffusers-compile"] = (base / factor[task]).tolist()
+        measured["cpu_seconds"][task]["diffusers-compile"] = (2 * base).tolist()
+        measured["warmup"][task]["diffusers-compile"] = {"first_call_s": 60.0,
+                                                         "second_call_s": 1.0}
+    measured["warmup"]["train"]["keras-jax"]["first_call_s"] = 45.0
+    measured["matmul_gflops"]["diffusers-compile"] = [100.0] * 3
+    measured["peak_rss_mib"] = {"keras-jax": 1400.0, "keras-tensorflow": 1600.0,
+                                "diffusers": 1000.0, "diffusers-compile": 1200.0}
+    measured["torch_threads"] = {"diffusers": 2, "diffusers-compile": 2}
+    measured["peer_variants"] = {"diffusers": "as shipped", "diffusers-compile": "compiled"}
+    report = vs_diffusers.build_report(measured, num_resamples=300)
+    rows = {(r["task"], r["framework"]): r for r in report["rows"]}
+    assert rows[("train", "keras-jax")]["best_peer"] == "diffusers-compile"
+    assert rows[("ddim", "keras-jax")]["best_peer"] == "diffusers"
+    assert rows[("train", "keras-tensorflow")]["paired_ratio_vs_best_peer"]["ratio"] == \
+        pytest.approx(1.5 / 1.2)
+    assert rows[("train", "diffusers-compile")]["paired_ratio_vs_diffusers"]["ratio"] == \
+        pytest.approx(1.2)
+    assert rows[("train", "diffusers-compile")]["paired_ratio_vs_best_peer"] is None
+    goals = {(g["task"], g["text"]): g for g in report["goals"]}
+    best = goals[("train", "fastest Keras backend ≥ 1.0× the best diffusers variant")]
+    assert best["against"] == "diffusers-compile" and best["status"] == "met"  # 1.25
+    jax = goals[("train", "JAX ≥ 0.9× the best diffusers variant")]
+    assert jax["ratio_ci"]["ratio"] == pytest.approx(0.8 / 1.2) and jax["status"] == "not met"
+    res = {(r["framework"], r["text"].split(" ")[0]): r for r in report["resources"]}
+    assert res[("keras-jax", "first")]["status"] == "not met"  # 45 s > 30 s
+    assert res[("keras-tensorflow", "first")]["status"] == "met"
+    assert res[("keras-jax", "peak")]["status"] == "met"  # 1400 ≤ 1.5 × 1000
+    assert res[("keras-tensorflow", "peak")]["status"] == "not met"  # 1600 > 1500
+    md = report["markdown"]
+    assert "- diffusers-compile: compiled; torch intra-op threads 2" in md
+    assert "(diffusers-compile)" in md and "| train | diffusers-compile | 8 |" in md
+
+
+def test_vs_diffusers_peers_flag():
+    assert vs_diffusers.parse_args([]).peers.split(",") == list(vs_diffusers.PEER_WORKERS)
+    for bad in ("tuned", "eager,jit"):
+        with pytest.raises(SystemExit):
+            vs_diffusers.parse_args(["--peers", bad])
