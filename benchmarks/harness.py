@@ -252,6 +252,14 @@ def _cpu_tuning():
     return _startup.load_cpu_tuning()
 
 
+def _compilation_cache():
+    """``keras_etsdm/compilation_cache.py``, loaded by path as ``bin/_startup.py`` does."""
+    _cpu_tuning()  # puts bin/ on sys.path
+    import _startup
+
+    return _startup.load_compilation_cache()
+
+
 class Worker:
     """A benchmark worker subprocess (one framework / Keras backend)."""
 

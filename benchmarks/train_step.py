@@ -51,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--tf_jit_compile", default="auto",
                    help="comma-separated values of compile(jit_compile=...) for TensorFlow")
     p.add_argument("--jax_steps_per_execution", type=int, default=1)
+    p.add_argument("--cpu_tuning", default="tuned",
+                   help="comma-separated start-up tunings (keras_etsdm/cpu_tuning.py), one worker "
+                        "per backend and value: tuned (as bin/ starts), no_xla_flag (JAX only: "
+                        "jaxlib's default YNNPACK convolutions), no_hugetlb (glibc malloc as is)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
@@ -218,7 +222,10 @@ def forward_flops_via_jax(args):
         worker.close()
 
 
-def start_worker(args, backend, jit_compile, name):
+CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb")
+
+
+def start_worker(args, backend, jit_compile, name, tuning="tuned"):
     argv = [sys.executable, os.path.abspath(__file__), "--worker",
             "--batch", str(args.batch), "--image_size", str(args.image_size),
             "--base_channels", str(args.base_channels), "--steps", str(args.steps),
@@ -227,28 +234,41 @@ def start_worker(args, backend, jit_compile, name):
             "--jit_compile", jit_compile,
             "--jax_steps_per_execution", str(args.jax_steps_per_execution)]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
-    return harness.Worker(name, argv, env={"KERAS_BACKEND": backend}, log_path=log)
+    env = {"KERAS_BACKEND": backend}
+    if tuning == "no_xla_flag":
+        env["KERAS_ETSDM_CPU_TUNING"] = "0"  # read by the worker's XLA flag only; malloc is set
+    return harness.Worker(name, argv, env=env, log_path=log,
+                          malloc="default" if tuning == "no_hugetlb" else "hugetlb")
 
 
 def main(args):
     if args.logdir:
         os.makedirs(args.logdir, exist_ok=True)
     specs = []
+    tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
+    if not tunings or set(tunings) - set(CPU_TUNINGS):
+        raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, got "
+                         f"{args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
-        if backend == "tensorflow":
-            for value in args.tf_jit_compile.split(","):
-                _jit_value(value)  # validate early
-                specs.append((backend, value, f"tensorflow(jit_compile={value})"))
-        else:
-            specs.append((backend, "auto", backend))
+        for tuning in tunings:
+            if tuning == "no_xla_flag" and backend != "jax":
+                continue
+            suffix = "" if tuning == "tuned" else f"[{tuning}]"
+            if backend == "tensorflow":
+                for value in args.tf_jit_compile.split(","):
+                    _jit_value(value)  # validate early
+                    specs.append((backend, value, f"tensorflow(jit_compile={value}){suffix}",
+                                  tuning))
+            else:
+                specs.append((backend, "auto", backend + suffix, tuning))
     print(f"machine: {harness.machine_description()}", flush=True)
     workers = []
     try:
         warm = {}
-        for backend, jit, name in specs:
-            worker = start_worker(args, backend, jit, name)
+        for backend, jit, name, tuning in specs:
+            worker = start_worker(args, backend, jit, name, tuning)
             workers.append(worker)
             warm[name] = worker.request("warmup")
             print(f"  {name}: built and warmed up (first step {warm[name]['first_step_s']:.1f} s, "
@@ -303,11 +323,24 @@ def main(args):
               f"{mm['median']:>9.1f} {100 * gflops / mm['median']:>6.1f}% "
               f"{100 * gflops / numpy_rate['median']:>6.1f}% "
               f"{warm[w.name]['first_step_s']:>10.1f} {peaks[w.name]:>8.0f} {cpu_ms:>10.1f}")
+    # Each tuning against the tuned worker of the same backend, paired by repeat.
+    paired = {}
+    for backend, jit, name, tuning in specs:
+        base = next((n for b, j, n, t in specs if b == backend and j == jit and t == "tuned"),
+                    None)
+        if tuning == "tuned" or base is None:
+            continue
+        ci = harness.paired_ratio_ci(args.batch / np.asarray(train[base]),
+                                     args.batch / np.asarray(train[name]))
+        paired[f"{base} ÷ {name}"] = ci
+        print(f"paired img/s ratio {base} ÷ {name}: {ci['ratio']:.3f} "
+              f"[{ci['low']:.3f}, {ci['high']:.3f}] (95 % bootstrap over {ci['n']} repeats)")
     if args.json:
         harness.write_json_atomic(args.json, {
-            "machine": harness.machine_description(), "args": vars(args),
-            "train_flops_per_image": train_flops, "numpy_matmul_gflops": numpy_rate,
-            "results": rows, "raw_train_seconds": train})
+            "machine": harness.machine_description(), "cpu": harness.cpu_description(),
+            "args": vars(args), "train_flops_per_image": train_flops,
+            "numpy_matmul_gflops": numpy_rate, "results": rows, "raw_train_seconds": train,
+            "paired_vs_tuned": paired})
     return rows
 
 

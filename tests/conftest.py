@@ -14,6 +14,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.expanduser("~"), ".cache", "keras_etsdm_tests_jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# bin/ scripts run by tests keep their XLA caches (keras_etsdm/compilation_cache.py) apart from
+# a user's own.
+os.environ.setdefault("KERAS_ETSDM_COMPILATION_CACHE",
+                      os.path.join(os.path.expanduser("~"), ".cache", "keras_etsdm_tests_xla"))
 
 
 def _tune_xla_like_bin():

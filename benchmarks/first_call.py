@@ -1,0 +1,168 @@
+"""First call of the training step in a NEW process, with and without the compilation cache.
+
+Issue 19 item 5: the first call of the compiled training step (tracing + XLA compilation + one
+step) on the DDPM CIFAR-10 U-Net (35.7 M parameters, batch 8, as ``vs_diffusers.py``), per
+Keras backend. Every measurement is a fresh Python process started the way the ``bin/`` entry
+points start (huge-page malloc, the XLA CPU flags of ``keras_etsdm/cpu_tuning.py``), so nothing
+is warm but the OS page cache. Per backend and round, three processes in a row:
+
+  off    the persistent compilation cache turned off (``KERAS_ETSDM_COMPILATION_CACHE=0``);
+  cold   the cache on, in a new empty directory (compiles and writes the entries);
+  warm   the cache on, the directory the ``cold`` process filled (what a second ``bin/train``,
+         a resume, or ``bin/sample`` after training sees).
+
+Reported per process: import seconds (``import keras_etsdm``), build seconds (network +
+``DiffusionModel`` + ``compile``), first-call and second-call seconds of ``train_on_batch``,
+peak RSS; medians over rounds.
+
+    python benchmarks/first_call.py --rounds 3 --json benchmarks/results/first_call/first_call.json
+    python benchmarks/first_call.py --base_channels 32 --rounds 1      # smoke test
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+_START = time.perf_counter()
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+MODES = ("off", "cold", "warm")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backends", default="jax,tensorflow")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--base_channels", type=int, default=128)
+    p.add_argument("--image_size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def worker(args):
+    """One process: time import, build, first and second training call; print one JSON line."""
+    t0 = time.perf_counter()
+    import keras
+
+    from keras_etsdm import DiffusionModel, build_unet
+    t1 = time.perf_counter()
+    keras.utils.set_random_seed(0)
+    network = build_unet(image_size=args.image_size, channels=3,
+                         base_channels=args.base_channels, channel_mult=(1, 2, 2, 2),
+                         num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, num_heads=1)
+    model = DiffusionModel(network, ema_decay=0.9999, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=True)  # as bin/train
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.standard_normal((args.batch, args.image_size, args.image_size, 3)), -1, 1)
+    x = x.astype(np.float32)
+    t2 = time.perf_counter()
+    model.train_on_batch(x)
+    t3 = time.perf_counter()
+    model.train_on_batch(x)
+    t4 = time.perf_counter()
+    print("RESULT " + json.dumps({
+        "backend": keras.backend.backend(), "interpreter_s": t0 - _START, "import_s": t1 - t0,
+        "build_s": t2 - t1, "first_call_s": t3 - t2, "second_call_s": t4 - t3,
+        "peak_rss_mib": harness.peak_rss_mib()}), flush=True)
+
+
+def run_process(args, backend, cache_root):
+    """A fresh worker process for ``backend``; cache_root None = cache off. Returns its dict."""
+    tuning = harness._cpu_tuning()
+    cache = harness._compilation_cache()
+    env = harness.malloc_environ(os.environ, "hugetlb")
+    env.update({"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    for name in ("JAX_COMPILATION_CACHE_DIR", "TF_XLA_FLAGS"):
+        env.pop(name, None)
+    env = tuning.jax_xla_environ(env) or env
+    if cache_root is None:
+        env[cache.CACHE_VARIABLE] = "0"
+    else:
+        env = cache.cache_environ(env, backend, cache_root)
+    argv = [sys.executable, os.path.abspath(__file__), "--worker",
+            "--base_channels", str(args.base_channels), "--image_size", str(args.image_size),
+            "--batch", str(args.batch)]
+    start = time.perf_counter()
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"worker ({backend}, cache {cache_root}) failed with code "
+                           f"{out.returncode}:\n{out.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["process_wall_s"] = wall
+    if cache_root is not None:
+        size = sum(os.path.getsize(os.path.join(d, f))
+                   for d, _, files in os.walk(cache_root) for f in files)
+        result["cache_mib"] = size / 2**20
+    return result
+
+
+def report(results, args, header):
+    keys = ("import_s", "build_s", "first_call_s", "second_call_s", "peak_rss_mib")
+    lines = [header, "",
+             f"DDPM CIFAR-10 U-Net (base_channels {args.base_channels}, "
+             f"{args.image_size}×{args.image_size}), batch {args.batch}, float32, "
+             f"`train_on_batch` with jit_compile=True; {args.rounds} round(s), each a fresh "
+             f"process per mode (off → cold → warm). Medians over rounds; per-round first "
+             f"calls in brackets.", "",
+             "| backend | cache | import s | build s | first call s | second call s | "
+             "peak RSS MiB | cache MiB | first calls per round |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for backend, modes in results.items():
+        for mode in MODES:
+            rows = modes[mode]
+            med = {k: float(np.median([r[k] for r in rows])) for k in keys}
+            cache = (f"{np.median([r['cache_mib'] for r in rows]):.0f}"
+                     if "cache_mib" in rows[0] else "—")
+            per_round = ", ".join(f"{r['first_call_s']:.1f}" for r in rows)
+            lines.append(f"| {backend} | {mode} | {med['import_s']:.1f} | {med['build_s']:.1f} "
+                         f"| {med['first_call_s']:.1f} | {med['second_call_s']:.2f} | "
+                         f"{med['peak_rss_mib']:.0f} | {cache} | {per_round} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    roof = harness.numpy_matmul_roof(2048, 5)
+    header = harness.cpu_header(roof)
+    print(header, flush=True)
+    results = {}
+    for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+        results[backend] = {m: [] for m in MODES}
+        for r in range(args.rounds):
+            with tempfile.TemporaryDirectory(prefix="xla-cache-") as root:
+                for mode in MODES:
+                    res = run_process(args, backend, None if mode == "off" else root)
+                    results[backend][mode].append(res)
+                    print(f"  {backend:<10} round {r} {mode:<4}: first call "
+                          f"{res['first_call_s']:6.1f} s, build {res['build_s']:5.1f} s, "
+                          f"import {res['import_s']:4.1f} s, second {res['second_call_s']:.2f} s",
+                          flush=True)
+    md = report(results, args, header)
+    print("\n" + md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md)
+    if args.json:
+        harness.write_json_atomic(args.json, {"args": vars(args), "cpu_header": header,
+                                              "roof": roof, "results": results,
+                                              "markdown": md})
+
+
+if __name__ == "__main__":
+    parsed = parse_args()
+    if parsed.worker:
+        worker(parsed)
+    else:
+        main(parsed)
