@@ -31,10 +31,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_once(backend, steps, log_every, workdir):
+    """One ``bin/train`` run. ``backend`` is a Keras backend, optionally followed by extra gin
+    bindings after ``@`` (a variant), e.g. ``tensorflow@train.jit_compile=False``."""
+    backend, *bindings = backend.split("@")
     cmd = [sys.executable, os.path.join(REPO, "bin", "train"), f"--workdir={workdir}",
            f"--gin.train.max_steps={steps}", "--gin.train.sample_every=0",
            "--gin.train.eval_every=0", f"--gin.train.log_every={log_every}",
-           f"--gin.train.checkpoint_every={steps}"]
+           f"--gin.train.checkpoint_every={steps}"] + [f"--gin.{b}" for b in bindings]
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -104,7 +107,9 @@ def bootstrap_interval(values, resamples=10000, seed=0):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backends", default="tensorflow,jax")
+    p.add_argument("--backends", default="tensorflow,jax",
+                   help="comma-separated Keras backends, each optionally with extra gin bindings "
+                        "after '@' (e.g. tensorflow@train.jit_compile=False)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)

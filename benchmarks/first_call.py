@@ -115,8 +115,8 @@ def report(results, args, header):
              f"DDPM CIFAR-10 U-Net (base_channels {args.base_channels}, "
              f"{args.image_size}×{args.image_size}), batch {args.batch}, float32, "
              f"`train_on_batch` with jit_compile=True; {args.rounds} round(s), each a fresh "
-             f"process per mode (off → cold → warm). Medians over rounds; per-round first "
-             f"calls in brackets.", "",
+             f"process per mode (off → cold → warm). Medians over rounds; the last column lists "
+             f"the first call of every round.", "",
              "| backend | cache | import s | build s | first call s | second call s | "
              "peak RSS MiB | cache MiB | first calls per round |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]

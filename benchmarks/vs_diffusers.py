@@ -2,8 +2,9 @@
 
 Same network (DDPM CIFAR-10: block widths 128/256/256/256, 2 res blocks per level, attention
 at 16×16, dropout 0.1, one head, GroupNorm 32, 35,746,307 parameters — checked equal on both
-sides before timing), same float32 precision, same batch. Each Keras backend and diffusers run
-in their own worker process.
+sides before timing), same precision (float32; with ``--precision bf16`` bf16 mixed precision on
+every side), same batch. Each Keras backend and each diffusers variant (``--peers``: eager as
+shipped, tuned, torch.compile'd) run in their own worker process.
 
 Protocol. Per task, every worker is built and warmed up (two untimed calls), then
 ``--repeats`` (default 15) timed ROUNDS: in each round every worker runs one timed repeat, in a
@@ -89,8 +90,14 @@ def parse_args(argv=None):
     p.add_argument("--matmul_repeats", type=int, default=7,
                    help="timed calls of the numpy roof probe (median reported)")
     p.add_argument("--bootstrap_resamples", type=int, default=10000)
-    p.add_argument("--jit_compile", default="true", choices=("true", "false", "auto"),
-                   help="jit_compile of the Keras training step (true: as bin/train)")
+    p.add_argument("--jit_compile", default="auto", choices=("true", "false", "auto"),
+                   help="jit_compile of the Keras training step; auto: the library's choice, as "
+                        "bin/train makes it (backend.default_train_jit_compile: XLA except "
+                        "TensorFlow on an AVX-512 CPU)")
+    p.add_argument("--precision", default="float32", choices=("float32", "bf16"),
+                   help="every worker: float32, or bf16 mixed precision (Keras 'mixed_bfloat16' "
+                        "policy: float32 variables, bf16 compute; torch.autocast('cpu', "
+                        "torch.bfloat16) around forward and loss)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default, the core count)")
     p.add_argument("--malloc", default="hugetlb", choices=("hugetlb", "default"),
@@ -135,12 +142,16 @@ def keras_worker(args):
 
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
+    if args.precision == "bf16":
+        keras.config.set_dtype_policy("mixed_bfloat16")  # as train(mixed_precision=...) does
     network = build_unet(**unet_kwargs(args))
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    # XLA for the training step on every backend, as bin/train does (train.jit_compile=True);
-    # Keras' "auto" would mean no XLA for TensorFlow on a CPU-only machine.
+    # The training step compiled as bin/train compiles it (train.jit_compile="auto").
+    from keras_etsdm import backend as etsdm_backend
+
+    jit = {"true": True, "false": False}.get(args.jit_compile)
     model.compile(optimizer=keras.optimizers.Adam(2e-4),
-                  jit_compile={"true": True, "false": False}.get(args.jit_compile, "auto"))
+                  jit_compile=etsdm_backend.default_train_jit_compile() if jit is None else jit)
     tasks = {}
 
     def setup_train():
@@ -208,6 +219,12 @@ def diffusers_worker(args):
         dropout=0.1, norm_num_groups=32, norm_eps=1e-5, attention_head_dim=None,
         time_embedding_type="positional", flip_sin_to_cos=False, freq_shift=1)
     params = sum(p.numel() for p in unet.parameters())
+    import contextlib
+
+    def autocast():
+        if args.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
     tuned = args.peer != "eager"
     layout = torch.channels_last if tuned else torch.contiguous_format
     if tuned:
@@ -239,7 +256,8 @@ def diffusers_worker(args):
             noise = torch.randn_like(x0)
             t = torch.randint(0, NUM_TIMESTEPS, (x0.shape[0],))
             x_t = scheduler.add_noise(x0, noise, t)
-            loss = torch.nn.functional.mse_loss(net(x_t, t).sample, noise)
+            with autocast():
+                loss = torch.nn.functional.mse_loss(net(x_t, t).sample.float(), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -257,7 +275,7 @@ def diffusers_worker(args):
 
         def run():
             unet.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 net(x, t).sample
         return run, run, 1
 
@@ -278,8 +296,9 @@ def diffusers_worker(args):
             x = noise
             with torch.inference_mode():
                 for t in scheduler.timesteps:
-                    eps = net(x, t).sample
-                    x = scheduler.step(eps, t, x).prev_sample
+                    with autocast():
+                        eps = net(x, t).sample
+                    x = scheduler.step(eps.float(), t, x).prev_sample
             return x
         return run, run, steps
 
@@ -351,7 +370,7 @@ def start_worker(args, kind, backend, name, peer="eager"):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--peer", peer]
     for key in ("tasks", "base_channels", "image_size", "train_batch", "forward_batches",
                 "sample_batch", "sample_steps", "train_steps", "matmul_n", "threads",
-                "jit_compile"):
+                "jit_compile", "precision"):
         argv += [f"--{key}", str(getattr(args, key))]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
     env = {"KERAS_BACKEND": backend} if backend else {}
@@ -616,7 +635,8 @@ def main(args):
     measured = {
         "cpu_header": harness.cpu_header(roof_start),
         "network": f"U-Net base_channels {args.base_channels}, {args.image_size}×"
-                   f"{args.image_size}, float32",
+                   f"{args.image_size}, "
+                   + ("float32" if args.precision == "float32" else "bf16 mixed precision"),
         "machine_start": machine_start, "machine_end": harness.machine_description(),
         "roof_start": roof_start, "roof_end": roof_end, "order_seed": args.order_seed,
         "workers": list(by_name), "tasks": tasks,

@@ -92,6 +92,22 @@ def variables_to_flat_numpy(variables):
     return np.asarray(concat(*[v.value for v in variables]))
 
 
+def default_train_jit_compile():
+    """``jit_compile`` for the training step when the user leaves it to the library (``"auto"``).
+
+    JAX and PyTorch: True (JAX jits the step in any case). TensorFlow: True with a GPU / TPU;
+    on a CPU-only machine as measured for its ISA (``cpu_tuning.tensorflow_train_jit_compile``:
+    no XLA on AVX-512, where TensorFlow's oneDNN kernels were faster; XLA elsewhere).
+    """
+    if backend_name() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"):
+        return True
+    return cpu_tuning.tensorflow_train_jit_compile()
+
+
 # ----- stride-1 "same" convolution with a per-tap kernel gradient on JAX ----------------------
 # When jaxlib 0.10's XLA CPU runs convolutions as YNNPACK fusions (its default), the kernel
 # gradient of a convolution is 1.5–3× slower than the forward pass; as one matmul per kernel tap

@@ -9,6 +9,11 @@
    2.35) 0.9k faults, 0.27 s kernel time, 3.85 s per step. TensorFlow: 148k → 1.2k faults,
    kernel time 0.5 → 0.1 s. glibc reads tunables only when a process starts, so an entry point
    re-executes itself once with the tunable added (:func:`reexec_with_huge_page_malloc`).
+   That machine had AVX2/FMA. On an AVX-512 machine of the same family (avx512f, avx512_vnni,
+   avx512_bf16; kernel 6.18, THP ``madvise``, glibc 2.36) it made no measurable difference
+   (``benchmarks/results/cpu_tuning``: paired img/s with ÷ without, 15 rounds, TensorFlow
+   1.00× [0.99, 1.03], JAX 0.96× [0.76, 1.07]); it is kept since it costs nothing measurable
+   there and wins where the kernel faults the pages in slowly.
 
 2. **JAX: XLA CPU convolutions on Eigen, not YNNPACK.** jaxlib 0.10's XLA CPU hands
    convolutions to YNNPACK fusions by default. Alone a YNNPACK convolution is as fast as XLA's
@@ -17,7 +22,10 @@
    gradient was 1.5–3× the forward. With ``--xla_cpu_experimental_ynn_fusion_type=
    -individual_convolution`` in ``XLA_FLAGS`` (the same machine, hugetlb malloc): training step
    3.75–4.08 → 2.70–3.04 s (XLA's own kernel gradient; see ``backend.conv2d_same``), forward
-   6.53 → 7.66 img/s at batch 8. XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts,
+   6.53 → 7.66 img/s at batch 8 (AVX2/FMA machine). Measured again on an AVX-512 machine
+   (avx512f, avx512_vnni, avx512_bf16): training step 1.61× [1.11, 1.70] the img/s of jaxlib's
+   default (paired, 15 rounds, ``benchmarks/results/cpu_tuning``), so it is applied on both ISAs.
+   XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts,
    so the flag must be set before JAX runs anything: the ``bin/`` entry points do it at
    start-up, and your own code can call :func:`tune_xla_for_cpu` first thing. Importing
    ``keras_etsdm`` changes nothing in the environment. The flag is never set for GPU / TPU runs
@@ -253,3 +261,38 @@ def tune_xla_for_cpu(backend=None):
         return False
     os.environ["XLA_FLAGS"] = new["XLA_FLAGS"]
     return True
+
+
+# ----- XLA or not for TensorFlow's training step on CPU -------------------------------------------
+def cpu_isa_flags(path="/proc/cpuinfo"):
+    """The CPU's ISA flags (``avx2``, ``avx512f``, ``avx512_bf16``, ...) from ``/proc/cpuinfo``;
+    an empty set where that file cannot be read (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def tensorflow_train_jit_compile(cpu_flags=None):
+    """Whether TensorFlow's training step on a CPU-only machine should be XLA-compiled.
+
+    Chosen by measurement per ISA (``benchmarks/results/bin_train_speed_tf_xla_vs_onednn`` and
+    ``benchmarks/results/vs_diffusers_avx512``):
+
+    - AVX-512 (``avx512f``; measured on an AMD EPYC with avx512_vnni / avx512_bf16): TensorFlow's
+      own graph with its oneDNN kernels beat XLA — the embedded default 0.215 vs 0.245 s per
+      ``bin/train`` step (paired per round 0.88×, bootstrap 95 % interval [0.85, 0.97]); the DDPM
+      CIFAR-10 U-Net at batch 8 4.68 vs 3.97 img/s (1.00× [0.96, 1.02] vs 0.93× [0.88, 0.94] of
+      eager diffusers), first call 34 vs 49 s, peak RSS 3.0 vs 4.1 GiB. → False.
+    - Other CPUs (AVX2 and older): XLA, the earlier default; there the comparison was only made
+      under load (XLA 1.23× less CPU time, wall time undecided). → True.
+
+    Args:
+      cpu_flags: a set of ISA flags (default: :func:`cpu_isa_flags` of this machine).
+    """
+    cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
+    return "avx512f" not in cpu_flags

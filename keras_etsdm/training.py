@@ -39,7 +39,7 @@ except ImportError:  # Windows: no advisory locks
 import keras
 
 from keras_etsdm import callbacks as etsdm_callbacks
-from keras_etsdm import distribute, ema, folding
+from keras_etsdm import backend, distribute, ema, folding
 from keras_etsdm.checkpoint import (
     CLASS_LIST,
     MODEL_CONFIG,
@@ -219,7 +219,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
           grid_sampler_fn=default_grid_sampler, grid_seed=0, grid_guidance_scale=0.0,
           eval_every=0, eval_num_samples=1000, eval_reference="mnist32_test",
           eval_sampler_fn=default_grid_sampler, eval_seed=0, data_seed=0, distribution="auto",
-          seed=0, jit_compile=True, ema_tracks=(), ema_tracks_keep=0, operative_config_fn=None,
+          seed=0, jit_compile="auto", ema_tracks=(), ema_tracks_keep=0, operative_config_fn=None,
           handle_signals=True, stream=None):
     """Train (or resume) a diffusion model in ``workdir``.
 
@@ -248,7 +248,10 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
         data_seed: shuffling / flip seed of the input pipeline.
         seed: global seed (``keras.utils.set_random_seed``) for the weight initialisation.
         distribution: see ``keras_etsdm.distribute`` ("auto", "none", "mirrored", ...).
-        jit_compile: XLA-compile the train step.
+        jit_compile: XLA-compile the train step: True / False, or "auto" (default) for the
+            library's measured choice (``backend.default_train_jit_compile``): XLA on JAX and
+            on accelerators; TensorFlow on an AVX-512 CPU runs its own graph (oneDNN), which
+            was faster there, and XLA on other CPUs.
         ema_tracks: extra EMA profiles to keep beside the model's own EMA, e.g.
             ``["decay:0.9995", "sigma_rel:0.1"]`` (``keras_etsdm.ema``): updated every step,
             written to ``<workdir>/ema_tracks/step-<step>.npz`` with every checkpoint and
@@ -296,6 +299,11 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
         model = model_fn()
         if not isinstance(model, DiffusionModel):
             raise TypeError(f"model_fn must return a DiffusionModel, got {type(model).__name__}.")
+        if jit_compile == "auto":
+            jit_compile = backend.default_train_jit_compile()
+        elif not isinstance(jit_compile, bool):
+            raise ValueError(f"train.jit_compile must be True, False or 'auto'; got "
+                             f"{jit_compile!r}.")
         model.compile(optimizer=optimizer_fn(), metrics=[etsdm_callbacks.StepLoss()],
                       jit_compile=jit_compile)
         model.optimizer.build(model.trainable_variables)
@@ -382,7 +390,8 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
             eval_fn, start_step, eval_every, flag, metrics_path, writer, stream))
 
     print(f"Training {model.network.count_params():,} parameters on {dist.num_replicas} "
-          f"replica(s), global batch {batch_size}, steps {start_step} → {max_steps}.",
+          f"replica(s), global batch {batch_size}, steps {start_step} → {max_steps}, "
+          f"{'XLA-compiled' if jit_compile else 'not XLA-compiled'} training step.",
           file=stream or sys.stdout, flush=True)
     try:
         with _stop_on_signals(flag, handle_signals):

@@ -401,3 +401,25 @@ def test_vs_diffusers_peers_flag():
     for bad in ("tuned", "eager,jit"):
         with pytest.raises(SystemExit):
             vs_diffusers.parse_args(["--peers", bad])
+
+
+# ----- first_call.py report on fake processes ------------------------------------------------------
+def test_first_call_report_medians_per_mode():
+    import first_call
+
+    def proc(first, cache=None):
+        r = {"import_s": 2.0, "build_s": 1.0, "first_call_s": first, "second_call_s": 0.5,
+             "peak_rss_mib": 100.0}
+        if cache is not None:
+            r["cache_mib"] = cache
+        return r
+
+    results = {"tensorflow": {"off": [proc(50.0), proc(48.0)],
+                              "cold": [proc(49.0, 20.0), proc(51.0, 20.0)],
+                              "warm": [proc(40.0, 20.0), proc(38.0, 20.0)]}}
+    args = first_call.parse_args(["--rounds", "2"])
+    md = first_call.report(results, args, "CPU: Fake CPU")
+    assert md.startswith("CPU: Fake CPU")
+    assert "| tensorflow | off | 2.0 | 1.0 | 49.0 | 0.50 | 100 | — | 50.0, 48.0 |" in md
+    assert "| tensorflow | warm | 2.0 | 1.0 | 39.0 | 0.50 | 100 | 20 | 40.0, 38.0 |" in md
+    assert first_call.MODES == ("off", "cold", "warm")

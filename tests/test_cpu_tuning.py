@@ -153,3 +153,16 @@ def test_keras_backend_as_keras_chooses_it(tmp_path):
     (tmp_path / "keras.json").write_text('{"backend": "jax"}')
     assert cpu_tuning.keras_backend({"KERAS_HOME": str(tmp_path)}) == "jax"
     assert cpu_tuning.keras_backend({"KERAS_HOME": str(tmp_path / "none")}) == "tensorflow"
+
+
+def test_tensorflow_jit_choice_per_isa(tmp_path):
+    """XLA for TensorFlow's training step off AVX-512; TensorFlow's own graph on AVX-512, where
+    it was measured faster (benchmarks/results/bin_train_speed_tf_xla_vs_onednn)."""
+    assert cpu_tuning.tensorflow_train_jit_compile({"avx2", "fma"}) is True
+    assert cpu_tuning.tensorflow_train_jit_compile({"avx2", "avx512f", "avx512_bf16"}) is False
+    assert cpu_tuning.tensorflow_train_jit_compile(set()) is True  # unknown CPU: XLA as before
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Fake\nflags\t\t: fpu avx2 avx512f\n\n"
+                       "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_tuning.cpu_isa_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512f"}
+    assert cpu_tuning.cpu_isa_flags(str(tmp_path / "missing")) == set()

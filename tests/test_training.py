@@ -8,7 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_etsdm import checkpoint, distribute, folding, io_utils, optimizers, training
+from keras_etsdm import (checkpoint, cpu_tuning, distribute, folding, io_utils, optimizers,
+                         training)
 from keras_etsdm.data import embedded, make_dataset
 from keras_etsdm.evaluation import evaluate, fid
 from keras_etsdm.evaluation.features import make_extractor
@@ -334,7 +335,8 @@ def test_ctrl_c_saves_and_the_resumed_run_equals_an_uninterrupted_one(runs, tmp_
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                     reason="JAX always compiles; the runs above cover it")
 def test_xla_compiled_tf_resume_equals_an_uninterrupted_run(tmp_path):
-    """What bin/train runs on TensorFlow: jit_compile=True, stopped and resumed."""
+    """What bin/train runs on TensorFlow off AVX-512 (jit_compile=True), stopped and resumed;
+    on AVX-512 it runs the graph path of the runs above (cpu_tuning.tensorflow_train_jit_compile)."""
     full = training.train(str(tmp_path / "full"), max_steps=TOTAL,
                           **run_kwargs(jit_compile=True))
     training.train(str(tmp_path / "split"), max_steps=SPLIT, **run_kwargs(jit_compile=True))
@@ -343,3 +345,19 @@ def test_xla_compiled_tf_resume_equals_an_uninterrupted_run(tmp_path):
     assert len({round(l, 6) for _, l in full.history}) == TOTAL  # the loss moved
     for a, b in zip(all_state(full.model), all_state(resumed.model)):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_jit_compile_auto_is_the_measured_choice_and_bad_values_are_refused(tmp_path, capsys):
+    from keras_etsdm import backend
+
+    expected = backend.default_train_jit_compile()
+    if keras.backend.backend() == "jax":
+        assert expected is True
+    elif keras.backend.backend() == "tensorflow":
+        assert expected is cpu_tuning.tensorflow_train_jit_compile()  # CPU-only test machine
+    run = training.train(str(tmp_path / "auto"), max_steps=1, **run_kwargs(jit_compile="auto"))
+    assert run.model.jit_compile is expected
+    wording = "XLA-compiled" if expected else "not XLA-compiled"
+    assert f"{wording} training step" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="train.jit_compile must be True, False or 'auto'"):
+        training.train(str(tmp_path / "bad"), max_steps=1, **run_kwargs(jit_compile="yes"))
