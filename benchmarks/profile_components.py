@@ -100,7 +100,8 @@ def variants(batch, only):
 
             class _Wrap(keras.layers.Layer):  # single-input view of the two-input block
                 def __init__(self, block, emb):
-                    super().__init__()
+                    # An explicit name: the default one ("__wrap") is not a valid TF scope name.
+                    super().__init__(name="resblock_view")
                     self.block = block
                     self.emb = emb
 
