@@ -112,16 +112,16 @@ def peak_rss_mib():
 
 def cpu_description():
     """CPU model, core count and the ISA extensions that matter for float32/bf16 matmuls."""
-    model, flags = "unknown CPU", set()
+    model = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
+                if line.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                    break
     except OSError:
         pass
+    flags = _cpu_tuning().cpu_isa_flags()  # the flags the library's per-ISA choices read
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
                        "amx_tile") if f in flags]
     return f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa) or 'unknown'}"

@@ -96,11 +96,11 @@ def enable_compilation_cache(backend, root=None):
       The backend's cache directory, or None when nothing was set (turned off, another
       backend, already configured in the environment, or the directory cannot be created).
     """
+    root = default_cache_root(os.environ) if root is None else root
     new = cache_environ(os.environ, backend, root)
     if new is None:
         return None
-    directory = new[JAX_CACHE_VARIABLE] if backend == "jax" else (
-        new["TF_XLA_FLAGS"].rsplit(f"{TF_CACHE_FLAG}=", 1)[1].split()[0])
+    directory = os.path.join(root, backend)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError:
