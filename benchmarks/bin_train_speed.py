@@ -83,8 +83,9 @@ def render(machine, matmul, args, runs, backends):
         lines.append(f"| {backend} | {summary['median']:.3f} | {summary['iqr']:.3f} | "
                      f"{summary['n']} | {', '.join(f'{v:.3f}' for v in per_round)} | "
                      f"{', '.join(f'{v:.0f}' for v in starts)} |")
-    if len(backends) == 2:
-        a, b = backends
+    # Every other variant against the first one, paired by round (run back to back).
+    a = backends[0]
+    for b in backends[1:]:
         ratios = np.asarray(rows[b]["per_round_median"]) / np.asarray(rows[a]["per_round_median"])
         low, high = bootstrap_interval(ratios)
         per_round = ", ".join(f"{r:.3f}" for r in ratios)
@@ -92,9 +93,27 @@ def render(machine, matmul, args, runs, backends):
                        f"step = {per_round}; median {np.median(ratios):.3f}, bootstrap 95 % "
                        f"interval of the mean over rounds [{low:.3f}, {high:.3f}] "
                        f"(n = {len(ratios)} rounds, 10,000 resamples).")]
-        rows["paired_ratio"] = {"backends": [b, a], "per_round": ratios.tolist(),
-                                "bootstrap_95": [low, high]}
+        entry = {"backends": [b, a], "per_round": ratios.tolist(), "bootstrap_95": [low, high]}
+        if len(backends) == 2:
+            rows["paired_ratio"] = entry
+        else:
+            rows.setdefault("paired_ratios", []).append(entry)
     return "\n".join(lines) + "\n", rows
+
+
+def split_variants(text):
+    """``--backends`` split at top-level commas, so that a binding such as
+    ``tensorflow@build_network.channel_mult=(1,2,2)`` stays one variant."""
+    variants, depth, current = [], 0, ""
+    for char in text:
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            variants.append(current)
+            current = ""
+        else:
+            current += char
+    variants.append(current)
+    return [v.strip() for v in variants if v.strip()]
 
 
 def bootstrap_interval(values, resamples=10000, seed=0):
@@ -109,7 +128,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="tensorflow,jax",
                    help="comma-separated Keras backends, each optionally with extra gin bindings "
-                        "after '@' (e.g. tensorflow@train.jit_compile=False)")
+                        "after '@' (e.g. tensorflow@train.jit_compile=False); commas inside "
+                        "brackets belong to a binding; variants after the first are compared "
+                        "with it")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--rounds", type=int, default=2)
@@ -118,7 +139,7 @@ def main():
     p.add_argument("--report_from", default=None,
                    help="only re-render the report of a saved speed.json (no runs)")
     args = p.parse_args()
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    backends = split_variants(args.backends)
     if args.report_from:
         with open(args.report_from) as f:
             saved = json.load(f)

@@ -32,8 +32,9 @@ def define_flags():
 
 
 def read_curve(workdir):
-    """Rows ``{step, train_minutes, eval_minutes, fd, kid, kid_std, num_samples, sampler}``."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    """Rows ``{step, train_minutes, eval_minutes, fd, kid, kid_std, num_samples, sampler}`` of a
+    ``bin/train`` work directory, or of a copy of its ``metrics.jsonl`` (a ``.jsonl`` path)."""
+    path = workdir if workdir.endswith(".jsonl") else os.path.join(workdir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a bin/train work directory.")
     with open(path) as f:

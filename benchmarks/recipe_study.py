@@ -60,6 +60,16 @@ RECIPES = {
     "default_ematracks": ([f"train.ema_tracks = {list(EMA_TRACKS)}"], 5000, [2]),
     "default_ddpm_ematracks": (["USE_ETSDM = False", f"train.ema_tracks = {list(EMA_TRACKS)}"],
                                5000, [2]),
+    # Network shape (issue 18 item 2), against "default" (2x2-folded, base 32, mult (1, 2, 2),
+    # one res block, attention on the folded 8x8 grid, 1.1 M parameters): a narrow U-Net at full
+    # 32x32 resolution (0.38 M), twice the width would be 48 channels (2.5 M), two res blocks
+    # per level (1.6 M), no attention (1.06 M). 2,000 steps each; minutes from their own steps.
+    "shape_narrow_full": (["build_network.fold = 1", "build_network.base_channels = 16",
+                           "build_network.channel_mult = (1, 2, 2, 2)",
+                           "build_network.attention_resolutions = (8,)"], 2000, [0, 1]),
+    "shape_wide48": (["build_network.base_channels = 48"], 2000, [0, 1]),
+    "shape_deep2": (["build_network.num_res_blocks = 2"], 2000, [0]),
+    "shape_noattn": (["build_network.attention_resolutions = ()"], 2000, [0]),
 }
 
 # The two arms of issue 18 item 4 per training seed (the tracked runs train exactly as the
@@ -80,6 +90,14 @@ def define_flags():
     flags.DEFINE_integer("max_steps", None, "Override every recipe's max_steps (smoke runs).")
     flags.DEFINE_float("budget_minutes", 25.0, "Minutes of training for the summary table.")
     flags.DEFINE_multi_string("extra_gin", [], "Extra gin bindings for every run (smoke runs).")
+    flags.DEFINE_string("baseline", None, "A recipe every other recipe is compared with, seed by "
+                        "seed (baseline.md); its runs are read, never trained, from --root or, "
+                        "when absent there, from <--baseline_runs>/<run>.jsonl.")
+    flags.DEFINE_string("baseline_runs", "benchmarks/results/recipe_study/runs",
+                        "Committed metrics.jsonl copies of the baseline's runs.")
+    flags.DEFINE_list("seconds_per_step", [], "recipe=seconds pairs measured back to back on a "
+                      "quiet machine (benchmarks/bin_train_speed.py): baseline.md then also "
+                      "compares at equal minutes.")
 
 
 FLAGS = flags.FLAGS
@@ -145,6 +163,76 @@ def paired_arms_table(curves):
     return "\n".join(lines) + "\n"
 
 
+def interpolate_fd(rows, step):
+    """FD of a curve at ``step``, linear between its evaluations (None outside them)."""
+    for a, b in zip(rows, rows[1:]):
+        if a["step"] <= step <= b["step"]:
+            w = (step - a["step"]) / (b["step"] - a["step"])
+            return (1 - w) * a["fd"] + w * b["fd"]
+    return rows[0]["fd"] if rows and rows[0]["step"] == step else None
+
+
+def baseline_table(curves, baseline, recipes, seconds_per_step=None):
+    """Markdown: held-out FD of each recipe against ``baseline`` per training seed at every step
+    both evaluated, the paired difference recipe − baseline per seed and whether its sign holds
+    on every seed. With ``seconds_per_step`` (``{recipe: s}``, measured back to back) also at
+    equal minutes: the baseline's FD after ``step · s_recipe / s_baseline`` of its own steps,
+    linear between its evaluations ("–" beyond its last one)."""
+    seconds_per_step = seconds_per_step or {}
+    lines = [f"Against `{baseline}`, held-out FD per training seed (same seed: same data order, "
+             f"training noise and evaluation noise); Δ = recipe − {baseline} per seed; a "
+             f"difference counts only where its sign holds on every seed.", "",
+             f"| recipe | step | seeds | recipe FD | {baseline} FD | Δ per seed | sign |"
+             + (f" s/step (÷ {baseline}) | {baseline} FD, same minutes | Δ same minutes | sign |"
+                if seconds_per_step else ""),
+             "|---|---:|---|---|---|---|---|" + ("---:|---|---|---|" if seconds_per_step else "")]
+    base_s = seconds_per_step.get(baseline)
+    for recipe in recipes:
+        seeds = sorted(int(name.rpartition("-seed")[2]) for name in curves
+                       if name.rpartition("-seed")[0] == recipe
+                       and run_name(baseline, name.rpartition("-seed")[2]) in curves)
+        if not seeds:
+            continue
+        fd = {s: {r["step"]: r["fd"] for r in curves[run_name(recipe, s)]} for s in seeds}
+        base = {s: {r["step"]: r["fd"] for r in curves[run_name(baseline, s)]} for s in seeds}
+        steps = sorted(set.intersection(*[set(fd[s]) & set(base[s]) for s in seeds]))
+        for step in steps:
+            d = [fd[s][step] - base[s][step] for s in seeds]
+            row = (f"| {recipe} | {step} | {'/'.join(map(str, seeds))} | "
+                   + " / ".join(f"{fd[s][step]:.2f}" for s in seeds) + " | "
+                   + " / ".join(f"{base[s][step]:.2f}" for s in seeds) + " | "
+                   + " / ".join(f"{x:+.2f}" for x in d) + f" | {sign_word(d)} |")
+            if seconds_per_step:
+                own = seconds_per_step.get(recipe)
+                if own is None or base_s is None:
+                    row += " – | – | – | – |"
+                else:
+                    same = [interpolate_fd(curves[run_name(baseline, s)], step * own / base_s)
+                            for s in seeds]
+                    row += f" {own:.3f} ({own / base_s:.2f}×) | "
+                    if None in same:
+                        row += "– | – | – |"
+                    else:
+                        dm = [fd[s][step] - b for s, b in zip(seeds, same)]
+                        row += (" / ".join(f"{b:.2f}" for b in same) + " | "
+                                + " / ".join(f"{x:+.2f}" for x in dm) + f" | {sign_word(dm)} |")
+            lines.append(row)
+    return "\n".join(lines) + "\n"
+
+
+def curves_recipes(curves):
+    """Recipes of the runs in ``curves``, in order."""
+    return list(dict.fromkeys(name.rpartition("-seed")[0] or name for name in curves))
+
+
+def sign_word(differences):
+    if all(x < 0 for x in differences):
+        return "lower on every seed"
+    if all(x > 0 for x in differences):
+        return "higher on every seed"
+    return "mixed"
+
+
 def main(argv):
     del argv
     unknown = [r for r in FLAGS.recipes if r not in RECIPES]
@@ -160,7 +248,27 @@ def main(argv):
             os.makedirs(os.path.join(FLAGS.output_dir, "runs"), exist_ok=True)
             shutil.copyfile(os.path.join(workdir, "metrics.jsonl"),
                             os.path.join(FLAGS.output_dir, "runs", run_name(recipe, seed) + ".jsonl"))
-    description = {r: RECIPES[r][0] for r in FLAGS.recipes}
+    if FLAGS.baseline:
+        if FLAGS.baseline not in RECIPES:
+            raise app.UsageError(f"Unknown baseline {FLAGS.baseline!r}; known: {', '.join(RECIPES)}.")
+        seeds = sorted({name.rpartition("-seed")[2] for name in curves})
+        for seed in seeds:
+            name = run_name(FLAGS.baseline, seed)
+            workdir = os.path.join(FLAGS.root, name)
+            committed = os.path.join(FLAGS.baseline_runs, name + ".jsonl")
+            if name not in curves and (os.path.isdir(workdir) or os.path.isfile(committed)):
+                curves[name] = read_curve(workdir if os.path.isdir(workdir) else committed)
+        seconds = {}
+        for pair in FLAGS.seconds_per_step:
+            recipe, _, value = pair.partition("=")
+            seconds[recipe.strip()] = float(value)
+        table = baseline_table(curves, FLAGS.baseline,
+                               [r for r in FLAGS.recipes if r != FLAGS.baseline], seconds)
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+        with open(os.path.join(FLAGS.output_dir, "baseline.md"), "w") as f:
+            f.write(table)
+        print(table)
+    description = {r: RECIPES[r][0] for r in curves_recipes(curves)}
     write_curves(curves, FLAGS.output_dir, budget_minutes=FLAGS.budget_minutes,
                  recipes=description)
     table = paired_arms_table(curves)

@@ -423,3 +423,25 @@ def test_first_call_report_medians_per_mode():
     assert "| tensorflow | off | 2.0 | 1.0 | 49.0 | 0.50 | 100 | — | 50.0, 48.0 |" in md
     assert "| tensorflow | warm | 2.0 | 1.0 | 39.0 | 0.50 | 100 | 20 | 40.0, 38.0 |" in md
     assert first_call.MODES == ("off", "cold", "warm")
+
+
+# ----- bin_train_speed variants ------------------------------------------------------------------
+def test_bin_train_speed_variants_keep_bracketed_commas_and_pair_with_the_first():
+    import bin_train_speed
+
+    variants = bin_train_speed.split_variants(
+        "tensorflow, tensorflow@build_network.channel_mult=(1,2,2,2)@build_network.fold=1,"
+        "jax@train.ema_tracks=['decay:0','decay:0.99']")
+    assert variants == ["tensorflow",
+                        "tensorflow@build_network.channel_mult=(1,2,2,2)@build_network.fold=1",
+                        "jax@train.ema_tracks=['decay:0','decay:0.99']"]
+    # Three variants, two rounds: each later one is paired with the first, round by round.
+    runs = {v: [{"seconds_per_step_windows": [9.0, 9.0, s, s], "startup_to_first_log_s": 30.0}
+                for s in seconds]
+            for v, seconds in zip(variants, [(0.2, 0.4), (0.3, 0.6), (0.1, 0.4)])}
+    args = type("Args", (), {"steps": 40, "rounds": 2, "log_every": 10, "skip": 2})()
+    text, rows = bin_train_speed.render("test machine", 100.0, args, runs, variants)
+    ratios = {tuple(r["backends"]): r["per_round"] for r in rows["paired_ratios"]}
+    np.testing.assert_allclose(ratios[(variants[1], variants[0])], [1.5, 1.5])
+    np.testing.assert_allclose(ratios[(variants[2], variants[0])], [0.5, 1.0])
+    assert "paired_ratio" not in rows and text.count("Paired per round") == 2

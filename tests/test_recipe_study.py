@@ -106,3 +106,31 @@ def test_paired_arms_table_gives_per_seed_differences_and_the_sign_rule(tmp_path
     del curves[recipe_study.ARM_RUNS["ddpm"][1]]  # seed 1 loses its pair: seed 0 alone
     assert "training seed 0 (" in recipe_study.paired_arms_table(curves)
     assert recipe_study.paired_arms_table({}) is None
+
+
+def test_baseline_table_pairs_by_seed_at_equal_steps_and_equal_minutes(tmp_path):
+    curves = {}
+    # fake_run evaluates at steps 20, 40, 60.
+    for seed, (base, wide) in enumerate([([20.0, 10.0, 5.0], [12.0, 6.0, 4.0]),
+                                         ([22.0, 11.0, 6.0], [14.0, 12.0, 5.0])]):
+        for recipe, fds in (("default", base), ("wide", wide)):
+            fake_run(tmp_path / f"{recipe}-seed{seed}", fds)
+            curves[f"{recipe}-seed{seed}"] = heldout_curve.read_curve(
+                str(tmp_path / f"{recipe}-seed{seed}"))
+    # Linear between evaluations, None beyond them.
+    assert recipe_study.interpolate_fd(curves["default-seed0"], 30) == pytest.approx(15.0)
+    assert recipe_study.interpolate_fd(curves["default-seed0"], 20) == pytest.approx(20.0)
+    assert recipe_study.interpolate_fd(curves["default-seed0"], 70) is None
+    table = recipe_study.baseline_table(curves, "default", ["wide"]).splitlines()
+    assert ("| wide | 20 | 0/1 | 12.00 / 14.00 | 20.00 / 22.00 | -8.00 / -8.00 | "
+            "lower on every seed |") in table
+    assert "| wide | 40 | 0/1 | 6.00 / 12.00 | 10.00 / 11.00 | -4.00 / +1.00 | mixed |" in table
+    # "wide" costs 1.5x a default step: its step 20 is worth the default's step 30.
+    timed = recipe_study.baseline_table(curves, "default", ["wide"],
+                                        {"default": 0.2, "wide": 0.3}).splitlines()
+    assert any(line.startswith("| wide | 20 |") and line.endswith(
+        "| 0.300 (1.50×) | 15.00 / 16.50 | -3.00 / -2.50 | lower on every seed |")
+        for line in timed)
+    # step 60 is worth the default's step 90: beyond its last evaluation.
+    assert any(line.startswith("| wide | 60 |") and line.endswith("| 0.300 (1.50×) | – | – | – |")
+               for line in timed)
