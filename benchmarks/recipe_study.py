@@ -62,14 +62,13 @@ RECIPES = {
                                5000, [2]),
     # Network shape (issue 18 item 2), against "default" (2x2-folded, base 32, mult (1, 2, 2),
     # one res block, attention on the folded 8x8 grid, 1.1 M parameters): a narrow U-Net at full
-    # 32x32 resolution (0.38 M), twice the width would be 48 channels (2.5 M), two res blocks
-    # per level (1.6 M), no attention (1.06 M). 2,000 steps each; minutes from their own steps.
+    # 32x32 resolution (0.38 M) and 1.5x the width (base 48, 2.5 M); 2,000 steps, compared with
+    # the default seed by seed (--baseline=default) at equal steps and, with the quiet step
+    # costs of benchmarks/bin_train_speed.py, at equal minutes (results/recipe_study/shape).
     "shape_narrow_full": (["build_network.fold = 1", "build_network.base_channels = 16",
                            "build_network.channel_mult = (1, 2, 2, 2)",
                            "build_network.attention_resolutions = (8,)"], 2000, [0, 1]),
     "shape_wide48": (["build_network.base_channels = 48"], 2000, [0, 1]),
-    "shape_deep2": (["build_network.num_res_blocks = 2"], 2000, [0]),
-    "shape_noattn": (["build_network.attention_resolutions = ()"], 2000, [0]),
 }
 
 # The two arms of issue 18 item 4 per training seed (the tracked runs train exactly as the

@@ -108,6 +108,27 @@ def default_train_jit_compile():
     return cpu_tuning.tensorflow_train_jit_compile()
 
 
+def release_build_memory():
+    """Give back host memory that building a model left behind, before training starts.
+
+    On JAX each weight initializer of a new shape (and each EMA copy) is a compiled XLA program
+    of its own, ~3.5 MB of host memory apiece on a CPU, kept in JAX's caches after the weights
+    exist: ~150 of them, about 0.5 GiB, for the DDPM CIFAR-10 U-Net. Dropping JAX's caches and
+    trimming the C heap (``cpu_tuning.trim_heap``) lowers the training process's peak resident
+    memory (``benchmarks/memory.py``, ``benchmarks/results/memory``). Whatever was compiled
+    before is compiled again when next used, so call it once, after building and before the
+    first step, as ``training.train`` does. Other backends: the heap trim only.
+    """
+    if backend_name() == "jax":
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+    cpu_tuning.trim_heap()
+
+
 # ----- stride-1 "same" convolution with a per-tap kernel gradient on JAX ----------------------
 # When jaxlib 0.10's XLA CPU runs convolutions as YNNPACK fusions (its default), the kernel
 # gradient of a convolution is 1.5–3× slower than the forward pass; as one matmul per kernel tap

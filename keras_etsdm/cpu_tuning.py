@@ -296,3 +296,21 @@ def tensorflow_train_jit_compile(cpu_flags=None):
     """
     cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
     return "avx512f" not in cpu_flags
+
+
+def trim_heap():
+    """Return the C heap's free memory to the operating system (glibc ``malloc_trim(0)``).
+
+    glibc keeps freed small blocks in its arenas, so memory a process freed still counts in its
+    resident set and a later peak stacks on top of it. Returns True when trimmed, False where
+    the C library is not glibc (nothing to do).
+    """
+    if _glibc_version() is None:
+        return False
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

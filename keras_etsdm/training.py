@@ -389,6 +389,9 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
         callbacks.append(etsdm_callbacks.PeriodicEvaluation(
             eval_fn, start_step, eval_every, flag, metrics_path, writer, stream))
 
+    # Building left compiled initializers behind (JAX) and freed blocks in the heap: give them
+    # back before the first step, whose own peak would stack on top of them.
+    backend.release_build_memory()
     print(f"Training {model.network.count_params():,} parameters on {dist.num_replicas} "
           f"replica(s), global batch {batch_size}, steps {start_step} → {max_steps}, "
           f"{'XLA-compiled' if jit_compile else 'not XLA-compiled'} training step.",
