@@ -5,9 +5,9 @@
         --configs jax,tensorflow,jax@default,tensorflow@default,jax@cache#1,jax@cache#2 \
         --output_dir benchmarks/results/memory
 
-Each configuration runs in a fresh process (``<backend>[@<malloc>]``; malloc ``hugetlb`` is the
-glibc huge-page tunable the bin/ entry points set, ``default`` plain glibc; JAX gets the bin/
-start-up XLA flag either way) and trains the DDPM CIFAR-10 U-Net of ``vs_diffusers.py`` (35.7 M
+Each configuration runs in a fresh process (``<backend>[@hugetlb|@default][@cache][@keep]``, see
+``run_config``; malloc ``hugetlb`` is the glibc huge-page tunable the bin/ entry points set,
+``default`` plain glibc; JAX gets the bin/ start-up XLA flag either way) and trains the DDPM CIFAR-10 U-Net of ``vs_diffusers.py`` (35.7 M
 parameters, batch 8, float32, EMA, Adam, the library's ``train.jit_compile='auto'`` choice)
 with ``train_on_batch``, reading ``/proc/self/status`` after each stage:
 
@@ -84,8 +84,9 @@ def run_config(config, args):
     """One fresh process for ``<backend>[@hugetlb|@default][@cache][@release|@keep][#label]``:
     ``@cache`` turns the persistent compilation cache on in ``--cache_dir`` (as the bin/ entry
     points do; the first such run fills it, later ones load from it); ``@keep`` skips
-    ``backend.release_build_memory`` after building (``training.train`` calls it; ``@release``,
-    the default, does too); ``#label`` only names a repeat."""
+    ``backend.release_build_memory`` after building, which ``training.train`` calls and every
+    other configuration (``@release`` says so explicitly) calls too; ``#label`` only names a
+    repeat."""
     from harness import _compilation_cache, _cpu_tuning, malloc_environ
 
     backend, *options = config.partition("#")[0].split("@")
@@ -132,7 +133,8 @@ def render(machine, args, results):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="jax,tensorflow",
-                   help="comma-separated <backend>[@hugetlb|@default]")
+                   help="comma-separated <backend>[@hugetlb|@default][@cache][@release|@keep]"
+                        "[#label]")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--base_channels", type=int, default=128)

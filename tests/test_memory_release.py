@@ -16,7 +16,7 @@ from keras_etsdm import cpu_tuning
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
-import json, sys
+import json
 import numpy as np
 import keras
 from keras_etsdm import DiffusionModel, backend, build_unet
