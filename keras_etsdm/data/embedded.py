@@ -56,12 +56,17 @@ def load_mnist(image_size=32, with_labels=False):
     """
     _check_size(image_size, 28, "load_mnist")
     pixels, labels = _mnist_raw()
-    images = pixels / 127.5 - 1.0
-    pad = image_size - 28
+    images = _pad_to_size(pixels / 127.5 - 1.0, image_size)
+    return (images, labels.copy()) if with_labels else images
+
+
+def _pad_to_size(images, image_size):
+    """``[N, s, s]`` images in [−1, 1], centred on an ``image_size`` square of background (−1);
+    returns float32 ``[N, image_size, image_size, 1]``."""
+    pad = image_size - images.shape[1]
     before, after = pad // 2, pad - pad // 2
     images = np.pad(images, ((0, 0), (before, after), (before, after)), constant_values=-1.0)
-    images = images[..., None].astype(np.float32)
-    return (images, labels.copy()) if with_labels else images
+    return images[..., None].astype(np.float32)
 
 
 @functools.lru_cache(maxsize=4)
@@ -80,11 +85,7 @@ def load_digits(image_size=8, with_labels=False):
     """
     _check_size(image_size, 8, "load_digits")
     pixels, labels = _digits_raw()
-    images = pixels / 8.0 - 1.0
-    pad = image_size - 8
-    before, after = pad // 2, pad - pad // 2
-    images = np.pad(images, ((0, 0), (before, after), (before, after)), constant_values=-1.0)
-    images = images[..., None].astype(np.float32)
+    images = _pad_to_size(pixels / 8.0 - 1.0, image_size)
     return (images, labels.copy()) if with_labels else images
 
 
