@@ -11,6 +11,7 @@ tested in test_training / test_training_e2e).
 
 import csv
 import json
+import math
 import os
 import sys
 
@@ -117,8 +118,13 @@ def test_baseline_table_pairs_by_seed_at_equal_steps_and_equal_minutes(tmp_path)
             fake_run(tmp_path / f"{recipe}-seed{seed}", fds)
             curves[f"{recipe}-seed{seed}"] = heldout_curve.read_curve(
                 str(tmp_path / f"{recipe}-seed{seed}"))
-    # Linear between evaluations, None beyond them.
-    assert recipe_study.interpolate_fd(curves["default-seed0"], 30) == pytest.approx(15.0)
+    # A power law between evaluations (20 → 40 steps halves FD: FD ∝ 1/step there), None
+    # beyond them; linear where an FD is not positive.
+    assert recipe_study.interpolate_fd(curves["default-seed0"], 30) == pytest.approx(40 / 3)
+    assert recipe_study.interpolate_fd(curves["default-seed0"], 50) == pytest.approx(
+        10.0 * 0.5 ** (math.log(50 / 40) / math.log(60 / 40)))
+    flat = [{"step": 20, "fd": 0.0}, {"step": 40, "fd": 2.0}]
+    assert recipe_study.interpolate_fd(flat, 30) == pytest.approx(1.0)
     assert recipe_study.interpolate_fd(curves["default-seed0"], 20) == pytest.approx(20.0)
     assert recipe_study.interpolate_fd(curves["default-seed0"], 70) is None
     table = recipe_study.baseline_table(curves, "default", ["wide"]).splitlines()
@@ -129,7 +135,7 @@ def test_baseline_table_pairs_by_seed_at_equal_steps_and_equal_minutes(tmp_path)
     timed = recipe_study.baseline_table(curves, "default", ["wide"],
                                         {"default": 0.2, "wide": 0.3}).splitlines()
     assert any(line.startswith("| wide | 20 |") and line.endswith(
-        "| 0.300 (1.50×) | 15.00 / 16.50 | -3.00 / -2.50 | lower on every seed |")
+        "| 0.300 (1.50×) | 13.33 / 14.67 | -1.33 / -0.67 | lower on every seed |")
         for line in timed)
     # step 60 is worth the default's step 90: beyond its last evaluation.
     assert any(line.startswith("| wide | 60 |") and line.endswith("| 0.300 (1.50×) | – | – | – |")
