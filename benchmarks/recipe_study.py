@@ -39,8 +39,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 EMA_TRACKS = ("decay:0", "decay:0.998", "decay:0.9995", "sigma_rel:0.05", "sigma_rel:0.1")
 
-# name -> (gin bindings on top of gin/default.gin, max_steps, seeds). "default" is today's
-# gin/default.gin; "r0_2e-4_mse" is the default this study started from (lr 2e-4, plain MSE);
+# Every run of this study before the no-attention lever had the attention layer (on the folded
+# 8x8 grid) that gin/default.gin then held; gin/default.gin dropped it when that lever won, so
+# the study pins it under every recipe (a recipe's own bindings come after and override it).
+STUDY_BASE = ["build_network.attention_resolutions = (8,)"]
+
+# name -> (gin bindings on top of gin/default.gin and STUDY_BASE, max_steps, seeds). "default"
+# is gin/default.gin as it was during the study (lr 2e-3, Min-SNR-5, attention), which
+# "no_attention" replaced; "r0_2e-4_mse" is the default this study started from (lr 2e-4, plain MSE);
 # the screens ran one seed for 2,000 steps (4,000 at batch 32: the same number of images);
 # "default" (lr 2e-3, Min-SNR-5) seed 0 is the lr-2e-3 screen continued to 5,000 steps.
 RECIPES = {
@@ -74,7 +80,13 @@ RECIPES = {
     # level), no attention layer, and a five-times longer linear learning-rate warm-up (1,000
     # steps instead of 200; the default's lr 2e-3 is 10x the usual, where warm-up matters most).
     "depth2": (["build_network.num_res_blocks = 2"], 2000, [0, 1]),
-    "no_attention": (["build_network.attention_resolutions = ()"], 2000, [0, 1]),
+    # No attention was lower at 2,000 steps on both seeds and 0.9x a step, so its two runs were
+    # continued to the default's 5,000 (a resume is exact and the learning rate constant after
+    # warm-up, so this is the same run as an uninterrupted one of 5,000 steps).
+    "no_attention": (["build_network.attention_resolutions = ()"], 5000, [0, 1]),
+    # Its DDPM arm (issue 18 item 4 at the recipe that won), same seeds.
+    "no_attention_ddpm": (["USE_ETSDM = False", "build_network.attention_resolutions = ()"],
+                          5000, [0, 1]),
     "warmup1000": (["make_optimizer.warmup_steps = 1000"], 2000, [0, 1]),
 }
 
@@ -83,6 +95,12 @@ RECIPES = {
 ARM_RUNS = {"etsdm": {0: "default-seed0", 1: "default-seed1", 2: "default_ematracks-seed2"},
             "ddpm": {0: "default_ddpm-seed0", 1: "default_ddpm-seed1",
                      2: "default_ddpm_ematracks-seed2"}}
+# The same pairs at the recipe that replaced it (gin/default.gin without attention).
+NO_ATTENTION_ARM_RUNS = {"etsdm": {0: "no_attention-seed0", 1: "no_attention-seed1"},
+                         "ddpm": {0: "no_attention_ddpm-seed0", 1: "no_attention_ddpm-seed1"}}
+# recipe label -> arm runs, for arms.md.
+ARM_PAIRS = {"the study's default recipe (with attention)": ARM_RUNS,
+             "today's default recipe (gin/default.gin: no attention)": NO_ATTENTION_ARM_RUNS}
 
 
 def define_flags():
@@ -129,7 +147,7 @@ def train_once(recipe, seed, workdir):
     if finished_step(workdir) >= max_steps:
         print(f"{os.path.basename(workdir)}: already at step {max_steps}, read as is")
         return
-    gin = bindings + [f"train.seed = {seed}", f"train.data_seed = {seed}",
+    gin = STUDY_BASE + bindings + [f"train.seed = {seed}", f"train.data_seed = {seed}",
                       f"build_model.seed = {seed}", f"train.max_steps = {max_steps}",
                       f"train.eval_every = {FLAGS.eval_every}"] + FLAGS.extra_gin
     command = [sys.executable, os.path.join(ROOT, "bin", "train"), f"--workdir={workdir}"]
@@ -140,19 +158,19 @@ def train_once(recipe, seed, workdir):
     print(f"{os.path.basename(workdir)}: {time.time() - start:.0f} s")
 
 
-def paired_arms_table(curves):
+def paired_arms_table(curves, arm_runs=ARM_RUNS, label="the default recipe"):
     """Markdown: held-out FD of both arms per training seed at every evaluated step, the paired
     difference E-TSDM − DDPM per seed and whether its sign holds on every seed (seeds whose
-    two runs are both in ``curves``)."""
-    seeds = [s for s in ARM_RUNS["etsdm"]
-             if ARM_RUNS["etsdm"][s] in curves and ARM_RUNS["ddpm"][s] in curves]
+    two runs are both in ``curves``). ``arm_runs``: ``{"etsdm" | "ddpm": {seed: run}}``."""
+    seeds = [s for s in arm_runs["etsdm"]
+             if arm_runs["etsdm"][s] in curves and arm_runs["ddpm"][s] in curves]
     if not seeds:
         return None
-    fd = {(arm, s): {r["step"]: r["fd"] for r in curves[ARM_RUNS[arm][s]]}
-          for arm in ARM_RUNS for s in seeds}
+    fd = {(arm, s): {r["step"]: r["fd"] for r in curves[arm_runs[arm][s]]}
+          for arm in arm_runs for s in seeds}
     steps = sorted(set.intersection(*[set(v) for v in fd.values()]))
     shown = " / ".join(str(s) for s in seeds)
-    lines = [(f"E-TSDM vs DDPM (`USE_ETSDM = False`) at the default recipe, held-out FD per "
+    lines = [(f"E-TSDM vs DDPM (`USE_ETSDM = False`) at {label}, held-out FD per "
               f"training seed {shown} (same seed: same initial weights, data order and training "
               f"noise); Δ = E-TSDM − DDPM per seed."), "",
              "| step | DDPM | E-TSDM | Δ per seed | mean Δ | sign holds on every seed |",
@@ -284,14 +302,15 @@ def main(argv):
         with open(os.path.join(FLAGS.output_dir, "baseline.md"), "w") as f:
             f.write(table)
         print(table)
-    description = {r: RECIPES[r][0] for r in curves_recipes(curves)}
+    description = {r: STUDY_BASE + RECIPES[r][0] for r in curves_recipes(curves)}
     write_curves(curves, FLAGS.output_dir, budget_minutes=FLAGS.budget_minutes,
                  recipes=description)
-    table = paired_arms_table(curves)
-    if table:
+    tables = [paired_arms_table(curves, runs, label) for label, runs in ARM_PAIRS.items()]
+    tables = [t for t in tables if t]
+    if tables:
         with open(os.path.join(FLAGS.output_dir, "arms.md"), "w") as f:
-            f.write(table)
-        print(table)
+            f.write("\n".join(tables))
+        print("\n".join(tables))
 
 
 if __name__ == "__main__":

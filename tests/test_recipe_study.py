@@ -5,8 +5,9 @@ tested in test_training / test_training_e2e).
   keeps eval time apart; ``fd_at_budget`` picks the last evaluation within the budget;
   ``write_curves`` writes the csv / md (with the per-run budget row) / png.
 * Every recipe of ``recipe_study.RECIPES`` is a valid set of gin bindings on top of
-  ``gin/default.gin`` (parsed by the library's own ``config.parse``), and one of them is the
-  unchanged default, so the study always has its baseline.
+  ``gin/default.gin`` and ``STUDY_BASE`` (parsed by the library's own ``config.parse``); the
+  study's runs keep the attention layer they trained with, and the recipe that won
+  ("no_attention") is today's ``gin/default.gin``.
 """
 
 import csv
@@ -79,18 +80,29 @@ def test_write_curves_files(tmp_path):
     assert (out / "curve.png").stat().st_size > 1000
 
 
-def test_every_recipe_parses_on_the_default_config():
+def attention_after(bindings):
+    """``build_network.attention_resolutions`` of gin/default.gin with ``bindings`` on top."""
     from keras_etsdm import config
 
+    gin.clear_config()
+    try:
+        config.parse(bindings=bindings + ["train.seed = 1", "build_model.seed = 1"],
+                     search_paths=[GIN_DIR])
+        return tuple(gin.query_parameter("build_network.attention_resolutions"))
+    finally:
+        gin.clear_config()
+
+
+def test_every_recipe_parses_on_the_default_config():
     assert recipe_study.RECIPES["default"][0] == []
     for name, (bindings, max_steps, seeds) in recipe_study.RECIPES.items():
         assert max_steps > 0 and seeds, name
-        gin.clear_config()
-        try:
-            config.parse(bindings=bindings + ["train.seed = 1", "build_model.seed = 1"],
-                         search_paths=[GIN_DIR])
-        finally:
-            gin.clear_config()
+        attention_after(recipe_study.STUDY_BASE + bindings)
+    # The study's runs keep the attention layer they were trained with; gin/default.gin is the
+    # recipe that won ("no_attention"), so the study still holds the default as a recipe.
+    assert attention_after(recipe_study.STUDY_BASE) == (8,)
+    assert attention_after([]) == ()
+    assert attention_after(recipe_study.STUDY_BASE + recipe_study.RECIPES["no_attention"][0]) == ()
 
 
 def test_paired_arms_table_gives_per_seed_differences_and_the_sign_rule(tmp_path):
@@ -107,6 +119,13 @@ def test_paired_arms_table_gives_per_seed_differences_and_the_sign_rule(tmp_path
     del curves[recipe_study.ARM_RUNS["ddpm"][1]]  # seed 1 loses its pair: seed 0 alone
     assert "training seed 0 (" in recipe_study.paired_arms_table(curves)
     assert recipe_study.paired_arms_table({}) is None
+    # Other arm runs (today's default recipe) under their own label.
+    renamed = {recipe_study.NO_ATTENTION_ARM_RUNS[arm][0]: curves[recipe_study.ARM_RUNS[arm][0]]
+               for arm in ("etsdm", "ddpm")}
+    table = recipe_study.paired_arms_table(renamed, recipe_study.NO_ATTENTION_ARM_RUNS, "X")
+    assert "at X, held-out FD per training seed 0 (" in table
+    assert "| 20 | 4.00 | 3.00 | -1.00 | -1.00 | E-TSDM lower |" in table.splitlines()
+    assert recipe_study.paired_arms_table(renamed) is None
 
 
 def test_baseline_table_pairs_by_seed_at_equal_steps_and_equal_minutes(tmp_path):
