@@ -177,13 +177,10 @@ def paired_arms_table(curves, arm_runs=ARM_RUNS, label="the default recipe"):
              "|---:|---|---|---|---:|---|"]
     for step in steps:
         d = [fd[("etsdm", s)][step] - fd[("ddpm", s)][step] for s in seeds]
-        holds = all(x < 0 for x in d) or all(x > 0 for x in d)
         lines.append(f"| {step} | " + " / ".join(f"{fd[('ddpm', s)][step]:.2f}" for s in seeds)
                      + " | " + " / ".join(f"{fd[('etsdm', s)][step]:.2f}" for s in seeds)
                      + " | " + " / ".join(f"{x:+.2f}" for x in d)
-                     + f" | {sum(d) / len(d):+.2f} | "
-                     + ("no" if not holds else "E-TSDM lower" if d[0] < 0 else "E-TSDM higher")
-                     + " |")
+                     + f" | {sum(d) / len(d):+.2f} | {ARMS_SIGN[sign_word(d)]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +254,11 @@ def baseline_table(curves, baseline, recipes, seconds_per_step=None):
 def curves_recipes(curves):
     """Recipes of the runs in ``curves``, in order."""
     return list(dict.fromkeys(name.rpartition("-seed")[0] or name for name in curves))
+
+
+# sign_word's verdict as the arms table words it (Δ = E-TSDM − DDPM).
+ARMS_SIGN = {"lower on every seed": "E-TSDM lower", "higher on every seed": "E-TSDM higher",
+             "mixed": "no"}
 
 
 def sign_word(differences):
