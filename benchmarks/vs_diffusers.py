@@ -71,7 +71,10 @@ PEER_WORKERS = {"eager": "diffusers", "tuned": "diffusers-tuned",
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="jax,tensorflow",
-                   help="comma-separated Keras backends to compare with diffusers")
+                   help="comma-separated Keras backends to compare with diffusers; "
+                        "'tensorflow@sample_xla=1' (or =0) forces the sampling loops' compile "
+                        "mode in that worker (KERAS_ETSDM_SAMPLE_JIT_COMPILE; default: the "
+                        "library's per-ISA choice)")
     p.add_argument("--tasks", default="train,forward,ddim,dpm")
     p.add_argument("--peers", default="eager,tuned,compile,autotune",
                    help="comma-separated diffusers variants, each its own worker: " +
@@ -330,6 +333,10 @@ def worker_main(args):
 
             result["torch_threads"] = torch.get_num_threads()
             result["torch_version"] = torch.__version__
+        else:
+            from keras_etsdm import backend as etsdm_backend
+
+            result["sample_jit_compile"] = etsdm_backend.default_sample_jit_compile()
         if framework == "jax":
             from train_step import forward_flops_per_image
 
@@ -376,7 +383,16 @@ def start_worker(args, kind, backend, name, peer="eager"):
                 "jit_compile", "precision"):
         argv += [f"--{key}", str(getattr(args, key))]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
-    env = {"KERAS_BACKEND": backend} if backend else {}
+    env = {}
+    if backend:
+        backend, _, option = backend.partition("@")
+        env["KERAS_BACKEND"] = backend
+        if option:
+            key, _, value = option.partition("=")
+            if key != "sample_xla" or value not in ("0", "1"):
+                raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
+                                 f"expected sample_xla=0 or sample_xla=1")
+            env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
     return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc)
 
 
@@ -433,7 +449,8 @@ def build_report(measured, num_resamples=10000, seed=0):
     ``cpu_seconds`` {task: {worker: [per round]}}, ``warmup`` {task: {worker: {first_call_s,
     second_call_s}}}, ``matmul_gflops`` {worker: [per round]}, ``forward_flops_per_image`` (or
     None), ``peak_rss_mib`` {worker: MiB}, ``sample_batch``; optional ``torch_threads``
-    {worker: threads} and ``peer_variants`` {worker: description}. Round r of every worker's
+    {worker: threads}, ``sample_jit_compile`` {Keras worker: bool} and ``peer_variants``
+    {worker: description}. Round r of every worker's
     list for a task is the same round.
     """
     workers, tasks = measured["workers"], measured["tasks"]
@@ -485,6 +502,20 @@ def build_report(measured, num_resamples=10000, seed=0):
                 "first_call_s": warm["first_call_s"], "second_call_s": warm["second_call_s"],
                 "cpu_seconds_per_image": cpu_per_image})
 
+    # Variants of one Keras backend ("tensorflow@sample_xla=1" beside "tensorflow"): each
+    # against its base worker, paired by round.
+    backend_variants = []
+    for task in tasks:
+        rates = {w: measured["batches"][task] / np.asarray(measured["seconds"][task][w],
+                                                           dtype=np.float64) for w in workers}
+        for w in keras_workers:
+            base = w.partition("@")[0]
+            if "@" in w and base in rates:
+                ci = harness.paired_ratio_ci(rates[base], rates[w],
+                                             num_resamples=num_resamples, seed=seed)
+                backend_variants.append({"task": task, "variant": w, "base": base,
+                                         "ratio_ci": ci})
+
     # Item 5: compile time (first call of the training step) and peak memory, single numbers.
     resources = []
     if "train" in tasks:
@@ -526,6 +557,8 @@ def build_report(measured, num_resamples=10000, seed=0):
     for w in peers:
         lines.append(f"- {w}: {variants.get(w, 'diffusers')}"
                      + (f"; torch intra-op threads {threads[w]}" if w in threads else ""))
+    for w, jit in (measured.get("sample_jit_compile") or {}).items():
+        lines.append(f"- {w}: sampling loops {'with' if jit else 'without'} XLA")
     columns = (f"| task | framework | batch | img/s | IQR | ÷ {REFERENCE} (eager), paired "
                f"[95 % CI] | ÷ best peer [95 % CI] | goal | GFLOP/s | % own mm | 1st call s | "
                f"CPU ms/img |")
@@ -555,6 +588,11 @@ def build_report(measured, num_resamples=10000, seed=0):
             pick = " (highest median ratio in this run)" if g["picked"] else ""
             lines.append(f"- {g['task']}: {g['text']}: {g['framework']}{pick} vs "
                          f"{g['against']} {_ci_text(g['ratio_ci'])} → {g['status']}")
+    if backend_variants:
+        lines += ["", "Each Keras worker against its variant (paired by round, base ÷ variant "
+                      "[95 % CI]):"]
+        for v in backend_variants:
+            lines.append(f"- {v['task']}: {v['base']} ÷ {v['variant']} {_ci_text(v['ratio_ci'])}")
     if resources:
         lines += ["", "Compile time and memory (issue 19 item 5; single measurements):"]
         for r in resources:
@@ -575,7 +613,8 @@ def build_report(measured, num_resamples=10000, seed=0):
         lines.append(f"float32 matmul roof at end: {roof_end['median']:.1f} GFLOP/s (numpy "
                      f"{roof_end['n']}³, median of {roof_end['repeats']}, IQR "
                      f"{roof_end['iqr']:.1f})")
-    return {"rows": rows, "goals": goals, "resources": resources, "sampler_overhead": overheads,
+    return {"rows": rows, "goals": goals, "resources": resources,
+            "variants": backend_variants, "sampler_overhead": overheads,
             "markdown": "\n".join(lines) + "\n"}
 
 
@@ -606,6 +645,9 @@ def main(args):
         torch_threads = {name: info["torch_threads"] for name, info in infos.items()
                          if "torch_threads" in info}
         print(f"torch intra-op threads: {torch_threads}", flush=True)
+        sample_jit = {name: info["sample_jit_compile"] for name, info in infos.items()
+                      if "sample_jit_compile" in info}
+        print(f"Keras sampling loops XLA-compiled: {sample_jit}", flush=True)
         print(f"malloc ({args.malloc}), every worker: GLIBC_TUNABLES="
               f"{workers[0].glibc_tunables!r}", flush=True)
         flops = next((i["forward_flops_per_image"] for i in infos.values()
@@ -648,6 +690,7 @@ def main(args):
         "matmul_gflops": {k: [r["gflops"] for r in v] for k, v in matmul.items()},
         "forward_flops_per_image": flops, "peak_rss_mib": peaks,
         "sample_batch": args.sample_batch, "torch_threads": torch_threads,
+        "sample_jit_compile": sample_jit,
         "peer_variants": {PEER_WORKERS[k]: v for k, v in PEER_HELP.items()
                           if PEER_WORKERS[k] in by_name},
         "round_orders": task_orders, "matmul_round_orders": matmul_orders,

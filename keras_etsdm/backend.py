@@ -108,6 +108,33 @@ def default_train_jit_compile():
     return cpu_tuning.tensorflow_train_jit_compile()
 
 
+SAMPLE_JIT_VARIABLE = "KERAS_ETSDM_SAMPLE_JIT_COMPILE"
+
+
+def default_sample_jit_compile(environ=None):
+    """Whether TensorFlow's compiled sampling loops (``samplers._compiled``) use XLA.
+
+    ``$KERAS_ETSDM_SAMPLE_JIT_COMPILE`` = ``1`` / ``0`` forces it; unset or ``auto``: True with
+    a GPU / TPU, else as measured for the CPU's ISA (``cpu_tuning.tensorflow_sample_jit_compile``).
+    Read when a loop is first compiled (a cached loop keeps its mode). JAX always jits (XLA).
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(SAMPLE_JIT_VARIABLE, "auto").strip().lower()
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    if value != "auto":
+        raise ValueError(f"{SAMPLE_JIT_VARIABLE} must be 1, 0 or auto; got {value!r}.")
+    if backend_name() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"):
+        return True
+    return cpu_tuning.tensorflow_sample_jit_compile()
+
+
 def release_build_memory():
     """Give back host memory that building a model left behind, before training starts.
 

@@ -445,3 +445,31 @@ def test_bin_train_speed_variants_keep_bracketed_commas_and_pair_with_the_first(
     np.testing.assert_allclose(ratios[(variants[1], variants[0])], [1.5, 1.5])
     np.testing.assert_allclose(ratios[(variants[2], variants[0])], [0.5, 1.0])
     assert "paired_ratio" not in rows and text.count("Paired per round") == 2
+
+
+def test_report_compares_a_backend_variant_with_its_base_worker():
+    """'keras-tensorflow@sample_xla=1' beside 'keras-tensorflow': paired base ÷ variant per task,
+    and the variant's compile mode listed from ``sample_jit_compile``."""
+    measured = _fake_measured()
+    name = "keras-tensorflow@sample_xla=1"
+    for task in measured["tasks"]:
+        # The variant is 1.25× slower than its base in every round.
+        measured["seconds"][task][name] = [1.25 * s for s in
+                                           measured["seconds"][task]["keras-tensorflow"]]
+        measured["cpu_seconds"][task][name] = measured["cpu_seconds"][task]["keras-tensorflow"]
+        measured["warmup"][task][name] = {"first_call_s": 12.0, "second_call_s": 1.0}
+    measured["workers"] = NAMES + [name]
+    measured["matmul_gflops"][name] = [100.0, 100.0]
+    measured["peak_rss_mib"][name] = 1200.0
+    measured["sample_jit_compile"] = {"keras-tensorflow": False, name: True}
+    report = vs_diffusers.build_report(measured, num_resamples=200)
+    variants = {v["task"]: v for v in report["variants"]}
+    assert set(variants) == set(measured["tasks"])
+    for v in variants.values():
+        assert v["base"] == "keras-tensorflow" and v["variant"] == name
+        assert v["ratio_ci"]["ratio"] == pytest.approx(1.25)
+        assert v["ratio_ci"]["low"] == pytest.approx(1.25)
+    md = report["markdown"]
+    assert f"- ddim: keras-tensorflow ÷ {name} 1.25 [1.25, 1.25]" in md
+    assert "- keras-tensorflow: sampling loops without XLA" in md
+    assert f"- {name}: sampling loops with XLA" in md

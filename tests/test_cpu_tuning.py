@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import pytest
 
 from keras_etsdm import cpu_tuning
@@ -161,8 +162,27 @@ def test_tensorflow_jit_choice_per_isa(tmp_path):
     assert cpu_tuning.tensorflow_train_jit_compile({"avx2", "fma"}) is True
     assert cpu_tuning.tensorflow_train_jit_compile({"avx2", "avx512f", "avx512_bf16"}) is False
     assert cpu_tuning.tensorflow_train_jit_compile(set()) is True  # unknown CPU: XLA as before
+    # Sampling loops follow the same rule (vs_diffusers_avx512/sample_tf_xla_vs_graph.md).
+    assert cpu_tuning.tensorflow_sample_jit_compile({"avx2", "fma"}) is True
+    assert cpu_tuning.tensorflow_sample_jit_compile({"avx2", "avx512f"}) is False
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Fake\nflags\t\t: fpu avx2 avx512f\n\n"
                        "processor\t: 1\nflags\t\t: fpu\n")
     assert cpu_tuning.cpu_isa_flags(str(cpuinfo)) == {"fpu", "avx2", "avx512f"}
     assert cpu_tuning.cpu_isa_flags(str(tmp_path / "missing")) == set()
+
+
+def test_sample_jit_compile_environment_override():
+    """``KERAS_ETSDM_SAMPLE_JIT_COMPILE`` forces the sampling loops' compile mode; anything but
+    1 / 0 / true / false / auto is refused with the variable's name."""
+    from keras_etsdm import backend
+
+    name = backend.SAMPLE_JIT_VARIABLE
+    assert backend.default_sample_jit_compile({name: "1"}) is True
+    assert backend.default_sample_jit_compile({name: "false"}) is False
+    auto = backend.default_sample_jit_compile({})
+    assert backend.default_sample_jit_compile({name: "auto"}) is auto
+    if keras.backend.backend() == "jax":
+        assert auto is True
+    with pytest.raises(ValueError, match=name):
+        backend.default_sample_jit_compile({name: "maybe"})

@@ -54,6 +54,30 @@ def test_compiled_model_loop_matches_eager_and_does_not_retrace(model):
     np.testing.assert_array_equal(ops.convert_to_numpy(sampler.sample(model, NOISE)), compiled)
 
 
+def test_tensorflow_sampling_loop_with_and_without_xla_agree(model, monkeypatch):
+    """The sampling loop compiles with XLA or as TensorFlow's own graph (oneDNN kernels), as
+    ``backend.default_sample_jit_compile`` chooses per CPU ISA or the environment forces; both
+    run the same loop body through ``model.denoise`` and give the same images."""
+    from keras_etsdm import backend
+    from keras_etsdm.samplers import base
+
+    if keras.backend.backend() != "tensorflow":
+        assert DDIMSampler(4).compiled_segment(model).jit_compile is True  # jax.jit
+        return
+    outputs = {}
+    for value in ("1", "0"):
+        monkeypatch.setenv(backend.SAMPLE_JIT_VARIABLE, value)
+        base.clear_compiled_cache()
+        sampler = DDIMSampler(8, sharing=model.sharing)
+        assert sampler.compiled_segment(model).jit_compile is (value == "1")
+        outputs[value] = ops.convert_to_numpy(sampler.sample(model, NOISE))
+    base.clear_compiled_cache()
+    # Same op order up to XLA's fusion: float32 ulps of the output's scale (as above).
+    np.testing.assert_allclose(outputs["0"], outputs["1"], rtol=0,
+                               atol=16 * np.finfo(np.float32).eps * np.max(np.abs(outputs["1"])))
+    assert np.max(np.abs(outputs["1"])) > 1.0  # a real sample, not zeros
+
+
 def test_sharing_aware_sampler_calls_denoise_at_the_piece_labels(model):
     """A sharing-aware DDIM on the model == its tables executed step by step through
     ``model.denoise`` (the one seam), boundary steps at the label of the piece below; a sampler

@@ -7,9 +7,11 @@ functions). Everything a sampler computes is written in ``keras.ops``; here it i
   (``network.stateless_call`` with the trainable / non-trainable values), never closed over, so a
   weight update (training, an EMA swap) reuses the compiled loop instead of baking stale
   constants into it or retracing.
-* TensorFlow: ``tf.function(jit_compile=True)`` (XLA, also on CPU; the U-Net's group norm,
-  attention and convolutions all compile). Variables are read inside the function, so EMA swaps
-  are seen without retracing.
+* TensorFlow: ``tf.function`` with XLA (``jit_compile=True``: the U-Net's group norm, attention
+  and convolutions all compile) on GPUs / TPUs and most CPUs; without XLA (TensorFlow's graph with
+  its oneDNN kernels) on AVX-512 CPUs, where that measured faster
+  (``backend.default_sample_jit_compile``; ``KERAS_ETSDM_SAMPLE_JIT_COMPILE=1`` / ``0`` forces
+  it). Variables are read inside the function, so EMA swaps are seen without retracing.
 
 Step noise for stochastic samplers is drawn statelessly from an int32 ``[2]`` seed folded with
 the step index, so the loop stays a pure function of its inputs. The two backends use different
@@ -43,7 +45,8 @@ def stateless_normal(shape, seed, step, dtype="float32"):
         seed = tf.cast(seed, tf.int32)
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(step, tf.int32), alg="philox")
         # TensorFlow's XLA kernels produce a different stream than its non-XLA kernels for the
-        # same seed (checked for philox); sample() always runs under XLA, so it is reproducible.
+        # same seed (checked for philox): reproducible per compile mode, which a process
+        # chooses once (backend.default_sample_jit_compile).
         return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg="philox")
     raise NotImplementedError(f"Stochastic samplers support the jax and tensorflow backends, "
                               f"not {name!r}.")
@@ -89,6 +92,7 @@ class CompiledSegment:
 
     def __init__(self, make_segment, denoiser):
         self.traces = 0
+        self.jit_compile = True  # jax.jit; TensorFlow: see below
         self._denoiser = denoiser  # strong reference: keeps the cache key's id() valid
         name = etsdm_backend.backend_name()
         model = bound_model(denoiser)
@@ -125,9 +129,12 @@ class CompiledSegment:
                 segment = make_segment(_bind(denoise, conditioning))
                 return segment(tables, carry, extra, start, stop)
 
-            # XLA compiles the whole loop, U-Net included, on CPU and GPU (checked in the tests).
-            # Variables are read inside the function, so EMA swaps are seen without retracing.
-            call = tf.function(fn, jit_compile=True, reduce_retracing=False)
+            # XLA compiles the whole loop, U-Net included (checked in the tests), except on CPUs
+            # where TensorFlow's own graph with its oneDNN kernels measured faster
+            # (backend.default_sample_jit_compile). Variables are read inside the function, so
+            # EMA swaps are seen without retracing.
+            self.jit_compile = etsdm_backend.default_sample_jit_compile()
+            call = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=False)
         else:
             # Other backends (torch): run eagerly; still correct, just not compiled.
             def call(tables, carry, extra, conditioning, start, stop):

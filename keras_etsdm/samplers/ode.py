@@ -29,7 +29,7 @@ right-hand-side evaluation is ONE network evaluation through the denoiser (a
 at the float32 label ``schedule.label(t)`` (``(t − 1/T)·T`` discrete, t itself on a continuous
 schedule). The denoiser call is compiled once per (denoiser, input shapes) by the same path as
 the table-driven samplers (``_compiled.CompiledSegment``: ``jax.jit`` with the weights as
-arguments, or ``tf.function(jit_compile=True)``); the solver loop itself runs in Python.
+arguments, or ``tf.function``, with XLA where it pays); the solver loop itself runs in Python.
 
 The number of network evaluations is chosen by the solver: ``last_nfe`` (and
 ``nfe_history``, one entry per ``sample`` call) report it.
