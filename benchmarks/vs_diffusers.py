@@ -389,9 +389,9 @@ def start_worker(args, kind, backend, name, peer="eager"):
         env["KERAS_BACKEND"] = backend
         if option:
             key, _, value = option.partition("=")
-            if key != "sample_xla" or value not in ("0", "1"):
+            if backend != "tensorflow" or key != "sample_xla" or value not in ("0", "1"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
-                                 f"expected sample_xla=0 or sample_xla=1")
+                                 f"expected tensorflow@sample_xla=0 or =1 (JAX always jits)")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
     return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc)
 
@@ -589,8 +589,8 @@ def build_report(measured, num_resamples=10000, seed=0):
             lines.append(f"- {g['task']}: {g['text']}: {g['framework']}{pick} vs "
                          f"{g['against']} {_ci_text(g['ratio_ci'])} → {g['status']}")
     if backend_variants:
-        lines += ["", "Each Keras worker against its variant (paired by round, base ÷ variant "
-                      "[95 % CI]):"]
+        lines += ["", "Each Keras backend variant against its base worker (paired by round, "
+                      "base ÷ variant [95 % CI]):"]
         for v in backend_variants:
             lines.append(f"- {v['task']}: {v['base']} ÷ {v['variant']} {_ci_text(v['ratio_ci'])}")
     if resources:

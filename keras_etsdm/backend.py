@@ -120,14 +120,12 @@ def default_sample_jit_compile(environ=None):
     """
     environ = os.environ if environ is None else environ
     value = environ.get(SAMPLE_JIT_VARIABLE, "auto").strip().lower()
-    if value in ("1", "true"):
-        return True
-    if value in ("0", "false"):
-        return False
-    if value != "auto":
+    if value not in ("1", "true", "0", "false", "auto"):
         raise ValueError(f"{SAMPLE_JIT_VARIABLE} must be 1, 0 or auto; got {value!r}.")
     if backend_name() != "tensorflow":
         return True
+    if value != "auto":
+        return value in ("1", "true")
     import tensorflow as tf
 
     if tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"):

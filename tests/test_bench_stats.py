@@ -471,5 +471,6 @@ def test_report_compares_a_backend_variant_with_its_base_worker():
         assert v["ratio_ci"]["low"] == pytest.approx(1.25)
     md = report["markdown"]
     assert f"- ddim: keras-tensorflow ÷ {name} 1.25 [1.25, 1.25]" in md
+    assert "variant against its base worker" in md
     assert "- keras-tensorflow: sampling loops without XLA" in md
     assert f"- {name}: sampling loops with XLA" in md

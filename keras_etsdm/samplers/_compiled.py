@@ -45,8 +45,8 @@ def stateless_normal(shape, seed, step, dtype="float32"):
         seed = tf.cast(seed, tf.int32)
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(step, tf.int32), alg="philox")
         # TensorFlow's XLA kernels produce a different stream than its non-XLA kernels for the
-        # same seed (checked for philox): reproducible per compile mode, which a process
-        # chooses once (backend.default_sample_jit_compile).
+        # same seed (checked for philox): reproducible for a given compile mode
+        # (backend.default_sample_jit_compile).
         return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg="philox")
     raise NotImplementedError(f"Stochastic samplers support the jax and tensorflow backends, "
                               f"not {name!r}.")

@@ -51,8 +51,9 @@ The loop has no Python side effects and no variables: it can be traced by ``jax.
 
 ``sample`` runs the same loop compiled once per (denoiser, backend): on JAX with ``jax.jit``
 and the network weights passed as state, on TensorFlow with ``tf.function`` (XLA or, on CPUs
-where it measured faster, TensorFlow's own graph: see ``_compiled.py``). The coefficient tables are INPUTS of the compiled loop (zero-padded to
-``T`` rows; the trip count is an input too), not constants baked into it. Compiled loops are
+where it measured faster, TensorFlow's own graph: see ``_compiled.py``). The coefficient tables
+are INPUTS of the compiled loop (zero-padded to ``T`` rows; the trip count is an input too), not
+constants baked into it. Compiled loops are
 cached per (denoiser, loop structure) in a module-level LRU, where the structure is the sampler
 class plus the options that change the traced loop body (``_trace_key``: e.g. DPM-Solver's order,
 algorithm and thresholding, but not its step count, grid or method) plus the denoiser's
