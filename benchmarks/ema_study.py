@@ -103,8 +103,14 @@ def main(argv):
                                      f"than the run's own evaluation: {record} vs {o}.")
                 table.setdefault((track, step), {})[run] = record
 
+    from keras_etsdm.backend import default_sample_jit_compile
+
     n = table[(OWN, steps[0])][runs[0]]["eval_num_samples"]
-    lines = [f"Machine: {machine_description()}", "",
+    # The runs' in-loop evaluations sampled with XLA-compiled loops on TensorFlow (the default
+    # until sampling moved off XLA on AVX-512): score the tracks the same way for a paired
+    # comparison (KERAS_ETSDM_SAMPLE_JIT_COMPILE=1); the mode is recorded here.
+    mode = "with" if default_sample_jit_compile() else "without"
+    lines = [f"Machine: {machine_description()}; this process's sampling loops {mode} XLA.", "",
              (f"Runs: {', '.join(f'`{r}`' for r in runs)} (bin/train work directories that kept "
              f"`train.ema_tracks`). Every value: FD of N = {n} DDIM-20 samples "
              f"(noise seed 0) against the MNIST test set (judge classifier_mnist32_heldout). "
