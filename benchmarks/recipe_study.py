@@ -219,7 +219,7 @@ def interpolate_fd(rows, step):
 
 def baseline_table(curves, baseline, recipes, seconds_per_step=None):
     """Markdown: held-out FD of each recipe against ``baseline`` per training seed at every step
-    both evaluated, the paired difference recipe − baseline per seed and whether its sign holds
+    the recipe evaluated (the equal-step columns where both did), the paired difference recipe − baseline per seed and whether its sign holds
     on every seed. With ``seconds_per_step`` (``{recipe: s}``, measured back to back) also at
     equal minutes: the baseline's FD after ``step · s_recipe / s_baseline`` of its own steps,
     a power law between its evaluations (``interpolate_fd``; "–" outside them)."""
@@ -240,13 +240,18 @@ def baseline_table(curves, baseline, recipes, seconds_per_step=None):
             continue
         fd = {s: {r["step"]: r["fd"] for r in curves[run_name(recipe, s)]} for s in seeds}
         base = {s: {r["step"]: r["fd"] for r in curves[run_name(baseline, s)]} for s in seeds}
-        steps = sorted(set.intersection(*[set(fd[s]) & set(base[s]) for s in seeds]))
+        # Every step the recipe evaluated on all seeds; the equal-step cells are "–" where the
+        # baseline has no evaluation there (a cheaper recipe runs more steps in its minutes).
+        steps = sorted(set.intersection(*[set(fd[s]) for s in seeds]))
         for step in steps:
-            d = [fd[s][step] - base[s][step] for s in seeds]
             row = (f"| {recipe} | {step} | {'/'.join(map(str, seeds))} | "
-                   + " / ".join(f"{fd[s][step]:.2f}" for s in seeds) + " | "
-                   + " / ".join(f"{base[s][step]:.2f}" for s in seeds) + " | "
-                   + " / ".join(f"{x:+.2f}" for x in d) + f" | {sign_word(d)} |")
+                   + " / ".join(f"{fd[s][step]:.2f}" for s in seeds) + " | ")
+            if all(step in base[s] for s in seeds):
+                d = [fd[s][step] - base[s][step] for s in seeds]
+                row += (" / ".join(f"{base[s][step]:.2f}" for s in seeds) + " | "
+                        + " / ".join(f"{x:+.2f}" for x in d) + f" | {sign_word(d)} |")
+            else:
+                row += "– | – | – |"
             if seconds_per_step:
                 own = seconds_per_step.get(recipe)
                 if own is None or base_s is None:

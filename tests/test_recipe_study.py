@@ -159,3 +159,12 @@ def test_baseline_table_pairs_by_seed_at_equal_steps_and_equal_minutes(tmp_path)
     # step 60 is worth the default's step 90: beyond its last evaluation.
     assert any(line.startswith("| wide | 60 |") and line.endswith("| 0.300 (1.50×) | – | – | – |")
                for line in timed)
+    # A cheaper recipe evaluated past the baseline's last step (here "fast" at 80 steps, half a
+    # default step each: worth the default's step 40) is compared at equal minutes only.
+    for seed, fds in enumerate([[15.0, 9.0, 7.0, 6.0], [16.0, 10.0, 8.0, 7.0]]):
+        fake_run(tmp_path / f"fast-seed{seed}", fds)  # evaluations at 20, 40, 60, 80
+        curves[f"fast-seed{seed}"] = heldout_curve.read_curve(str(tmp_path / f"fast-seed{seed}"))
+    fast = recipe_study.baseline_table(curves, "default", ["fast"],
+                                       {"default": 0.2, "fast": 0.1}).splitlines()
+    assert ("| fast | 80 | 0/1 | 6.00 / 7.00 | – | – | – | 0.100 (0.50×) | 10.00 / 11.00 | "
+            "-4.00 / -4.00 | lower on every seed |") in fast
