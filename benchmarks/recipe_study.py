@@ -93,9 +93,9 @@ RECIPES = {
     "warmup1000": (["make_optimizer.warmup_steps = 1000"], 2000, [0, 1]),
     # Batch 32 at today's default (lr 2e-3): 4,000 steps see the images 2,000 of batch 64 see;
     # compared with "no_attention" at equal minutes (the screen at lr 1e-3 was better per image
-    # but not clearly per minute). Lower on both seeds at equal minutes up to 4,000 steps, by
-    # less at every evaluation, so both runs were continued (resume exact) to 8,000 steps, the
-    # minutes of ~4,600 default steps.
+    # but not clearly per minute). Lower on both seeds at equal minutes up to 4,000 steps, with
+    # a margin that shrank from 2,000 to 4,000, so both runs were continued (resume exact) to
+    # 8,000 steps, the minutes of ~4,600 default steps: lower on both seeds at every evaluation.
     "no_attention_bs32": (["build_network.attention_resolutions = ()", "train.batch_size = 32"],
                           8000, [0, 1]),
     # The EMA lever at today's default on two more seeds (2, 3): the tracks only read the
@@ -219,8 +219,8 @@ def interpolate_fd(rows, step):
 
 def baseline_table(curves, baseline, recipes, seconds_per_step=None):
     """Markdown: held-out FD of each recipe against ``baseline`` per training seed at every step
-    the recipe evaluated (the equal-step columns where both did), the paired difference recipe − baseline per seed and whether its sign holds
-    on every seed. With ``seconds_per_step`` (``{recipe: s}``, measured back to back) also at
+    the recipe evaluated (the equal-step columns where both did), the paired difference recipe −
+    baseline per seed and whether its sign holds on every seed. With ``seconds_per_step`` (``{recipe: s}``, measured back to back) also at
     equal minutes: the baseline's FD after ``step · s_recipe / s_baseline`` of its own steps,
     a power law between its evaluations (``interpolate_fd``; "–" outside them)."""
     seconds_per_step = seconds_per_step or {}
