@@ -49,9 +49,9 @@ STUDY_BASE = ["build_network.attention_resolutions = (8,)"]
 
 # name -> (gin bindings on top of gin/default.gin and STUDY_BASE, max_steps, seeds). "default"
 # is gin/default.gin as it was during the study (lr 2e-3, Min-SNR-5, attention), which
-# "no_attention" replaced; "r0_2e-4_mse" is the default this study started from (lr 2e-4, plain MSE);
-# the screens ran one seed for 2,000 steps (4,000 at batch 32: the same number of images);
-# "default" (lr 2e-3, Min-SNR-5) seed 0 is the lr-2e-3 screen continued to 5,000 steps.
+# "no_attention" replaced; "r0_2e-4_mse" is the default this study started from (lr 2e-4,
+# plain MSE); the screens ran one seed for 2,000 steps (4,000 at batch 32: the same number of
+# images); "default" (lr 2e-3, Min-SNR-5) seed 0 is the lr-2e-3 screen continued to 5,000 steps.
 RECIPES = {
     "r0_2e-4_mse": (["make_optimizer.learning_rate = 2e-4", "build_model.min_snr_gamma = None"],
                     4500, [0]),
@@ -84,8 +84,9 @@ RECIPES = {
     # steps instead of 200; the default's lr 2e-3 is 10x the usual, where warm-up matters most).
     "depth2": (["build_network.num_res_blocks = 2"], 2000, [0, 1]),
     # No attention costs 0.89x a step and its FD was lower per minute at 2,000 steps on both
-    # seeds (mixed at equal steps), so its two runs were continued to the default's 5,000 (a resume is exact and the learning rate constant after
-    # warm-up, so this is the same run as an uninterrupted one of 5,000 steps).
+    # seeds (mixed at equal steps), so its two runs were continued to the default's 5,000 (a
+    # resume is exact and the learning rate constant after warm-up, so this is the same run as
+    # an uninterrupted one of 5,000 steps).
     "no_attention": (["build_network.attention_resolutions = ()"], 5000, [0, 1]),
     # Its DDPM arm (issue 18 item 4 at the recipe that won), same seeds.
     "no_attention_ddpm": (["USE_ETSDM = False", "build_network.attention_resolutions = ()"],
@@ -162,8 +163,8 @@ def train_once(recipe, seed, workdir):
         print(f"{os.path.basename(workdir)}: already at step {max_steps}, read as is")
         return
     gin = STUDY_BASE + bindings + [f"train.seed = {seed}", f"train.data_seed = {seed}",
-                      f"build_model.seed = {seed}", f"train.max_steps = {max_steps}",
-                      f"train.eval_every = {FLAGS.eval_every}"] + FLAGS.extra_gin
+                                   f"build_model.seed = {seed}", f"train.max_steps = {max_steps}",
+                                   f"train.eval_every = {FLAGS.eval_every}"] + FLAGS.extra_gin
     command = [sys.executable, os.path.join(ROOT, "bin", "train"), f"--workdir={workdir}"]
     command += [f"--gin_bindings={b}" for b in gin]
     start = time.time()
@@ -220,9 +221,10 @@ def interpolate_fd(rows, step):
 def baseline_table(curves, baseline, recipes, seconds_per_step=None):
     """Markdown: held-out FD of each recipe against ``baseline`` per training seed at every step
     the recipe evaluated (the equal-step columns where both did), the paired difference recipe −
-    baseline per seed and whether its sign holds on every seed. With ``seconds_per_step`` (``{recipe: s}``, measured back to back) also at
-    equal minutes: the baseline's FD after ``step · s_recipe / s_baseline`` of its own steps,
-    a power law between its evaluations (``interpolate_fd``; "–" outside them)."""
+    baseline per seed and whether its sign holds on every seed. With ``seconds_per_step``
+    (``{recipe: s}``, measured back to back) also at equal minutes: the baseline's FD after
+    ``step · s_recipe / s_baseline`` of its own steps, a power law between its evaluations
+    (``interpolate_fd``; "–" outside them)."""
     seconds_per_step = seconds_per_step or {}
     lines = [f"Against `{baseline}`, held-out FD per training seed (same seed: same data order, "
              f"training noise and evaluation noise); Δ = recipe − {baseline} per seed; a "

@@ -459,6 +459,9 @@ def build_report(measured, num_resamples=10000, seed=0):
     flops = measured.get("forward_flops_per_image")
     mm = {w: float(np.median(v)) for w, v in measured["matmul_gflops"].items()}
     rows, goals = [], []
+    # Variants of one Keras backend ("tensorflow@sample_xla=1" beside "tensorflow"): each
+    # against its base worker, paired by round.
+    backend_variants = []
     for task in tasks:
         batch = measured["batches"][task]
         rates = {w: batch / np.asarray(measured["seconds"][task][w], dtype=np.float64)
@@ -471,6 +474,11 @@ def build_report(measured, num_resamples=10000, seed=0):
                                            seed=seed)
         vs_eager = {w: ci(w, REFERENCE) for w in workers if w != REFERENCE}
         vs_best = {w: ci(w, best) for w in keras_workers}
+        for w in keras_workers:
+            base = w.partition("@")[0]
+            if "@" in w and base in rates:
+                backend_variants.append({"task": task, "variant": w, "base": base,
+                                         "ratio_ci": ci(base, w)})
         row_goals = {w: [] for w in workers}
         task_goals = TRAIN_GOALS if task == "train" else (
             SAMPLE_GOALS if task in ("ddim", "dpm") else ())
@@ -501,20 +509,6 @@ def build_report(measured, num_resamples=10000, seed=0):
                 "gflops": gflops, "matmul_gflops": mm.get(w),
                 "first_call_s": warm["first_call_s"], "second_call_s": warm["second_call_s"],
                 "cpu_seconds_per_image": cpu_per_image})
-
-    # Variants of one Keras backend ("tensorflow@sample_xla=1" beside "tensorflow"): each
-    # against its base worker, paired by round.
-    backend_variants = []
-    for task in tasks:
-        rates = {w: measured["batches"][task] / np.asarray(measured["seconds"][task][w],
-                                                           dtype=np.float64) for w in workers}
-        for w in keras_workers:
-            base = w.partition("@")[0]
-            if "@" in w and base in rates:
-                ci = harness.paired_ratio_ci(rates[base], rates[w],
-                                             num_resamples=num_resamples, seed=seed)
-                backend_variants.append({"task": task, "variant": w, "base": base,
-                                         "ratio_ci": ci})
 
     # Item 5: compile time (first call of the training step) and peak memory, single numbers.
     resources = []

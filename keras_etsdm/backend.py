@@ -101,11 +101,15 @@ def default_train_jit_compile():
     """
     if backend_name() != "tensorflow":
         return True
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"):
+    if _tensorflow_sees_an_accelerator():
         return True
     return cpu_tuning.tensorflow_train_jit_compile()
+
+
+def _tensorflow_sees_an_accelerator():
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
 
 
 SAMPLE_JIT_VARIABLE = "KERAS_ETSDM_SAMPLE_JIT_COMPILE"
@@ -126,9 +130,7 @@ def default_sample_jit_compile(environ=None):
         return True
     if value != "auto":
         return value in ("1", "true")
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"):
+    if _tensorflow_sees_an_accelerator():
         return True
     return cpu_tuning.tensorflow_sample_jit_compile()
 
