@@ -17,6 +17,8 @@ peak RSS; medians over rounds.
 
     python benchmarks/first_call.py --rounds 3 --json benchmarks/results/first_call/first_call.json
     python benchmarks/first_call.py --base_channels 32 --rounds 1      # smoke test
+    python benchmarks/first_call.py --backends tensorflow --jit_compile auto --modes off
+        # bin/train's choice (TensorFlow without XLA on AVX-512: nothing to cache)
 """
 
 import argparse
@@ -44,10 +46,26 @@ def parse_args(argv=None):
     p.add_argument("--base_channels", type=int, default=128)
     p.add_argument("--image_size", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--jit_compile", choices=("true", "false", "auto"), default="true",
+                   help="auto: what bin/train uses (keras_etsdm.backend."
+                        "default_train_jit_compile)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"Comma-separated subset of {', '.join(MODES)}.")
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def modes_of(args):
+    """The --modes in MODES order (warm needs cold before it in the same round)."""
+    asked = {m.strip() for m in args.modes.split(",") if m.strip()}
+    unknown = asked - set(MODES)
+    if unknown or not asked:
+        raise SystemExit(f"--modes: {args.modes!r} is not a subset of {', '.join(MODES)}.")
+    if "warm" in asked and "cold" not in asked:
+        raise SystemExit("--modes: 'warm' reads the cache 'cold' fills; give both.")
+    return [m for m in MODES if m in asked]
 
 
 def worker(args):
@@ -55,16 +73,18 @@ def worker(args):
     t0 = time.perf_counter()
     import keras
 
-    from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm import DiffusionModel, backend, build_unet
     t1 = time.perf_counter()
+    jit_compile = (backend.default_train_jit_compile() if args.jit_compile == "auto"
+                   else args.jit_compile == "true")
     keras.utils.set_random_seed(0)
     network = build_unet(image_size=args.image_size, channels=3,
                          base_channels=args.base_channels, channel_mult=(1, 2, 2, 2),
                          num_res_blocks=2, attention_resolutions=(16,), dropout=0.1, num_heads=1)
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    # XLA on both backends (what the cache holds); bin/train's 'auto' skips XLA for TensorFlow
-    # on AVX-512 CPUs, where this measures the XLA path a user can still choose.
-    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=True)
+    # Default XLA on both backends (what the cache holds); bin/train's 'auto' skips XLA for
+    # TensorFlow on AVX-512 CPUs (--jit_compile auto measures that path).
+    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     x = np.clip(rng.standard_normal((args.batch, args.image_size, args.image_size, 3)), -1, 1)
     x = x.astype(np.float32)
@@ -76,6 +96,7 @@ def worker(args):
     print("RESULT " + json.dumps({
         "backend": keras.backend.backend(), "interpreter_s": t0 - _START, "import_s": t1 - t0,
         "build_s": t2 - t1, "first_call_s": t3 - t2, "second_call_s": t4 - t3,
+        "jit_compile": jit_compile,
         "peak_rss_mib": harness.peak_rss_mib()}), flush=True)
 
 
@@ -94,7 +115,7 @@ def run_process(args, backend, cache_root):
         env = cache.cache_environ(env, backend, cache_root)
     argv = [sys.executable, os.path.abspath(__file__), "--worker",
             "--base_channels", str(args.base_channels), "--image_size", str(args.image_size),
-            "--batch", str(args.batch)]
+            "--batch", str(args.batch), "--jit_compile", args.jit_compile]
     start = time.perf_counter()
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -116,20 +137,21 @@ def report(results, args, header):
     lines = [header, "",
              f"DDPM CIFAR-10 U-Net (base_channels {args.base_channels}, "
              f"{args.image_size}×{args.image_size}), batch {args.batch}, float32, "
-             f"`train_on_batch` with jit_compile=True; {args.rounds} round(s), each a fresh "
-             f"process per mode (off → cold → warm). Medians over rounds; the last column lists "
-             f"the first call of every round.", "",
-             "| backend | cache | import s | build s | first call s | second call s | "
+             f"`train_on_batch` with jit_compile={args.jit_compile}; {args.rounds} round(s), "
+             f"each a fresh process per mode ({' → '.join(modes_of(args))}). Medians over "
+             f"rounds; the last column lists the first call of every round.", "",
+             "| backend | XLA | cache | import s | build s | first call s | second call s | "
              "peak RSS MiB | cache MiB | first calls per round |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for backend, modes in results.items():
-        for mode in MODES:
+        for mode in modes_of(args):
             rows = modes[mode]
             med = {k: float(np.median([r[k] for r in rows])) for k in keys}
             cache = (f"{np.median([r['cache_mib'] for r in rows]):.0f}"
                      if "cache_mib" in rows[0] else "—")
             per_round = ", ".join(f"{r['first_call_s']:.1f}" for r in rows)
-            lines.append(f"| {backend} | {mode} | {med['import_s']:.1f} | {med['build_s']:.1f} "
+            xla = "yes" if rows[0].get("jit_compile", True) else "no"
+            lines.append(f"| {backend} | {xla} | {mode} | {med['import_s']:.1f} | {med['build_s']:.1f} "
                          f"| {med['first_call_s']:.1f} | {med['second_call_s']:.2f} | "
                          f"{med['peak_rss_mib']:.0f} | {cache} | {per_round} |")
     return "\n".join(lines) + "\n"
@@ -141,10 +163,10 @@ def main(args):
     print(header, flush=True)
     results = {}
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
-        results[backend] = {m: [] for m in MODES}
+        results[backend] = {m: [] for m in modes_of(args)}
         for r in range(args.rounds):
             with tempfile.TemporaryDirectory(prefix="xla-cache-") as root:
-                for mode in MODES:
+                for mode in modes_of(args):
                     res = run_process(args, backend, None if mode == "off" else root)
                     results[backend][mode].append(res)
                     print(f"  {backend:<10} round {r} {mode:<4}: first call "

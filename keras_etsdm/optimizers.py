@@ -52,6 +52,8 @@ class ClippedAdam(keras.optimizers.Adam):
         self.clip_norm = float(clip_norm) if clip_norm else None
 
     def build(self, variables):
+        if self.built:  # Adam's build is a no-op then; a second grad_norm would be orphaned
+            return
         super().build(variables)
         self.grad_norm = self.add_variable((), initializer="zeros", dtype="float32",
                                            aggregation="only_first_replica", name="grad_norm")

@@ -420,9 +420,19 @@ def test_first_call_report_medians_per_mode():
     args = first_call.parse_args(["--rounds", "2"])
     md = first_call.report(results, args, "CPU: Fake CPU")
     assert md.startswith("CPU: Fake CPU")
-    assert "| tensorflow | off | 2.0 | 1.0 | 49.0 | 0.50 | 100 | — | 50.0, 48.0 |" in md
-    assert "| tensorflow | warm | 2.0 | 1.0 | 39.0 | 0.50 | 100 | 20 | 40.0, 38.0 |" in md
+    assert "| tensorflow | yes | off | 2.0 | 1.0 | 49.0 | 0.50 | 100 | — | 50.0, 48.0 |" in md
+    assert "| tensorflow | yes | warm | 2.0 | 1.0 | 39.0 | 0.50 | 100 | 20 | 40.0, 38.0 |" in md
     assert first_call.MODES == ("off", "cold", "warm")
+    # A subset of modes (no XLA: nothing to cache), the worker's resolved jit_compile shown.
+    args = first_call.parse_args(["--rounds", "2", "--jit_compile", "auto", "--modes", "off"])
+    assert first_call.modes_of(args) == ["off"]
+    off = [dict(proc(30.0), jit_compile=False), dict(proc(32.0), jit_compile=False)]
+    md = first_call.report({"tensorflow": {"off": off}}, args, "CPU: Fake CPU")
+    assert "| tensorflow | no | off | 2.0 | 1.0 | 31.0 | 0.50 | 100 | — | 30.0, 32.0 |" in md
+    assert "warm" not in md.split("\n", 3)[2]
+    for bad in ("warm", "off,hot", ""):
+        with pytest.raises(SystemExit, match="--modes"):
+            first_call.modes_of(first_call.parse_args(["--modes", bad]))
 
 
 # ----- bin_train_speed variants ------------------------------------------------------------------

@@ -130,6 +130,26 @@ def fit_model():
     return fresh
 
 
+def test_first_training_call_traces_the_step_once():
+    """On TensorFlow ``compile`` creates the optimizer's slots, so the first ``train_on_batch``
+    traces the training step once: a ``tf.function`` that creates variables in its first trace
+    (Keras's default without a distribution strategy) is traced a second time."""
+    traces = []
+
+    class CountingModel(ke.DiffusionModel):
+        def train_step(self, *args, **kwargs):
+            traces.append(1)  # Python runs only while the step is traced
+            return super().train_step(*args, **kwargs)
+
+    model = CountingModel(fit_unet(), seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), jit_compile=BACKEND == "jax")
+    assert model.optimizer.built == (BACKEND == "tensorflow")
+    x = digits(8)
+    first = model.train_on_batch(x)
+    model.train_on_batch(x)
+    assert len(traces) == 1 and np.isfinite(first)
+
+
 def test_fit_model_fixture_starts_fresh(fit_model):
     """What the tests sharing ``fit_model`` rely on: every variable is back at its initial value
     (no steps taken, EMA = weights) however the model was trained before."""

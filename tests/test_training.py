@@ -269,6 +269,12 @@ def test_clipped_adam_records_norm_and_clips():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(clipped[0]), [0.6, 0.0], rtol=1e-6)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(clipped[1]), 0.8, rtol=1e-6)
     assert float(keras.ops.convert_to_numpy(optimizer.grad_norm)) == pytest.approx(5.0)
+    # A second build (compile builds it on TensorFlow, bin/train and restore call it again)
+    # keeps the variables: one grad_norm, the same slots.
+    count = len(optimizer.variables)
+    optimizer.build(variables)
+    assert len(optimizer.variables) == count
+    assert [v.path for v in optimizer.variables].count(optimizer.grad_norm.path) == 1
     loose = optimizers.ClippedAdam(clip_norm=None, learning_rate=0.1)
     loose.build(variables)
     unclipped = loose._clip_gradients(grads)
