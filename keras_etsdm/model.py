@@ -428,10 +428,10 @@ class DiffusionModel(keras.Model):
 
         Why: without a distribution strategy Keras's TensorFlow trainer creates them inside
         the first trace of the training step, and a ``tf.function`` that creates variables is
-        traced a second time — on the CIFAR-10 U-Net that doubled the ~10 s trace of the
-        first ``fit`` / ``train_on_batch`` (benchmarks/first_call.py). JAX builds them before
-        tracing anyway. Skipped while the network is unbuilt (Keras then builds as before).
-        """
+        traced a second time: on the CIFAR-10 U-Net the first ``fit`` / ``train_on_batch``
+        took 31 s instead of 18 (benchmarks/results/first_call_tf_trace_once). JAX builds them
+        before tracing anyway. Skipped while the network is unbuilt (Keras then builds as
+        before)."""
         super().compile(*args, **kwargs)
         if (etsdm_backend.backend_name() == "tensorflow" and self.optimizer is not None
                 and not self.optimizer.built
