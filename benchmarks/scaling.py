@@ -46,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
+    p.add_argument("--worker_per_entry", action="store_true",
+                   help="A fresh worker process per grid entry, so that each row's peak RSS is "
+                        "its own (one worker per backend otherwise: the peak is the largest so "
+                        "far).")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -115,12 +119,12 @@ def worker_main(args):
 def report(header, rows, roof):
     lines = [header, "",
              "| network | resolution | batch | task | backend | img/s | GFLOP/s | % of roof | "
-             "1st call s | params |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+             "1st call s | params | peak RSS MiB |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['network']} | {r['resolution']} | {r['batch']} | {r['task']} | "
-                         f"{r['backend']} | — | — | — | — | {r['error']} |")
+                         f"{r['backend']} | — | — | — | — | {r['error']} | — |")
             continue
         gflops = r.get("gflops")
         lines.append(
@@ -128,9 +132,12 @@ def report(header, rows, roof):
             f"{r['backend']} | {r['images_per_s']:.2f} | "
             f"{'—' if gflops is None else f'{gflops:.0f}'} | "
             f"{'—' if gflops is None else f'{100 * gflops / roof:.0f} %'} | "
-            f"{r['first_call_s']:.1f} | {r['params'] / 1e6:.1f} M |")
+            f"{r['first_call_s']:.1f} | {r['params'] / 1e6:.1f} M | "
+            f"{r['peak_rss_mib']:,.0f}{'' if r.get('own_worker') else ' ≤'} |")
     lines += ["", "GFLOP/s: forward FLOPs from XLA's cost analysis (JAX), training step = 3× "
-                  "forward; % of roof: of the numpy float32 matmul roof above."]
+                  "forward; % of roof: of the numpy float32 matmul roof above. Peak RSS: of the "
+                  "worker process; '≤' where the worker had run earlier rows (the largest so "
+                  "far), else this row's own."]
     return "\n".join(lines) + "\n"
 
 
@@ -145,9 +152,13 @@ def main(args):
         worker = harness.Worker(backend, argv, env={"KERAS_BACKEND": backend},
                                 malloc="hugetlb")
         try:
-            for name, size, batch, task in grid:
+            for index, (name, size, batch, task) in enumerate(grid):
+                if args.worker_per_entry and index:
+                    worker.close()
+                    worker = harness.Worker(backend, argv, env={"KERAS_BACKEND": backend},
+                                            malloc="hugetlb")
                 row = {"network": name, "resolution": size, "batch": batch, "task": task,
-                       "backend": backend}
+                       "backend": backend, "own_worker": args.worker_per_entry or index == 0}
                 try:
                     res = worker.request("measure", network=name, resolution=size, batch=batch,
                                          task=task, repeats=args.repeats)
