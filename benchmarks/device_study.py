@@ -119,6 +119,13 @@ flags.DEFINE_integer("max_units_per_call", 0, "Stop after this many units of wor
                      flag_values=FLAGS)
 flags.DEFINE_integer("train_chunk_steps", 0, "At most this many training steps per training "
                      "unit (0: until the time budget says stop).", flag_values=FLAGS)
+flags.DEFINE_multi_string("trained_models", [], "Models trained elsewhere, used instead of "
+                          "training that (arm, seed): arm:seed=<bin/train work directory>, e.g. "
+                          "etsdm:2=runs/recipe_study/no_attention_ematracks-seed2 (repeat the "
+                          "flag or separate entries by commas). The directory is only read; its "
+                          "operative_config.gin must say the arm (USE_ETSDM) and seed "
+                          "(train.seed, train.data_seed, build_model.seed) and its latest "
+                          "checkpoint be at the study's step count.", flag_values=FLAGS)
 flags.DEFINE_boolean("quick", False, "Tiny CPU pipeline (seconds of compute, not an "
                      "experiment).", flag_values=FLAGS)
 
@@ -153,6 +160,7 @@ class Options:
     quick: bool
     command: str
     backend: str
+    trained_models: dict = dataclasses.field(default_factory=dict)  # (arm, seed) -> work dir
 
     def study_config(self):
         """What defines the study (must not change between calls); budgets may."""
@@ -163,6 +171,8 @@ class Options:
                 "eval_seed": self.eval_seed, "reference_stats": self.reference_stats,
                 "reference_data": self.reference_data, "extractor": self.extractor,
                 "quick": self.quick,
+                "trained_models": {f"{arm}:{seed}": path for (arm, seed), path
+                                   in sorted(self.trained_models.items())},
                 # the backends draw different sampling noise from the same seeds: one study,
                 # one backend
                 "backend": self.backend}
@@ -204,12 +214,14 @@ def parse_options(argv):
     settings = list(FLAGS.settings or (QUICK_SETTINGS if quick else FULL_SETTINGS))
     for name in settings:
         parse_setting(name)  # fail now on a typo
+    seeds = [int(s) for s in (FLAGS.seeds or (["0", "1"] if quick else ["0", "1", "2"]))]
+    trained_models = parse_trained_models(
+        [e for value in FLAGS.trained_models for e in value.split(",") if e.strip()], seeds)
     command = "python " + " ".join(shlex.quote(a) for a in argv)
     margin = FLAGS.margin_seconds
-    seeds = FLAGS.seeds or (["0", "1"] if quick else ["0", "1", "2"])
     return Options(
         workdir=FLAGS.workdir, gin_files=gin_files, gin_bindings=bindings,
-        data_dir=FLAGS.data_dir, seeds=[int(s) for s in seeds],
+        data_dir=FLAGS.data_dir, seeds=seeds,
         train_steps=FLAGS.train_steps or (4 if quick else None), settings=settings,
         num_samples=num_samples, ddpm_num_samples=FLAGS.ddpm_num_samples or num_samples,
         chunk_size=FLAGS.chunk_size or (8 if quick else 1000),
@@ -219,7 +231,60 @@ def parse_options(argv):
         budget_seconds=FLAGS.budget_minutes * 60.0,
         margin_seconds=margin if margin is not None else (2.0 if quick else 45.0),
         max_units_per_call=FLAGS.max_units_per_call, train_chunk_steps=FLAGS.train_chunk_steps,
-        quick=quick, command=command, backend=backend)
+        quick=quick, command=command, backend=backend, trained_models=trained_models)
+
+
+def parse_trained_models(entries, seeds):
+    """``["etsdm:2=runs/x", ...]`` → ``{("etsdm", 2): "runs/x"}`` (checked: arm, seed, folder)."""
+    models = {}
+    for entry in entries:
+        key, sep, path = entry.partition("=")
+        arm, colon, seed = key.partition(":")
+        if not (sep and colon and path and seed.strip().lstrip("-").isdigit()):
+            raise StudyError(f"--trained_models entry {entry!r} is not arm:seed=<work directory> "
+                             f"(e.g. etsdm:2=runs/recipe_study/no_attention_ematracks-seed2).")
+        arm, seed = arm.strip(), int(seed)
+        if arm not in ARMS:
+            raise StudyError(f"--trained_models entry {entry!r}: arm {arm!r} is not one of "
+                             f"{', '.join(ARMS)}.")
+        if seed not in seeds:
+            raise StudyError(f"--trained_models entry {entry!r}: seed {seed} is not one of the "
+                             f"study's --seeds {seeds}.")
+        if (arm, seed) in models:
+            raise StudyError(f"--trained_models names {arm}:{seed} twice.")
+        # the directory is checked when its stage comes up: it may still be training now
+        models[(arm, seed)] = path
+    return models
+
+
+def check_trained_model(opts, arm, seed, target_steps):
+    """The step of a given model's latest checkpoint, after checking that its operative config
+    is this (arm, seed) of the study and that it trained for the study's step count."""
+    from keras_etsdm.checkpoint import list_checkpoints
+
+    workdir = opts.trained_models[(arm, seed)]
+    if not os.path.isdir(workdir):
+        raise StudyError(f"--trained_models {arm}:{seed}: {workdir} is not a directory.")
+    config_path = os.path.join(workdir, "operative_config.gin")
+    if not os.path.isfile(config_path):
+        raise StudyError(f"--trained_models {arm}:{seed}: {config_path} is missing (expected a "
+                         f"bin/train work directory).")
+    with open(config_path) as f:
+        text = f.read()
+    expected = {"USE_ETSDM": str(arm == "etsdm"), "train.seed": str(seed),
+                "train.data_seed": str(seed), "build_model.seed": str(seed)}
+    for name, value in expected.items():
+        found = [line.split("=", 1)[1].strip() for line in text.splitlines()
+                 if line.split("=", 1)[0].strip() == name]
+        if found != [value]:
+            raise StudyError(f"--trained_models {arm}:{seed}: {config_path} has {name} = "
+                             f"{found[0] if found else '(unset)'}, expected {value}.")
+    checkpoints = list_checkpoints(workdir)
+    step, checkpoint = checkpoints[-1] if checkpoints else (None, None)
+    if step != target_steps:
+        raise StudyError(f"--trained_models {arm}:{seed}: the latest checkpoint in {workdir} is "
+                         f"at step {step}, the study's models train {target_steps} steps.")
+    return checkpoint
 
 
 # ----- sampler settings ---------------------------------------------------------------------------
@@ -314,6 +379,8 @@ def save_state(opts, state):
 
 
 def model_dir(opts, arm, seed):
+    if (arm, seed) in opts.trained_models:
+        return opts.trained_models[(arm, seed)]
     return os.path.join(opts.workdir, "models", f"{arm}_seed{seed}")
 
 
@@ -513,6 +580,13 @@ class Runner:
         opts = self.opts
         target = self.state["train_steps"]
         workdir = model_dir(opts, stage["arm"], stage["seed"])
+        if (stage["arm"], stage["seed"]) in opts.trained_models:
+            t0 = time.time()
+            checkpoint = check_trained_model(opts, stage["arm"], stage["seed"], target)
+            stage.update(status="done", step=target, given=workdir,
+                         checkpoint=os.path.abspath(checkpoint))
+            self.done_unit(stage, time.time() - t0, f"trained elsewhere: {checkpoint}")
+            return True
         while True:
             if stage["step"] >= target:
                 stage["status"] = "done"
@@ -589,7 +663,9 @@ class Runner:
             from keras_etsdm.checkpoint import load_model
 
             self._models.clear()  # one model in memory at a time
-            self._models[key] = load_model(workdir=model_dir(self.opts, arm, seed),
+            # a model trained elsewhere is read at the study's step, whatever came after
+            step = self.state["train_steps"] if key in self.opts.trained_models else None
+            self._models[key] = load_model(workdir=model_dir(self.opts, arm, seed), step=step,
                                            use_ema=True)
         return self._models[key]
 

@@ -155,3 +155,53 @@ def test_time_budget_stops_training_with_a_checkpoint(tmp_path):
     checkpoint = latest_checkpoint(os.path.join(workdir, "models", "ddpm_seed0"))
     assert checkpoint.endswith(f"ckpt-{stage['step']:08d}")
     assert _stage(_state(workdir), "train/etsdm/seed0")["step"] == 0  # nothing started after
+
+
+def test_trained_models_are_used_instead_of_training(tmp_path):
+    """--trained_models: a (arm, seed) trained elsewhere (here: by another study) is read, not
+    retrained, sampled at the study's step with the study's noise (the same images as the study
+    that trained it), and checked: arm, seed and step must match, entries must parse."""
+    first = str(tmp_path / "first")
+    done, _ = _call(first, "--seeds=0")
+    assert done
+    given = {arm: os.path.join(first, "models", f"{arm}_seed0") for arm in ds.ARMS}
+    before = {arm: sorted(os.listdir(os.path.join(path, "checkpoints")))
+              for arm, path in given.items()}
+
+    second = str(tmp_path / "second")
+    done, lines = _call(second, "--seeds=0",
+                        *[f"--trained_models={arm}:0={path}" for arm, path in given.items()])
+    assert done, lines
+    state = _state(second)
+    for arm, path in given.items():
+        stage = _stage(state, f"train/{arm}/seed0")
+        assert stage["given"] == path and stage["step"] == 4 and stage["calls"] == []
+        assert stage["checkpoint"].endswith("ckpt-00000004")
+        assert sorted(os.listdir(os.path.join(path, "checkpoints"))) == before[arm]
+    assert not os.path.exists(os.path.join(second, "models"))  # nothing trained here
+    import numpy as np
+
+    for arm in ds.ARMS:
+        for chunk in (0, 1):
+            name = os.path.join("samples", f"{arm}_seed0", SETTINGS[0], f"chunk-{chunk:05d}.npz")
+            with np.load(os.path.join(first, name)) as a, np.load(os.path.join(second, name)) as b:
+                np.testing.assert_array_equal(a["images"], b["images"])
+    assert _state(second)["config"]["trained_models"] == {
+        f"{arm}:0": path for arm, path in sorted(given.items())}
+
+    # the DDPM arm's directory given as E-TSDM: refused before anything is sampled
+    with pytest.raises(ds.StudyError, match=r"USE_ETSDM = False, expected True"):
+        _call(str(tmp_path / "wrong_arm"), "--seeds=0", f"--trained_models=etsdm:0={given['ddpm']}")
+    # its seed is 0, not 1
+    with pytest.raises(ds.StudyError, match=r"train.seed = 0, expected 1"):
+        _call(str(tmp_path / "wrong_seed"), "--seeds=1",
+              f"--trained_models=ddpm:1={given['ddpm']}")
+    # the study trains 8 steps, the given model 4
+    with pytest.raises(ds.StudyError, match=r"at step 4, the study's models train 8 steps"):
+        _call(str(tmp_path / "wrong_steps"), "--seeds=0", "--train_steps=8",
+              f"--trained_models=ddpm:0={given['ddpm']}")
+    for entry, message in [("ddpm=x", "is not arm:seed="), ("dpm:0=x", "arm 'dpm'"),
+                           ("ddpm:3=x", "seed 3 is not one of"), ("ddpm:0=/nowhere", "not a "
+                                                                  "directory")]:
+        with pytest.raises(ds.StudyError, match=message):
+            _call(str(tmp_path / "bad"), "--seeds=0", f"--trained_models={entry}")
