@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--cpu_tuning", default="tuned",
                    help="comma-separated start-up tunings (keras_etsdm/cpu_tuning.py), one worker "
                         "per backend and value: tuned (as bin/ starts), no_xla_flag (JAX only: "
-                        "jaxlib's default YNNPACK convolutions), no_hugetlb (glibc malloc as is)")
+                        "jaxlib's default YNNPACK convolutions), no_hugetlb (glibc malloc as is), "
+                        "concurrency_scheduler (JAX only: tuned, but XLA CPU's "
+                        "concurrency-optimized scheduler on, jaxlib's default)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
@@ -222,7 +224,10 @@ def forward_flops_via_jax(args):
         worker.close()
 
 
-CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb")
+CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler")
+# JAX only: XLA CPU's concurrency-optimized scheduler on (jaxlib's default, which the tuning
+# turns off on AVX-512), the other tuned flags as they are
+CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
 
 
 def start_worker(args, backend, jit_compile, name, tuning="tuned"):
@@ -237,6 +242,9 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
     env = {"KERAS_BACKEND": backend}
     if tuning == "no_xla_flag":
         env["KERAS_ETSDM_CPU_TUNING"] = "0"  # read by the worker's XLA flag only; malloc is set
+    if tuning == "concurrency_scheduler":
+        env["XLA_FLAGS"] = " ".join(
+            f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
     return harness.Worker(name, argv, env=env, log_path=log,
                           malloc="default" if tuning == "no_hugetlb" else "hugetlb")
 
@@ -253,7 +261,7 @@ def main(args):
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning in tunings:
-            if tuning == "no_xla_flag" and backend != "jax":
+            if tuning in ("no_xla_flag", "concurrency_scheduler") and backend != "jax":
                 continue
             suffix = "" if tuning == "tuned" else f"[{tuning}]"
             if backend == "tensorflow":

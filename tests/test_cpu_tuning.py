@@ -67,11 +67,33 @@ def test_bin_startup_reexecs_once_with_the_same_arguments(repo_root, tmp_path):
 
 
 # ----- XLA_FLAGS for JAX on CPU -----------------------------------------------------------------
+AVX2 = {"avx2", "fma"}
+AVX512 = {"avx2", "fma", "avx512f", "avx512_bf16"}
+
+
 def test_xla_flag_added_for_jaxlib_0_10_and_kept_with_other_flags():
     flag = cpu_tuning.JAX_XLA_CPU_FLAG
-    assert tuned_xla_flags({}, jaxlib_version=(0, 10)) == flag
-    assert tuned_xla_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, jaxlib_version=(0, 10, 2)) \
-        == f"--xla_dump_to=/tmp/x {flag}"
+    assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=AVX2) == flag
+    assert tuned_xla_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, jaxlib_version=(0, 10, 2),
+                           cpu_flags=AVX2) == f"--xla_dump_to=/tmp/x {flag}"
+
+
+def test_scheduler_flag_only_on_avx512_and_never_over_the_users_choice():
+    """XLA's concurrency-optimized scheduler goes off only where it was measured (AVX-512);
+    a scheduler or YNN setting of the user's stays, the other flag is still added."""
+    ynn, scheduler = cpu_tuning.JAX_XLA_CPU_FLAG, cpu_tuning.JAX_XLA_SCHEDULER_FLAG
+    assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=AVX512) == f"{ynn} {scheduler}"
+    assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=set()) == ynn  # not Linux
+    user = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+    assert tuned_xla_flags({"XLA_FLAGS": user}, jaxlib_version=(0, 10), cpu_flags=AVX512) == \
+        f"{user} {ynn}"
+    user_ynn = "--xla_cpu_experimental_ynn_fusion_type=+dot"
+    assert tuned_xla_flags({"XLA_FLAGS": user_ynn}, jaxlib_version=(0, 10),
+                           cpu_flags=AVX512) == f"{user_ynn} {scheduler}"
+    assert tuned_xla_flags({"XLA_FLAGS": f"{user_ynn} {user}"}, jaxlib_version=(0, 10),
+                           cpu_flags=AVX512) is None
+    assert tuned_xla_flags({OPT_OUT: "0"}, jaxlib_version=(0, 10), cpu_flags=AVX512) is None
+    assert tuned_xla_flags({}, jaxlib_version=(0, 11), cpu_flags=AVX512) is None
 
 
 @pytest.mark.parametrize("environ,version", [
@@ -81,7 +103,7 @@ def test_xla_flag_added_for_jaxlib_0_10_and_kept_with_other_flags():
 ])
 def test_xla_flag_left_alone(environ, version, monkeypatch):
     monkeypatch.setattr(cpu_tuning, "_jaxlib_version", lambda: None)
-    assert tuned_xla_flags(environ, jaxlib_version=version) is None
+    assert tuned_xla_flags(environ, jaxlib_version=version, cpu_flags=AVX2) is None
 
 
 @pytest.mark.parametrize("flags,enabled", [
@@ -130,7 +152,7 @@ def test_explicit_tuning_before_jax_starts_and_a_warning_after():
                          timeout=300, env=_clean_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr[-2000:]
     before, after = out.stdout.strip().splitlines()[-2:]
-    assert before == f"True {cpu_tuning.JAX_XLA_CPU_FLAG}"
+    assert before == f"True {tuned_xla_flags({})}"  # this machine's flags (ISA-dependent)
     assert after.startswith("False None [") and "JAX has already started" in after
 
 
@@ -146,7 +168,8 @@ def test_jax_xla_environ_only_for_jax_on_cpu(environ, expected):
     if not expected or tuned_xla_flags({}) is None:
         assert new is None
     else:
-        assert new["XLA_FLAGS"] == cpu_tuning.JAX_XLA_CPU_FLAG and "XLA_FLAGS" not in environ
+        assert new["XLA_FLAGS"] == tuned_xla_flags({}) and "XLA_FLAGS" not in environ
+        assert cpu_tuning.JAX_XLA_CPU_FLAG in new["XLA_FLAGS"]
 
 
 def test_keras_backend_as_keras_chooses_it(tmp_path):
