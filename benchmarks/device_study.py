@@ -744,7 +744,7 @@ class Runner:
         return True
 
     def _run_report(self, stage):
-        write_report(self.opts, self.state, final=True)
+        write_report(self.opts, self.state, final=True, current_call=self.call)
         stage["status"] = "done"
         save_state(self.opts, self.state)
         return True
@@ -835,14 +835,17 @@ def _backend():
     return keras.backend.backend()
 
 
-def write_report(opts, state, final=False):
+def write_report(opts, state, final=False, current_call=None):
+    """report.md / report.json from the state; ``current_call``: the running call's record,
+    which ``state["calls"]`` gets only when the call ends (its units count in the wall time)."""
     sys.path.insert(0, REPO_ROOT)
     from benchmarks import comparison
     from keras_etsdm.io_utils import atomic_write_text, write_json
 
     results = build_results(opts, state)
     pending = [s["id"] for s in state["stages"] if s["status"] != "done" and s["kind"] != "report"]
-    wall = sum(sum(u["seconds"] for u in c.get("units", [])) for c in state["calls"])
+    calls = state["calls"] + ([current_call] if current_call is not None else [])
+    wall = sum(sum(u["seconds"] for u in c.get("units", [])) for c in calls)
     results["complete"] = final and not pending
     results["pending_stages"] = pending
     results["total_seconds"] = wall

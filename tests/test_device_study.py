@@ -90,6 +90,9 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
     with open(os.path.join(workdir, "report.json")) as f:
         report = json.load(f)
     assert report["complete"] and not report["pending_stages"]
+    # the wall time counts every call's units, the call that wrote the report included
+    assert report["total_seconds"] == pytest.approx(
+        sum(u["seconds"] for c in state["calls"] for u in c["units"]))
     (testbed,) = report["testbeds"].values()
     assert sorted((r["arm"], r["seed"]) for r in testbed["runs"]) == \
         [("ddpm", 0), ("ddpm", 1), ("etsdm", 0), ("etsdm", 1)]
