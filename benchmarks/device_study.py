@@ -258,8 +258,8 @@ def parse_trained_models(entries, seeds):
 
 
 def check_trained_model(opts, arm, seed, target_steps):
-    """The step of a given model's latest checkpoint, after checking that its operative config
-    is this (arm, seed) of the study and that it trained for the study's step count."""
+    """The path of a given model's latest checkpoint, after checking that its operative config
+    is this (arm, seed) of the study and that the checkpoint is at the study's step count."""
     from keras_etsdm.checkpoint import list_checkpoints
 
     workdir = opts.trained_models[(arm, seed)]

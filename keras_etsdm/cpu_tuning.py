@@ -41,10 +41,9 @@ XLA CPU's memory-saving scheduler on AVX-512.
    2,926 MiB (``benchmarks/memory.py``, runs alternated, ``benchmarks/results/jax_scheduler``),
    at the same speed: paired img/s default ÷ without 0.99× [0.88, 1.06], 15 rounds (3.79 vs
    3.87 img/s). The resident set between steps is unchanged (~2.15 GiB): the saving is in the
-   temporaries a step holds at once. Measured
-   on an AVX-512 machine only (AMD EPYC, avx512f / avx512_vnni / avx512_bf16), so it is applied
-   only where ``avx512f`` is in ``/proc/cpuinfo``; other CPUs keep XLA's default. Set with
-   item 2, by the same functions.
+   temporaries a step holds at once. Measured on an AVX-512 machine only (AMD EPYC, avx512f /
+   avx512_vnni / avx512_bf16), so it is applied only where ``avx512f`` is in ``/proc/cpuinfo``;
+   other CPUs keep XLA's default. Set with item 2, by the same functions.
 
 Standard library only: ``bin/`` scripts load this file before importing the package (whose
 import takes 5–10 s), so the re-exec is cheap.
