@@ -34,6 +34,10 @@ same batches. It stops on a timer through the run driver's own SIGTERM path (che
 stop) and resumes from the latest checkpoint on the next call. Every chunk of a seed uses the
 same noise for both arms and every setting (noise seed from (seed, chunk index)). A killed call
 loses at most the chunk / the training steps since the last checkpoint it was working on.
+
+A study can grow: calling it again with more ``--settings`` (the saved list first, new ones at
+the end) appends their stages, setting by setting for every seed and arm, before ``report``;
+everything already sampled and scored is kept. Any other change to the study is refused.
 """
 
 import dataclasses
@@ -90,7 +94,8 @@ flags.DEFINE_integer("train_steps", None, "Training steps per model (default: th
                      "config's train.max_steps; --quick: 4).", flag_values=FLAGS)
 flags.DEFINE_list("settings", None, "Sampler settings <kind>-<NFE>[-<grid>], kind in ddim, "
                   "ddpm, dpm++2m, dpm++3m, dpm2s, dpm3s; grid: DDIM spacing or DPM-Solver "
-                  "skip_type (default: the 17 settings of issue 15).", flag_values=FLAGS)
+                  "skip_type (default: the 17 settings of issue 15). On an existing study, "
+                  "settings added at the end of its list are appended.", flag_values=FLAGS)
 flags.DEFINE_integer("num_samples", None, "N: samples per (arm, seed, setting) (default "
                      "10000; --quick: 16).", flag_values=FLAGS)
 flags.DEFINE_integer("ddpm_num_samples", None, "N for ddpm-1000 (1000 NFE per image; "
@@ -338,20 +343,55 @@ def make_plan(opts):
                            "seed": seed, "status": "pending", "step": 0, "calls": []})
         for arm in ARMS:
             for setting in opts.settings:
-                n = opts.ddpm_num_samples if setting.startswith("ddpm-") else opts.num_samples
-                chunks = -(-n // opts.chunk_size)
-                stages.append({"id": f"sample/{arm}/seed{seed}/{setting}", "kind": "sample",
-                               "arm": arm, "seed": seed, "setting": setting, "status": "pending",
-                               "num_samples": n, "num_chunks": chunks, "chunks_done": 0,
-                               "chunk_seconds": []})
-                stages.append({"id": f"score/{arm}/seed{seed}/{setting}", "kind": "score",
-                               "arm": arm, "seed": seed, "setting": setting,
-                               "status": "pending"})
+                stages += [s for s in setting_stages(opts, setting, [seed]) if s["arm"] == arm]
     stages.append({"id": "report", "kind": "report", "status": "pending"})
     return stages
 
 
-def load_or_create_state(opts):
+def setting_stages(opts, setting, seeds):
+    """The sample and score stages of one setting, per seed and arm."""
+    n = opts.ddpm_num_samples if setting.startswith("ddpm-") else opts.num_samples
+    chunks = -(-n // opts.chunk_size)
+    stages = []
+    for seed in seeds:
+        for arm in ARMS:
+            stages.append({"id": f"sample/{arm}/seed{seed}/{setting}", "kind": "sample",
+                           "arm": arm, "seed": seed, "setting": setting, "status": "pending",
+                           "num_samples": n, "num_chunks": chunks, "chunks_done": 0,
+                           "chunk_seconds": []})
+            stages.append({"id": f"score/{arm}/seed{seed}/{setting}", "kind": "score",
+                           "arm": arm, "seed": seed, "setting": setting,
+                           "status": "pending"})
+    return stages
+
+
+def add_settings(opts, state, log=print):
+    """Appends to a study the settings that ``opts.settings`` lists after the saved ones.
+
+    The new stages run setting by setting (every seed and arm of one setting before the next),
+    so a budget that runs out leaves whole settings scored; the report is rewritten at the end.
+    Returns the names added (none when the lists agree)."""
+    saved = state["config"]["settings"]
+    if opts.settings[:len(saved)] != saved:
+        raise StudyError(f"--settings may only append to the study's settings {saved} "
+                         f"(same order, new ones at the end); got {opts.settings}. Use a new "
+                         f"--workdir for another selection.")
+    added = opts.settings[len(saved):]
+    if added:
+        new = [st for setting in added for st in setting_stages(opts, setting, opts.seeds)]
+        report = [s for s in state["stages"] if s["kind"] == "report"]
+        state["stages"] = [s for s in state["stages"] if s["kind"] != "report"] + new + report
+        for stage in report:
+            stage["status"] = "pending"
+        state["config"]["settings"] = list(opts.settings)
+        state.setdefault("settings_added", []).append({"time": time.time(), "settings": added})
+        save_state(opts, state)
+        log(f"Added {len(added)} setting(s) to the study ({', '.join(added)}): "
+            f"{len(new)} new stages.")
+    return added
+
+
+def load_or_create_state(opts, log=print):
     path = os.path.join(opts.workdir, STATE_FILE)
     config = opts.study_config()
     if os.path.isfile(path):
@@ -359,6 +399,9 @@ def load_or_create_state(opts):
             state = json.load(f)
         saved = state.get("config", {})
         changed = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+        if changed == ["settings"]:  # a grown settings list: append, keep everything done
+            add_settings(opts, state, log)
+            changed = []
         if changed:
             raise StudyError(f"{path} is a study with other settings ({', '.join(changed)} "
                              f"differ: saved {[saved.get(k) for k in changed]}, now "
@@ -868,7 +911,7 @@ def write_report(opts, state, final=False, current_call=None):
 def run_study(opts, log=print):
     """One call: runs stages until done or the budget is spent. Returns (done, state)."""
     check_setup(opts)
-    state = load_or_create_state(opts)
+    state = load_or_create_state(opts, log)
     if "train_steps" not in state:
         import gin
 

@@ -116,6 +116,33 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
     with pytest.raises(ds.StudyError, match="num_samples"):
         _call(workdir, "--num_samples=32")
 
+    # A grown settings list: the new setting's stages come after everything done, setting by
+    # setting, before the report; nothing sampled before is redrawn; the report has both.
+    chunks_before = {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}
+    grown = [*SETTINGS, "dpm++2m-5-logSNR"]
+    lines = []
+    done, _ = ds.run_study(ds.parse_options([SCRIPT, f"--workdir={workdir}", "--quick",
+                                             f"--settings={','.join(grown)}"]), log=lines.append)
+    assert done and lines[0] == ("Added 1 setting(s) to the study (dpm++2m-5-logSNR): "
+                                 "8 new stages.")
+    state = _state(workdir)
+    assert state["config"]["settings"] == grown
+    assert [s["id"] for s in state["stages"][-9:]] == [
+        f"{kind}/{arm}/seed{seed}/dpm++2m-5-logSNR" for seed in (0, 1) for arm in ds.ARMS
+        for kind in ("sample", "score")] + ["report"]
+    assert {p: t for p, t in {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}.items()
+            if p in chunks_before} == chunks_before
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    assert report["complete"]
+    for run in next(iter(report["testbeds"].values()))["runs"]:
+        assert set(run["metrics"]) == set(grown)
+    # dropping or reordering settings is refused
+    for settings in (grown[1:], grown[::-1]):
+        with pytest.raises(ds.StudyError, match="may only append"):
+            ds.run_study(ds.parse_options([SCRIPT, f"--workdir={workdir}", "--quick",
+                                           f"--settings={','.join(settings)}"]))
+
 
 def test_missing_data_is_one_clear_line(tmp_path, capsys):
     code = ds.main([SCRIPT, f"--workdir={tmp_path}", "--gin_file=cifar10.gin",
