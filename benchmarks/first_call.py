@@ -104,8 +104,8 @@ def run_process(args, backend, cache_root):
     """A fresh worker process for ``backend``; cache_root None = cache off. Returns its dict."""
     tuning = harness._cpu_tuning()
     cache = harness._compilation_cache()
-    env = harness.malloc_environ(os.environ, "hugetlb")
-    env.update({"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    env = harness.malloc_environ(dict(os.environ, KERAS_BACKEND=backend), "hugetlb")
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "2"})
     for name in ("JAX_COMPILATION_CACHE_DIR", "TF_XLA_FLAGS"):
         env.pop(name, None)
     env = tuning.jax_xla_environ(env) or env

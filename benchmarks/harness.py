@@ -234,14 +234,16 @@ def worker_loop(handlers):
 
 
 # ----- parent side --------------------------------------------------------------------------
-def malloc_environ(environ, mode):
-    """``environ`` for a worker under malloc ``mode``: "hugetlb" adds glibc's huge-page tunable
-    where it helps, as the bin/ entry points do (keras_etsdm/cpu_tuning.py); "default" leaves it."""
+def malloc_environ(environ, mode, backend=None):
+    """``environ`` for a worker under malloc ``mode``: "hugetlb" adds glibc's malloc tunables
+    where they help, as the bin/ entry points do (keras_etsdm/cpu_tuning.py: huge pages; for JAX
+    on AVX-512 also keeping freed memory); "default" leaves malloc as it is. ``backend``: the
+    worker's framework (default: the Keras backend ``environ`` selects)."""
     if mode == "default":
         return dict(environ)
     if mode != "hugetlb":
         raise ValueError(f"malloc mode must be 'hugetlb' or 'default', got {mode!r}")
-    return _cpu_tuning().tuned_environ(environ) or dict(environ)
+    return _cpu_tuning().tuned_environ(environ, backend=backend) or dict(environ)
 
 
 def _cpu_tuning():
@@ -263,11 +265,12 @@ def _compilation_cache():
 class Worker:
     """A benchmark worker subprocess (one framework / Keras backend)."""
 
-    def __init__(self, name, argv, env=None, log_path=None, malloc="default"):
+    def __init__(self, name, argv, env=None, log_path=None, malloc="default", backend=None):
         self.name = name
-        full_env = malloc_environ(os.environ, malloc)
+        # The worker's own variables (KERAS_BACKEND, a variant's GLIBC_TUNABLES) first: the
+        # malloc tuning depends on the backend and keeps a malloc choice the worker was given.
+        full_env = malloc_environ({**os.environ, **(env or {})}, malloc, backend)
         full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        full_env.update(env or {})
         # As bin/ start-up: JAX workers on CPU get the XLA convolution flag before JAX starts.
         full_env = _cpu_tuning().jax_xla_environ(full_env) or full_env
         self.glibc_tunables = full_env.get("GLIBC_TUNABLES", "")

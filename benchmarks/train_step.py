@@ -56,7 +56,9 @@ def parse_args(argv=None):
                         "per backend and value: tuned (as bin/ starts), no_xla_flag (JAX only: "
                         "jaxlib's default YNNPACK convolutions), no_hugetlb (glibc malloc as is), "
                         "concurrency_scheduler (JAX only: tuned, but XLA CPU's "
-                        "concurrency-optimized scheduler on, jaxlib's default)")
+                        "concurrency-optimized scheduler on, jaxlib's default), no_retain_memory "
+                        "(huge pages, glibc's default arenas: without cpu_tuning's item 4, "
+                        "which JAX on AVX-512 gets), retain_memory (item 4 forced)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
@@ -224,7 +226,14 @@ def forward_flops_via_jax(args):
         worker.close()
 
 
-CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler")
+CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "no_retain_memory",
+               "retain_memory")
+# Huge pages, but glibc malloc's default arenas and mmap use (mmap_max=65536 is glibc's default;
+# setting it is a malloc choice the start-up tuning keeps): the JAX tuning before item 4 of
+# cpu_tuning. "retain_memory" forces item 4 on any backend / ISA.
+NO_RETAIN_MEMORY_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=65536"
+RETAIN_MEMORY_TUNABLES = "glibc.malloc.hugetlb=1:" + (
+    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184")
 # JAX only: XLA CPU's concurrency-optimized scheduler on (jaxlib's default, which the tuning
 # turns off on AVX-512), the other tuned flags as they are
 CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
@@ -242,6 +251,9 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
     env = {"KERAS_BACKEND": backend}
     if tuning == "no_xla_flag":
         env["KERAS_ETSDM_CPU_TUNING"] = "0"  # read by the worker's XLA flag only; malloc is set
+    if tuning in ("retain_memory", "no_retain_memory"):
+        env["GLIBC_TUNABLES"] = (RETAIN_MEMORY_TUNABLES if tuning == "retain_memory"
+                                 else NO_RETAIN_MEMORY_TUNABLES)
     if tuning == "concurrency_scheduler":
         env["XLA_FLAGS"] = " ".join(
             f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)

@@ -393,7 +393,8 @@ def start_worker(args, kind, backend, name, peer="eager"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
                                  f"expected tensorflow@sample_xla=0 or =1 (JAX always jits)")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
-    return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc)
+    return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc,
+                          backend=env.get("KERAS_BACKEND", "torch"))
 
 
 def batch_of(task, args):
@@ -642,8 +643,8 @@ def main(args):
         sample_jit = {name: info["sample_jit_compile"] for name, info in infos.items()
                       if "sample_jit_compile" in info}
         print(f"Keras sampling loops XLA-compiled: {sample_jit}", flush=True)
-        print(f"malloc ({args.malloc}), every worker: GLIBC_TUNABLES="
-              f"{workers[0].glibc_tunables!r}", flush=True)
+        print(f"malloc ({args.malloc}), GLIBC_TUNABLES per worker: "
+              f"{ {w.name: w.glibc_tunables for w in workers} }", flush=True)
         flops = next((i["forward_flops_per_image"] for i in infos.values()
                       if "forward_flops_per_image" in i), None)
         tasks = infos[REFERENCE]["tasks"]

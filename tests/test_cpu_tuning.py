@@ -11,7 +11,10 @@ import pytest
 from keras_etsdm import cpu_tuning
 from keras_etsdm.cpu_tuning import HUGETLB_TUNABLE, tuned_environ, tuned_xla_flags
 
-LINUX = dict(system="linux", glibc=(2, 36), thp_mode="madvise")
+# backend / cpu_flags fixed: the tests do not depend on this machine's ISA or KERAS_BACKEND
+LINUX = dict(system="linux", glibc=(2, 36), thp_mode="madvise", backend="tensorflow",
+             cpu_flags={"avx2", "fma", "avx512f"})
+RETAIN = cpu_tuning.RETAIN_TUNABLES
 
 
 def test_adds_the_tunable_on_linux_glibc_with_thp_madvise():
@@ -38,6 +41,43 @@ def test_opt_out(value):
                                       dict(thp_mode="never"), dict(thp_mode="always")])
 def test_nothing_to_gain(override):
     assert tuned_environ({}, **{**LINUX, **override}) is None
+
+
+def test_jax_on_avx512_also_keeps_freed_memory():
+    jax = {**LINUX, "backend": "jax"}
+    new = tuned_environ({"JAX_PLATFORMS": "cpu"}, **jax)
+    assert new["GLIBC_TUNABLES"] == f"{HUGETLB_TUNABLE}:{RETAIN}"
+    assert RETAIN == ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                      "glibc.malloc.trim_threshold=17179869184")
+    assert tuned_environ(new, **jax) is None  # after the re-exec: nothing more
+    # without huge pages to gain, the retaining tunables alone; older glibc: 2.26 has them
+    assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**jax, "thp_mode": "always"}) == {
+        "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": RETAIN}
+    assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**jax, "glibc": (2, 31)}) == {
+        "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": RETAIN}
+    assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**jax, "glibc": (2, 25),
+                                                      "thp_mode": "always"}) is None
+
+
+@pytest.mark.parametrize("override", [dict(backend="tensorflow"), dict(backend="torch"),
+                                      dict(cpu_flags={"avx2", "fma"})])
+def test_keeping_freed_memory_only_for_jax_on_avx512(override):
+    new = tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**LINUX, "backend": "jax", **override})
+    assert new["GLIBC_TUNABLES"] == HUGETLB_TUNABLE
+
+
+def test_keeping_freed_memory_not_on_accelerators_nor_over_the_users_malloc():
+    jax = {**LINUX, "backend": "jax"}
+    assert tuned_environ({"JAX_PLATFORMS": "cuda"}, **jax)["GLIBC_TUNABLES"] == HUGETLB_TUNABLE
+    for users in ("glibc.malloc.arena_max=4", "glibc.malloc.mmap_max=65536",
+                  "glibc.malloc.trim_threshold=1048576", "glibc.malloc.mmap_threshold=1048576"):
+        new = tuned_environ({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": users}, **jax)
+        assert new["GLIBC_TUNABLES"] == f"{users}:{HUGETLB_TUNABLE}"
+    # the backend as Keras chooses it, from the environment
+    assert cpu_tuning.retains_freed_memory({"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
+                                           cpu_flags={"avx512f"})
+    assert not cpu_tuning.retains_freed_memory(
+        {"KERAS_BACKEND": "tensorflow", "JAX_PLATFORMS": "cpu"}, cpu_flags={"avx512f"})
 
 
 def test_thp_mode_parses_the_sysfs_file(tmp_path):
