@@ -1,9 +1,9 @@
 """Start-up shared by the bin/ entry points; imported before anything heavy.
 
 Loads ``keras_etsdm/cpu_tuning.py`` by path (standard library only) rather than through the
-package, whose import takes 5–10 s, re-executes the process once with glibc's huge-page malloc
-tunable when that helps, and for JAX on CPU sets the XLA convolution flag before JAX starts (the
-module's docstring has the measurements). Then turns on the persistent XLA compilation cache
+package, whose import takes 5–10 s, re-executes the process once with glibc malloc tunables
+when they help (huge pages; for JAX on an AVX-512 CPU also keeping freed memory), and for JAX on
+CPU sets the XLA flags before JAX starts (the module's docstring has the measurements). Then turns on the persistent XLA compilation cache
 (``keras_etsdm/compilation_cache.py``, also loaded by path) so that a second run of the same
 model skips XLA's compilation.
 """
@@ -37,7 +37,7 @@ def tune_malloc():
 
 
 def tune_process():
-    """First thing in every entry point: huge-page malloc (re-exec), then XLA_FLAGS for JAX on
+    """First thing in every entry point: malloc tunables (re-exec), then XLA_FLAGS for JAX on
     CPU (never for GPU / TPU runs), then the persistent compilation cache."""
     tune_malloc()
     cpu_tuning = load_cpu_tuning()
