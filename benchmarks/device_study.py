@@ -343,18 +343,18 @@ def make_plan(opts):
                            "seed": seed, "status": "pending", "step": 0, "calls": []})
         for arm in ARMS:
             for setting in opts.settings:
-                stages += [s for s in setting_stages(opts, setting, [seed]) if s["arm"] == arm]
+                stages += setting_stages(opts, setting, [seed], [arm])
     stages.append({"id": "report", "kind": "report", "status": "pending"})
     return stages
 
 
-def setting_stages(opts, setting, seeds):
+def setting_stages(opts, setting, seeds, arms=ARMS):
     """The sample and score stages of one setting, per seed and arm."""
     n = opts.ddpm_num_samples if setting.startswith("ddpm-") else opts.num_samples
     chunks = -(-n // opts.chunk_size)
     stages = []
     for seed in seeds:
-        for arm in ARMS:
+        for arm in arms:
             stages.append({"id": f"sample/{arm}/seed{seed}/{setting}", "kind": "sample",
                            "arm": arm, "seed": seed, "setting": setting, "status": "pending",
                            "num_samples": n, "num_chunks": chunks, "chunks_done": 0,

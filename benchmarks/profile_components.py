@@ -117,7 +117,8 @@ def variants(batch, only, shapes="small"):
             build(L.AttentionBlock(1), (None, 16, 16, 128)), x_of(16, 128))}
     if "res" in only:
         groups["resblock"] = {}
-        for (h, ci), co in [(levels[0], levels[0][1]), (levels[1], levels[1][1])]:
+        for h, c in levels[:2]:
+            ci = co = c
             blk = L.ResBlock(co, dropout=0.0)
             blk.build(((None, h, h, ci), (None, 256)))
             emb = rng.standard_normal((batch, 256)).astype(np.float32)

@@ -44,11 +44,11 @@ def main(argv=None):
 
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     import harness
+    from vs_diffusers import unet_kwargs
 
     keras.utils.set_random_seed(0)
-    network = build_unet(image_size=32, channels=3, base_channels=args.base_channels,
-                         channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16,),
-                         dropout=0.1, num_heads=1)
+    network = build_unet(**unet_kwargs(argparse.Namespace(image_size=32,
+                                                          base_channels=args.base_channels)))
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
     model.compile(optimizer=keras.optimizers.Adam(2e-4),
                   jit_compile=etsdm_backend.default_train_jit_compile())

@@ -232,8 +232,6 @@ CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "n
 # setting it is a malloc choice the start-up tuning keeps): the JAX tuning before item 4 of
 # cpu_tuning. "retain_memory" forces item 4 on any backend / ISA.
 NO_RETAIN_MEMORY_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=65536"
-RETAIN_MEMORY_TUNABLES = "glibc.malloc.hugetlb=1:" + (
-    "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184")
 # JAX only: XLA CPU's concurrency-optimized scheduler on (jaxlib's default, which the tuning
 # turns off on AVX-512), the other tuned flags as they are
 CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
@@ -252,8 +250,10 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
     if tuning == "no_xla_flag":
         env["KERAS_ETSDM_CPU_TUNING"] = "0"  # read by the worker's XLA flag only; malloc is set
     if tuning in ("retain_memory", "no_retain_memory"):
-        env["GLIBC_TUNABLES"] = (RETAIN_MEMORY_TUNABLES if tuning == "retain_memory"
-                                 else NO_RETAIN_MEMORY_TUNABLES)
+        tuning_module = harness._cpu_tuning()
+        env["GLIBC_TUNABLES"] = (
+            f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
+            if tuning == "retain_memory" else NO_RETAIN_MEMORY_TUNABLES)
     if tuning == "concurrency_scheduler":
         env["XLA_FLAGS"] = " ".join(
             f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
