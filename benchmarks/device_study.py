@@ -92,10 +92,12 @@ flags.DEFINE_list("seeds", None, "Training seeds, the same for both arms (defaul
                   "--quick: 0,1).", flag_values=FLAGS)
 flags.DEFINE_integer("train_steps", None, "Training steps per model (default: the gin "
                      "config's train.max_steps; --quick: 4).", flag_values=FLAGS)
-flags.DEFINE_list("settings", None, "Sampler settings <kind>-<NFE>[-<grid>], kind in ddim, "
-                  "ddpm, dpm++2m, dpm++3m, dpm2s, dpm3s; grid: DDIM spacing or DPM-Solver "
-                  "skip_type (default: the 17 settings of issue 15). On an existing study, "
-                  "settings added at the end of its list are appended.", flag_values=FLAGS)
+flags.DEFINE_list("settings", None, "Sampler settings <kind>-<NFE>[-<grid>][-aware], kind in "
+                  "ddim, ddpm, dpm++2m, dpm++3m, dpm2s, dpm3s; grid: DDIM spacing or DPM-Solver "
+                  "skip_type; -aware: the sharing-aware grid for the E-TSDM arm (the DDPM arm "
+                  "samples the plain grid) (default: the 17 settings of issue 15). On an "
+                  "existing study, settings added at the end of its list are appended.",
+                  flag_values=FLAGS)
 flags.DEFINE_integer("num_samples", None, "N: samples per (arm, seed, setting) (default "
                      "10000; --quick: 16).", flag_values=FLAGS)
 flags.DEFINE_integer("ddpm_num_samples", None, "N for ddpm-1000 (1000 NFE per image; "
@@ -300,30 +302,45 @@ _DPM = {"dpm++2m": {"order": 2, "method": "multistep", "algorithm": "dpmsolver++
 
 
 def parse_setting(name):
-    """``"ddim-10-trailing"`` → ``("ddim", 10, {"spacing": "trailing"})`` (build_sampler args)."""
+    """``"ddim-10-trailing"`` → ``("ddim", 10, {"spacing": "trailing"})`` (build_sampler args).
+
+    A final ``-aware`` asks for the sampler's sharing-aware grid (``sharing_aware=True``: knots
+    on the E-TSDM model's piece boundaries), e.g. ``dpm++3m-20-time_uniform-aware``."""
     parts = name.split("-")
+    aware = len(parts) > 2 and parts[-1] == "aware"
+    if aware:
+        parts = parts[:-1]
     if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise StudyError(f"Setting {name!r} is not <kind>-<NFE>[-<grid>] (e.g. ddim-20-trailing, "
-                         f"dpm++2m-10-logSNR, ddpm-1000).")
+        raise StudyError(f"Setting {name!r} is not <kind>-<NFE>[-<grid>][-aware] (e.g. "
+                         f"ddim-20-trailing, dpm++2m-10-logSNR, ddpm-1000, "
+                         f"dpm++3m-20-time_uniform-aware).")
     kind, steps = parts[0], int(parts[1])
     grid = parts[2] if len(parts) == 3 else None
+    extra = {"sharing_aware": True} if aware else {}
     if kind == "ddim":
-        return "ddim", steps, {"spacing": grid or "uniform"}
+        return "ddim", steps, {"spacing": grid or "uniform", **extra}
     if kind == "ddpm":
         if grid:
             raise StudyError(f"Setting {name!r}: DDPM has no grid option.")
-        return "ddpm", steps, {}
+        return "ddpm", steps, extra
     if kind in _DPM:
-        return "dpm_solver", steps, {**_DPM[kind], "skip_type": grid or "time_uniform"}
+        return "dpm_solver", steps, {**_DPM[kind], "skip_type": grid or "time_uniform", **extra}
     raise StudyError(f"Setting {name!r}: unknown kind {kind!r}; expected ddim, ddpm, "
                      f"{', '.join(_DPM)}.")
 
 
-def build_setting_sampler(name, schedule):
+def build_setting_sampler(name, schedule, sharing=None):
+    """The sampler of a setting for a model with this ``sharing``.
+
+    An ``-aware`` setting gets the sharing-aware grid when ``sharing`` is enabled (the E-TSDM
+    arm) and the plain grid otherwise: the DDPM arm has no pieces to align with, so its
+    ``-aware`` samples are those of the plain setting (same noise), the pair's reference."""
     from keras_etsdm.samplers import build_sampler
 
     sampler, steps, options = parse_setting(name)
-    return build_sampler(sampler, schedule, steps, options)
+    if not options.pop("sharing_aware", False) or sharing is None or not sharing.enabled:
+        return build_sampler(sampler, schedule, steps, options)
+    return build_sampler(sampler, schedule, steps, {**options, "sharing_aware": True}, sharing)
 
 
 def noise_seed(eval_seed, training_seed, chunk):
@@ -716,7 +733,7 @@ class Runner:
         key = (setting, id(model))
         if key not in self._samplers:
             self._samplers = {k: v for k, v in self._samplers.items() if k[1] == id(model)}
-            self._samplers[key] = build_setting_sampler(setting, model.schedule)
+            self._samplers[key] = build_setting_sampler(setting, model.schedule, model.sharing)
         return self._samplers[key]
 
     def _run_sample(self, stage):
@@ -740,6 +757,10 @@ class Runner:
             if not os.path.isfile(path):  # a chunk file is complete once it exists (atomic)
                 model = self.model(stage["arm"], stage["seed"])
                 sampler = self.sampler(stage["setting"], model)
+                if "labels_below_t_tilde" not in stage:  # the grid this model really visits
+                    from keras_etsdm.samplers import labels_below
+
+                    stage["labels_below_t_tilde"] = labels_below(sampler, 100.0)
                 n = min(opts.chunk_size, stage["num_samples"] - chunk * opts.chunk_size)
                 seed = noise_seed(opts.eval_seed, stage["seed"], chunk)
                 images = generate(model, sampler, n, batch_size=opts.batch_size, seed=seed)
@@ -842,7 +863,14 @@ def build_results(opts, state):
     from keras_etsdm.samplers import labels_below
 
     schedule = DiscreteVPSchedule()
-    samplers = {name: build_setting_sampler(name, schedule) for name in opts.settings}
+    # an -aware setting's grid depends on the E-TSDM model's sharing: the one its sample
+    # stages recorded, else (nothing sampled yet) the default sharing of the schedule
+    samplers = {name: build_setting_sampler(name, schedule, schedule.default_sharing())
+                for name in opts.settings}
+    visited = {name: labels_below(sampler, 100.0) for name, sampler in samplers.items()}
+    visited.update({s["setting"]: s["labels_below_t_tilde"] for s in state["stages"]
+                    if s["kind"] == "sample" and s["arm"] == "etsdm"
+                    and "labels_below_t_tilde" in s})
     runs = {}
     for stage in state["stages"]:
         if stage["kind"] == "train":
@@ -865,7 +893,7 @@ def build_results(opts, state):
     testbed = {"train_steps": state["train_steps"], "batch_size": state.get("batch_size"),
                "num_eval_samples": opts.num_samples, "num_samples": num_samples,
                "runs": [r for r in runs.values() if r["metrics"]],
-               "labels_below_t_tilde": {n: labels_below(s, 100.0) for n, s in samplers.items()},
+               "labels_below_t_tilde": visited,
                "nfe": {n: s.num_iterations for n, s in samplers.items()},
                "metrics": metric_names, "metric_labels": labels}
     name = "+".join(os.path.splitext(os.path.basename(g))[0] for g in opts.gin_files)

@@ -6,7 +6,9 @@ paired differences for both arms. Runs in-process (compiled programs are reused)
 import json
 import os
 import sys
+import types
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +26,7 @@ def _stage(state, stage_id):
     return next(s for s in state["stages"] if s["id"] == stage_id)
 
 
-SETTINGS = ("ddim-5-uniform",)  # one setting (visits label 0 < t~): each costs a compile per model
+SETTINGS = ("ddim-6-uniform",)  # one setting (visits label 0 < t~): each costs a compile per model
 
 
 def _call(workdir, *args):
@@ -118,24 +120,40 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
 
     # A grown settings list: the new setting's stages come after everything done, setting by
     # setting, before the report; nothing sampled before is redrawn; the report has both.
+    # The new setting is the sharing-aware grid of the first: the E-TSDM arm visits every piece
+    # boundary below t~ (the plain grid visits only label 0), the DDPM arm has no pieces and
+    # samples the plain grid, so its images are the plain setting's (same noise), bit for bit.
     chunks_before = {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}
-    grown = [*SETTINGS, "dpm++2m-5-logSNR"]
+    aware = f"{SETTINGS[0]}-aware"
+    grown = [*SETTINGS, aware]
     lines = []
     done, _ = ds.run_study(ds.parse_options([SCRIPT, f"--workdir={workdir}", "--quick",
                                              f"--settings={','.join(grown)}"]), log=lines.append)
-    assert done and lines[0] == ("Added 1 setting(s) to the study (dpm++2m-5-logSNR): "
-                                 "8 new stages.")
+    assert done and lines[0] == f"Added 1 setting(s) to the study ({aware}): 8 new stages."
     state = _state(workdir)
     assert state["config"]["settings"] == grown
     assert [s["id"] for s in state["stages"][-9:]] == [
-        f"{kind}/{arm}/seed{seed}/dpm++2m-5-logSNR" for seed in (0, 1) for arm in ds.ARMS
+        f"{kind}/{arm}/seed{seed}/{aware}" for seed in (0, 1) for arm in ds.ARMS
         for kind in ("sample", "score")] + ["report"]
     assert {p: t for p, t in {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}.items()
             if p in chunks_before} == chunks_before
+    assert _stage(state, f"sample/etsdm/seed0/{aware}")["labels_below_t_tilde"] == [
+        0.0, 20.0, 40.0, 60.0, 80.0]
+    assert _stage(state, f"sample/ddpm/seed0/{SETTINGS[0]}")["labels_below_t_tilde"] == [0.0]
+
+    def images(arm, setting):
+        stage = _stage(state, f"sample/{arm}/seed0/{setting}")
+        with np.load(ds.chunk_path(types.SimpleNamespace(workdir=workdir), stage, 0)) as f:
+            return f["images"]
+
+    np.testing.assert_array_equal(images("ddpm", aware), images("ddpm", SETTINGS[0]))
+    assert np.any(images("etsdm", aware) != images("etsdm", SETTINGS[0]))
     with open(os.path.join(workdir, "report.json")) as f:
         report = json.load(f)
     assert report["complete"]
-    for run in next(iter(report["testbeds"].values()))["runs"]:
+    testbed = next(iter(report["testbeds"].values()))
+    assert testbed["labels_below_t_tilde"][aware] == [0.0, 20.0, 40.0, 60.0, 80.0]
+    for run in testbed["runs"]:
         assert set(run["metrics"]) == set(grown)
     # dropping or reordering settings is refused
     for settings in (grown[1:], grown[::-1]):
@@ -164,8 +182,25 @@ def test_setting_names():
         "order": 3, "method": "multistep", "algorithm": "dpmsolver++", "skip_type": "logSNR"}
     assert ds.parse_setting("dpm3s-10-logSNR")[2]["method"] == "singlestep"
     assert len(ds.FULL_SETTINGS) == 17 and len(set(ds.FULL_SETTINGS)) == 17
-    with pytest.raises(ds.StudyError):
-        ds.parse_setting("euler-10")
+    assert ds.parse_setting("dpm++3m-20-time_uniform-aware")[2] == {
+        "order": 3, "method": "multistep", "algorithm": "dpmsolver++",
+        "skip_type": "time_uniform", "sharing_aware": True}
+    assert ds.parse_setting("ddpm-1000-aware") == ("ddpm", 1000, {"sharing_aware": True})
+    for bad in ("euler-10", "ddim-aware", "ddim-10-aware-trailing"):
+        with pytest.raises(ds.StudyError):
+            ds.parse_setting(bad)
+    # -aware: the sharing-aware grid for an E-TSDM model, the plain grid without sharing
+    from keras_etsdm import DiscreteVPSchedule, TimestepSharing
+    from keras_etsdm.samplers import labels_below
+
+    schedule = DiscreteVPSchedule()
+    name = "dpm++3m-20-time_uniform-aware"
+    assert labels_below(ds.build_setting_sampler(name, schedule, schedule.default_sharing()),
+                        100.0) == [0.0, 20.0, 40.0, 60.0, 80.0]
+    plain = labels_below(ds.build_setting_sampler("dpm++3m-20-time_uniform", schedule), 100.0)
+    assert plain == [49.95, 99.9]
+    for sharing in (None, TimestepSharing(0, 0)):
+        assert labels_below(ds.build_setting_sampler(name, schedule, sharing), 100.0) == plain
     # the noise of a chunk depends on (eval seed, training seed, chunk), never on the arm
     assert ds.noise_seed(0, 1, 2) == ds.noise_seed(0, 1, 2) != ds.noise_seed(0, 1, 3)
 
