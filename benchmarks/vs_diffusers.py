@@ -140,6 +140,20 @@ def inputs(batch, image_size, seed=0):
 
 
 # ----- Keras worker ---------------------------------------------------------------------------
+def task_table(args, setup_train, setup_forward, setup_sampler):
+    """``--tasks`` → {task name: setup function} (the same names on every worker)."""
+    tasks = {}
+    for task in args.tasks.split(","):
+        if task == "train":
+            tasks["train"] = setup_train
+        elif task == "forward":
+            for b in args.forward_batches.split(","):
+                tasks[f"forward_b{b}"] = (lambda b=int(b): setup_forward(b))
+        elif task in ("ddim", "dpm"):
+            tasks[task] = (lambda k=task: setup_sampler(k))
+    return tasks
+
+
 def keras_worker(args):
     import keras
 
@@ -158,7 +172,6 @@ def keras_worker(args):
     jit = {"true": True, "false": False}.get(args.jit_compile)
     model.compile(optimizer=keras.optimizers.Adam(2e-4),
                   jit_compile=etsdm_backend.default_train_jit_compile() if jit is None else jit)
-    tasks = {}
 
     def setup_train():
         data, _ = inputs(args.train_steps * args.train_batch, args.image_size)
@@ -194,15 +207,8 @@ def keras_worker(args):
             keras.ops.convert_to_numpy(sampler.sample(model, noise))
         return run, run, steps
 
-    for task in args.tasks.split(","):
-        if task == "train":
-            tasks["train"] = setup_train
-        elif task == "forward":
-            for b in args.forward_batches.split(","):
-                tasks[f"forward_b{b}"] = (lambda b=int(b): setup_forward(b))
-        elif task in ("ddim", "dpm"):
-            tasks[task] = (lambda k=task: setup_sampler(k))
-    return backend, network.count_params(), tasks, network
+    return backend, network.count_params(), task_table(args, setup_train, setup_forward,
+                                                      setup_sampler), network
 
 
 # ----- diffusers worker ------------------------------------------------------------------------
@@ -241,7 +247,6 @@ def diffusers_worker(args):
         net = torch.compile(unet, mode=mode)
     else:
         net = unet
-    tasks = {}
 
     def nchw(x_nhwc):
         return torch.from_numpy(x_nhwc).permute(0, 3, 1, 2).contiguous(memory_format=layout)
@@ -308,15 +313,7 @@ def diffusers_worker(args):
             return x
         return run, run, steps
 
-    for task in args.tasks.split(","):
-        if task == "train":
-            tasks["train"] = setup_train
-        elif task == "forward":
-            for b in args.forward_batches.split(","):
-                tasks[f"forward_b{b}"] = (lambda b=int(b): setup_forward(b))
-        elif task in ("ddim", "dpm"):
-            tasks[task] = (lambda k=task: setup_sampler(k))
-    return "torch", params, tasks, unet
+    return "torch", params, task_table(args, setup_train, setup_forward, setup_sampler), unet
 
 
 def worker_main(args):
