@@ -94,8 +94,8 @@ flags.DEFINE_integer("train_steps", None, "Training steps per model (default: th
                      "config's train.max_steps; --quick: 4).", flag_values=FLAGS)
 flags.DEFINE_list("settings", None, "Sampler settings <kind>-<NFE>[-<grid>][-aware], kind in "
                   "ddim, ddpm, dpm++2m, dpm++3m, dpm2s, dpm3s; grid: DDIM spacing or DPM-Solver "
-                  "skip_type; -aware: the sharing-aware grid for the E-TSDM arm (the DDPM arm "
-                  "samples the plain grid) (default: the 17 settings of issue 15). On an "
+                  "skip_type; -aware: the E-TSDM arm's sharing-aware grid, the same knots at "
+                  "the true labels for DDPM (default: the 17 settings of issue 15). On an "
                   "existing study, settings added at the end of its list are appended.",
                   flag_values=FLAGS)
 flags.DEFINE_integer("num_samples", None, "N: samples per (arm, seed, setting) (default "
@@ -329,18 +329,26 @@ def parse_setting(name):
                      f"{', '.join(_DPM)}.")
 
 
-def build_setting_sampler(name, schedule, sharing=None):
+def build_setting_sampler(name, schedule, sharing=None, knots_of=None):
     """The sampler of a setting for a model with this ``sharing``.
 
     An ``-aware`` setting gets the sharing-aware grid when ``sharing`` is enabled (the E-TSDM
-    arm) and the plain grid otherwise: the DDPM arm has no pieces to align with, so its
-    ``-aware`` samples are those of the plain setting (same noise), the pair's reference."""
+    arm). A model without sharing (the DDPM arm) gets the same knots, those of ``knots_of``
+    (the E-TSDM arm's map), with the network at the true labels (``sharing_labels=False``):
+    both arms of the pair run on one grid, and the relabelling is all that differs."""
     from keras_etsdm.samplers import build_sampler
 
     sampler, steps, options = parse_setting(name)
-    if not options.pop("sharing_aware", False) or sharing is None or not sharing.enabled:
+    if not options.pop("sharing_aware", False):
         return build_sampler(sampler, schedule, steps, options)
-    return build_sampler(sampler, schedule, steps, {**options, "sharing_aware": True}, sharing)
+    if sharing is not None and sharing.enabled:
+        return build_sampler(sampler, schedule, steps, {**options, "sharing_aware": True},
+                             sharing)
+    if knots_of is None or not knots_of.enabled:
+        raise StudyError(f"Setting {name!r} on a model without E-TSDM sharing needs the "
+                         f"E-TSDM arm's sharing map for its knots.")
+    return build_sampler(sampler, schedule, steps,
+                         {**options, "sharing_aware": True, "sharing_labels": False}, knots_of)
 
 
 def noise_seed(eval_seed, training_seed, chunk):
@@ -729,12 +737,24 @@ class Runner:
                                            use_ema=True)
         return self._models[key]
 
-    def sampler(self, setting, model):
+    def sampler(self, setting, model, seed):
         key = (setting, id(model))
         if key not in self._samplers:
             self._samplers = {k: v for k, v in self._samplers.items() if k[1] == id(model)}
-            self._samplers[key] = build_setting_sampler(setting, model.schedule, model.sharing)
+            knots_of = self.etsdm_sharing(seed) if setting.endswith("-aware") else None
+            self._samplers[key] = build_setting_sampler(setting, model.schedule, model.sharing,
+                                                        knots_of)
         return self._samplers[key]
+
+    def etsdm_sharing(self, seed):
+        """The E-TSDM arm's sharing map (the knots of -aware settings for both arms), read from
+        its work directory's model config."""
+        from keras_etsdm import TimestepSharing
+        from keras_etsdm.checkpoint import MODEL_CONFIG
+
+        path = os.path.join(model_dir(self.opts, "etsdm", seed), MODEL_CONFIG)
+        with open(path) as f:
+            return TimestepSharing.from_config(json.load(f)["config"]["sharing"])
 
     def _run_sample(self, stage):
         import numpy as np
@@ -756,7 +776,7 @@ class Runner:
             t0 = time.time()
             if not os.path.isfile(path):  # a chunk file is complete once it exists (atomic)
                 model = self.model(stage["arm"], stage["seed"])
-                sampler = self.sampler(stage["setting"], model)
+                sampler = self.sampler(stage["setting"], model, stage["seed"])
                 if "labels_below_t_tilde" not in stage:  # the grid this model really visits
                     from keras_etsdm.samplers import labels_below
 

@@ -121,8 +121,8 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
     # A grown settings list: the new setting's stages come after everything done, setting by
     # setting, before the report; nothing sampled before is redrawn; the report has both.
     # The new setting is the sharing-aware grid of the first: the E-TSDM arm visits every piece
-    # boundary below t~ (the plain grid visits only label 0), the DDPM arm has no pieces and
-    # samples the plain grid, so its images are the plain setting's (same noise), bit for bit.
+    # boundary below t~ (the plain grid visits only label 0), the DDPM arm the same knots at
+    # the true labels.
     chunks_before = {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}
     aware = f"{SETTINGS[0]}-aware"
     grown = [*SETTINGS, aware]
@@ -137,17 +137,22 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
         for kind in ("sample", "score")] + ["report"]
     assert {p: t for p, t in {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}.items()
             if p in chunks_before} == chunks_before
+    # E-TSDM: each step at the label of the piece below its start; DDPM: the true labels
     assert _stage(state, f"sample/etsdm/seed0/{aware}")["labels_below_t_tilde"] == [
         0.0, 20.0, 40.0, 60.0, 80.0]
-    assert _stage(state, f"sample/ddpm/seed0/{SETTINGS[0]}")["labels_below_t_tilde"] == [0.0]
+    assert _stage(state, f"sample/ddpm/seed0/{aware}")["labels_below_t_tilde"] == [
+        20.0, 40.0, 60.0, 80.0]
+    for arm in ds.ARMS:
+        assert _stage(state, f"sample/{arm}/seed0/{SETTINGS[0]}")["labels_below_t_tilde"] == [
+            0.0]
 
     def images(arm, setting):
         stage = _stage(state, f"sample/{arm}/seed0/{setting}")
         with np.load(ds.chunk_path(types.SimpleNamespace(workdir=workdir), stage, 0)) as f:
             return f["images"]
 
-    np.testing.assert_array_equal(images("ddpm", aware), images("ddpm", SETTINGS[0]))
-    assert np.any(images("etsdm", aware) != images("etsdm", SETTINGS[0]))
+    for arm in ds.ARMS:
+        assert np.any(images(arm, aware) != images(arm, SETTINGS[0]))
     with open(os.path.join(workdir, "report.json")) as f:
         report = json.load(f)
     assert report["complete"]
@@ -199,8 +204,16 @@ def test_setting_names():
                         100.0) == [0.0, 20.0, 40.0, 60.0, 80.0]
     plain = labels_below(ds.build_setting_sampler("dpm++3m-20-time_uniform", schedule), 100.0)
     assert plain == [49.95, 99.9]
+    # without sharing (DDPM arm): the E-TSDM arm's knots, the network at the true labels
+    etsdm = ds.build_setting_sampler(name, schedule, schedule.default_sharing())
     for sharing in (None, TimestepSharing(0, 0)):
-        assert labels_below(ds.build_setting_sampler(name, schedule, sharing), 100.0) == plain
+        ddpm = ds.build_setting_sampler(name, schedule, sharing, schedule.default_sharing())
+        assert not ddpm.sharing_labels and etsdm.sharing_labels
+        np.testing.assert_array_equal(schedule.default_sharing().piece_label(
+            ddpm.tables["label"]), etsdm.tables["label"])
+        assert np.any(ddpm.tables["label"] != etsdm.tables["label"])
+        with pytest.raises(ds.StudyError, match="E-TSDM arm's sharing"):
+            ds.build_setting_sampler(name, schedule, sharing)
     # the noise of a chunk depends on (eval seed, training seed, chunk), never on the arm
     assert ds.noise_seed(0, 1, 2) == ds.noise_seed(0, 1, 2) != ds.noise_seed(0, 1, 3)
 

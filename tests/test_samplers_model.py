@@ -78,12 +78,8 @@ def test_tensorflow_sampling_loop_with_and_without_xla_agree(model, monkeypatch)
     assert np.max(np.abs(outputs["1"])) > 1.0  # a real sample, not zeros
 
 
-def test_sharing_aware_sampler_calls_denoise_at_the_piece_labels(model):
-    """A sharing-aware DDIM on the model == its tables executed step by step through
-    ``model.denoise`` (the one seam), boundary steps at the label of the piece below; a sampler
-    built for another sharing map is refused."""
-    sampler = DDIMSampler(8, sharing=model.sharing)
-    np.testing.assert_array_equal(sampler.labels, [999, 699, 400, 80, 60, 40, 20, 0])
+def _ddim_through_denoise(model, sampler):
+    """``sampler``'s DDIM tables executed step by step through ``model.denoise`` (float64)."""
     x, t = NOISE.astype(np.float64), sampler.tables
     for i in range(sampler.num_iterations):
         label = np.full((NOISE.shape[0],), t["label"][i], np.float32)
@@ -91,11 +87,36 @@ def test_sharing_aware_sampler_calls_denoise_at_the_piece_labels(model):
                          np.float64)
         x0 = (x - t["sigma"][i] * eps) / t["alpha"][i]
         x = t["alpha_prev"][i] * x0 + t["direction"][i] * eps
+    return x
+
+
+def test_sharing_aware_sampler_calls_denoise_at_the_piece_labels(model):
+    """A sharing-aware DDIM on the model == its tables executed step by step through
+    ``model.denoise`` (the one seam), boundary steps at the label of the piece below; a sampler
+    built for another sharing map is refused."""
+    sampler = DDIMSampler(8, sharing=model.sharing)
+    np.testing.assert_array_equal(sampler.labels, [999, 699, 400, 80, 60, 40, 20, 0])
+    x = _ddim_through_denoise(model, sampler)
     got = ops.convert_to_numpy(sampler.sample(model, NOISE))
     np.testing.assert_allclose(got, x, rtol=0, atol=64 * np.finfo(np.float32).eps
                                * np.max(np.abs(x)))
     with pytest.raises(ValueError, match="sharing-aware for TimestepSharing\\(t_tilde=50"):
         DDIMSampler(8, sharing=TimestepSharing(50, 5)).sample(model, NOISE)
+
+
+def test_knots_only_grid_calls_denoise_at_the_true_labels(model):
+    """``sharing_labels=False``: the same knots, every step at its true label (the model maps
+    it itself); a map other than the model's is then accepted (the control for a model
+    without E-TSDM)."""
+    sampler = DDIMSampler(8, sharing=model.sharing, sharing_labels=False)
+    np.testing.assert_array_equal(sampler.labels, [999, 699, 400, 100, 80, 60, 40, 20])
+    x = _ddim_through_denoise(model, sampler)
+    got = ops.convert_to_numpy(sampler.sample(model, NOISE))
+    np.testing.assert_allclose(got, x, rtol=0, atol=64 * np.finfo(np.float32).eps
+                               * np.max(np.abs(x)))
+    other = DDIMSampler(8, sharing=TimestepSharing(50, 5), sharing_labels=False)
+    np.testing.assert_array_equal(other.labels, [999, 683, 366, 50, 40, 30, 20, 10])
+    assert np.all(np.isfinite(ops.convert_to_numpy(other.sample(model, NOISE))))
 
 
 def test_model_sample_is_seeded_and_uses_ema(model):

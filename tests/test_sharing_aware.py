@@ -214,6 +214,29 @@ def test_config_round_trip_and_build_sampler_option():
     assert plain.sharing is None
     # Sharing-aware and plain samplers share one compiled loop (the tables differ only).
     assert sampler._trace_key() == DPMSolverSampler(20, 3)._trace_key()
+    # sharing_labels=False: the same knots and times, the network at the true labels; kept
+    # by the config (absent from it by default, so earlier configs are unchanged)
+    assert "sharing_labels" not in sampler.get_config()
+    for make in (DPMSolverSampler, DDIMSampler, DDPMSampler):
+        aware = make(20, sharing=SHARING)
+        knots = make(20, sharing=SHARING, sharing_labels=False)
+        assert knots.get_config()["sharing_labels"] is False
+        assert "sharing_labels=False" in repr(knots)
+        again = deserialize(serialize(knots))
+        np.testing.assert_array_equal(again.tables["label"], knots.tables["label"])
+        if make is DDPMSampler:  # ancestral steps are at the true labels either way
+            np.testing.assert_array_equal(knots.tables["label"], aware.tables["label"])
+        else:
+            np.testing.assert_array_equal(SHARING.piece_label(knots.tables["label"]),
+                                          aware.tables["label"])
+            assert np.any(knots.tables["label"] != aware.tables["label"])
+        assert knots._trace_key() == aware._trace_key()
+    built = build_sampler("dpm_solver", SCHED, 20, {"order": 3, "sharing_aware": "true",
+                                                    "sharing_labels": "false"},
+                          sharing=SHARING)
+    np.testing.assert_array_equal(built.tables["label"],
+                                  DPMSolverSampler(20, 3, sharing=SHARING,
+                                                   sharing_labels=False).tables["label"])
 
 
 @pytest.mark.parametrize("make,match", [
@@ -226,6 +249,9 @@ def test_config_round_trip_and_build_sampler_option():
     (lambda: build_sampler("ddim", SCHED, 10, {"sharing_aware": True},
                            sharing=TimestepSharing(0, 0)),
      "model has no E-TSDM sharing"),
+    (lambda: DDIMSampler(10, sharing_labels=False), "sharing_labels=False .* needs sharing"),
+    (lambda: DPMSolverSampler(10, sharing=SHARING, sharing_labels="no"),
+     "sharing_labels must be True or False"),
 ])
 def test_bad_sharing_options(make, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -58,7 +58,9 @@ def build_sampler(name, schedule, steps=None, options=None, sharing=None):
             the adaptive "pf_ode" (its NFE follows from ``rtol`` / ``atol``).
         options: further constructor arguments, e.g. ``{"order": 3, "method": "singlestep"}``
             (``num_steps`` and ``schedule`` are set by the arguments above). The option
-            ``sharing_aware=True`` makes the grid sharing-aware for ``sharing``.
+            ``sharing_aware=True`` makes the grid sharing-aware for ``sharing``;
+            ``sharing_labels=False`` then keeps its knots but calls the network at the true
+            labels (any denoiser, with or without E-TSDM: the same grid as a control).
         sharing: the model's ``TimestepSharing`` (used only with ``sharing_aware``).
     """
     key = str(name).lower().replace("-", "_")
@@ -90,6 +92,8 @@ def build_sampler(name, schedule, steps=None, options=None, sharing=None):
             raise ValueError(f"sharing_aware=True but the model has no E-TSDM sharing "
                              f"({sharing!r}): there are no pieces to align the grid with.")
         options["sharing"] = sharing
+    if "sharing_labels" in options:  # a command line gives "false"
+        options["sharing_labels"] = _flag(options["sharing_labels"], "sharing_labels")
     T = schedule.num_timesteps
     if steps is not None:
         if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= T:

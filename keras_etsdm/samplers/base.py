@@ -116,6 +116,11 @@ class Sampler:
         sharing: None (default) or the model's ``TimestepSharing`` (or its config dict): makes
             the grid sharing-aware (see ``sharing_segments``); the denoiser must then use this
             very sharing map.
+        sharing_labels: with ``sharing``, whether samplers that evaluate a step at its piece's
+            shared label (DDIM, DPM-Solver) do so (True, default). False keeps the knots (and
+            DPM-Solver's restarts) but calls the network at the true labels; the denoiser may
+            then share its time condition differently or not at all — the same grid for a
+            model without E-TSDM, the control that separates grid from relabelling.
     """
 
     stochastic = False
@@ -123,7 +128,7 @@ class Sampler:
     # Every other key is part of the compiled loop's cache key (safe default for new options).
     _TABLE_ONLY_CONFIG = ("schedule", "sharing")
 
-    def __init__(self, schedule=None, sharing=None):
+    def __init__(self, schedule=None, sharing=None, sharing_labels=True):
         if schedule is None:
             schedule = DiscreteVPSchedule()
         if isinstance(schedule, dict):
@@ -133,6 +138,12 @@ class Sampler:
                             f"got {type(schedule)}.")
         self.schedule = schedule
         self.sharing = _parse_sharing(sharing, schedule)
+        if not isinstance(sharing_labels, bool):
+            raise TypeError(f"sharing_labels must be True or False, got {sharing_labels!r}.")
+        if not sharing_labels and self.sharing is None:
+            raise ValueError("sharing_labels=False keeps a sharing-aware grid's knots without "
+                             "its piece labels: it needs sharing (the E-TSDM map of the grid).")
+        self.sharing_labels = sharing_labels
         self._loop_tables_cache = None
 
     # ----- to implement -----------------------------------------------------------------------
@@ -277,12 +288,14 @@ class Sampler:
                     f"denoiser uses {schedule.get_config()}; build the sampler with "
                     f"schedule=model.schedule.")
         model_sharing = getattr(denoiser, "sharing", None)
-        if self.sharing is not None and isinstance(model_sharing, TimestepSharing) \
+        if self.sharing is not None and self.sharing_labels \
+                and isinstance(model_sharing, TimestepSharing) \
                 and not same_pieces(model_sharing, self.sharing):
             raise ValueError(
                 f"{type(self).__name__} is sharing-aware for {self.sharing!r} but the denoiser "
                 f"shares its time condition with {model_sharing!r}; build the sampler with "
-                f"sharing=model.sharing (a model without E-TSDM needs sharing=None).")
+                f"sharing=model.sharing (a model without E-TSDM needs sharing=None, or "
+                f"sharing_labels=False for the same knots at the true labels).")
         if not callable(denoiser):
             raise TypeError(f"denoiser must be a DiffusionModel or a callable (x, t) -> eps, got "
                             f"{type(denoiser)}.")
@@ -367,6 +380,14 @@ class Sampler:
 
     def _sharing_config(self):
         return None if self.sharing is None else self.sharing.get_config()
+
+    def _sharing_options(self):
+        """``sharing`` (and ``sharing_labels`` when False: earlier configs stay as they were)
+        for ``get_config``."""
+        options = {"sharing": self._sharing_config()}
+        if not self.sharing_labels:
+            options["sharing_labels"] = False
+        return options
 
     @classmethod
     def from_config(cls, config):

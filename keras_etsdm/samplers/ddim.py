@@ -95,15 +95,18 @@ class DDIMSampler(Sampler):
             piece it crosses, so the step leaving a boundary label b uses the condition of the
             piece below b, not the one above. Needs ``num_steps >= n + 1``; not with
             ``timesteps``.
+        sharing_labels: False: the sharing-aware knots, the network at the true labels (see
+            ``Sampler``).
     """
 
     # Options that only change the coefficient tables (see Sampler._trace_key).
     _TABLE_ONLY_CONFIG = ("num_steps", "eta", "spacing", "timesteps", "set_alpha_to_one",
-                          "schedule", "sharing")
+                          "schedule", "sharing", "sharing_labels")
 
     def __init__(self, num_steps=50, eta=0.0, spacing="uniform", timesteps=None,
-                 set_alpha_to_one=True, clip_x0=False, schedule=None, sharing=None):
-        super().__init__(schedule, sharing)
+                 set_alpha_to_one=True, clip_x0=False, schedule=None, sharing=None,
+                 sharing_labels=True):
+        super().__init__(schedule, sharing, sharing_labels)
         T = self.schedule.num_timesteps
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}.")
@@ -154,7 +157,7 @@ class DDIMSampler(Sampler):
         noise_std[-1] = 0.0  # no noise on the last step
         direction = np.sqrt(np.maximum(1.0 - alpha_bar_prev - noise_std**2, 0.0))
         network_labels = labels.astype(np.float64)
-        if self.sharing is not None:
+        if self.sharing is not None and self.sharing_labels:
             network_labels = self.sharing.piece_label(network_labels)
         return {
             "label": network_labels,
@@ -177,4 +180,4 @@ class DDIMSampler(Sampler):
         return {"num_steps": self.num_steps, "eta": self.eta, "spacing": self.spacing,
                 "timesteps": self.timesteps, "set_alpha_to_one": self.set_alpha_to_one,
                 "clip_x0": self.clip_x0, "schedule": self.schedule.get_config(),
-                "sharing": self._sharing_config()}
+                **self._sharing_options()}

@@ -57,15 +57,18 @@ class DDPMSampler(Sampler):
             labels: an ancestral step from label s is the reverse conditional the network learnt
             at s (condition f(s)), not a quadrature of an ODE over the piece below. With all T
             steps every label is a knot already and the grid is the plain one.
+        sharing_labels: False lets a denoiser with another sharing map, or none, take the
+            knots of ``sharing`` (the network is at the true labels either way; see
+            ``Sampler``).
     """
 
     stochastic = True
     # Options that only change the coefficient tables (see Sampler._trace_key).
-    _TABLE_ONLY_CONFIG = ("num_steps", "variance", "schedule", "sharing")
+    _TABLE_ONLY_CONFIG = ("num_steps", "variance", "schedule", "sharing", "sharing_labels")
 
     def __init__(self, num_steps=None, variance="fixed_small", clip_x0=False, schedule=None,
-                 sharing=None):
-        super().__init__(schedule, sharing)
+                 sharing=None, sharing_labels=True):
+        super().__init__(schedule, sharing, sharing_labels)
         T = self.schedule.num_timesteps
         self.num_steps = T if num_steps is None else _validate_num_steps(num_steps, T)
         self.variance = _check_choice("variance", variance, DDPM_VARIANCES)
@@ -116,4 +119,4 @@ class DDPMSampler(Sampler):
 
     def get_config(self):
         return {"num_steps": self.num_steps, "variance": self.variance, "clip_x0": self.clip_x0,
-                "schedule": self.schedule.get_config(), "sharing": self._sharing_config()}
+                "schedule": self.schedule.get_config(), **self._sharing_options()}

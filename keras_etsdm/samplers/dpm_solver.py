@@ -113,6 +113,8 @@ class DPMSolverSampler(Sampler):
             restarted in every piece, and every evaluation inside a piece made at that piece's
             shared label (the condition the network holds over the whole step, including the
             step that starts on the piece's upper boundary). Needs ``num_steps >= n + 1``.
+        sharing_labels: False: the sharing-aware knots and restarts, the network at the true
+            times (see ``Sampler``).
 
     The multistep order-3 solver is asymptotically second order (its first-order warm-up step's
     local error is never damped); singlestep order 3 shows order ≈ 3 on a logSNR grid.
@@ -120,13 +122,13 @@ class DPMSolverSampler(Sampler):
 
     # Options that only change the coefficient tables (see Sampler._trace_key).
     _TABLE_ONLY_CONFIG = ("num_steps", "method", "skip_type", "lower_order_final", "schedule",
-                          "sharing")
+                          "sharing", "sharing_labels")
 
     def __init__(self, num_steps=20, order=2, method="multistep", algorithm="dpmsolver++",
                  skip_type="time_uniform", lower_order_final=True, thresholding=False,
                  dynamic_thresholding_ratio=0.995, thresholding_max_val=1.0, schedule=None,
-                 sharing=None):
-        super().__init__(schedule, sharing)
+                 sharing=None, sharing_labels=True):
+        super().__init__(schedule, sharing, sharing_labels)
         self.num_steps = _validate_num_steps(num_steps, self.schedule.num_timesteps)
         if order not in (1, 2, 3):
             raise ValueError(f"order must be 1, 2 or 3, got {order!r}.")
@@ -314,7 +316,7 @@ class DPMSolverSampler(Sampler):
         coeffs = np.stack([r[2] for r in rows])
         alpha, sigma = ns.marginal_alpha(times), ns.marginal_std(times)
         labels = ns.label(times)
-        if self.sharing is not None:
+        if self.sharing is not None and self.sharing_labels:
             labels = self.sharing.piece_label(labels)
         tables = {
             "label": labels,
@@ -375,4 +377,4 @@ class DPMSolverSampler(Sampler):
                 "lower_order_final": self.lower_order_final, "thresholding": self.thresholding,
                 "dynamic_thresholding_ratio": self.dynamic_thresholding_ratio,
                 "thresholding_max_val": self.thresholding_max_val,
-                "schedule": self.schedule.get_config(), "sharing": self._sharing_config()}
+                "schedule": self.schedule.get_config(), **self._sharing_options()}
