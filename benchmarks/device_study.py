@@ -92,10 +92,11 @@ flags.DEFINE_list("seeds", None, "Training seeds, the same for both arms (defaul
                   "--quick: 0,1).", flag_values=FLAGS)
 flags.DEFINE_integer("train_steps", None, "Training steps per model (default: the gin "
                      "config's train.max_steps; --quick: 4).", flag_values=FLAGS)
-flags.DEFINE_list("settings", None, "Sampler settings <kind>-<NFE>[-<grid>][-aware], kind in "
-                  "ddim, ddpm, dpm++2m, dpm++3m, dpm2s, dpm3s; grid: DDIM spacing or DPM-Solver "
-                  "skip_type; -aware: the E-TSDM arm's sharing-aware grid, the same knots at "
-                  "the true labels for DDPM (default: the 17 settings of issue 15). On an "
+flags.DEFINE_list("settings", None, "Sampler settings <kind>-<NFE>[-<grid>][-aware|-knots], "
+                  "kind in ddim, ddpm, dpm++2m, dpm++3m, dpm2s, dpm3s; grid: DDIM spacing or "
+                  "DPM-Solver skip_type; -aware: the E-TSDM arm's sharing-aware grid, the same "
+                  "knots at the true labels for DDPM; -knots: those knots at the true labels "
+                  "for both arms (default: the 17 settings of issue 15). On an "
                   "existing study, settings added at the end of its list are appended.",
                   flag_values=FLAGS)
 flags.DEFINE_integer("num_samples", None, "N: samples per (arm, seed, setting) (default "
@@ -301,22 +302,36 @@ _DPM = {"dpm++2m": {"order": 2, "method": "multistep", "algorithm": "dpmsolver++
         "dpm3s": {"order": 3, "method": "singlestep", "algorithm": "dpmsolver"}}
 
 
+GRID_SUFFIXES = ("aware", "knots")
+
+
 def parse_setting(name):
     """``"ddim-10-trailing"`` → ``("ddim", 10, {"spacing": "trailing"})`` (build_sampler args).
 
     A final ``-aware`` asks for the sampler's sharing-aware grid (``sharing_aware=True``: knots
-    on the E-TSDM model's piece boundaries), e.g. ``dpm++3m-20-time_uniform-aware``."""
+    on the E-TSDM model's piece boundaries, each step at its piece's shared label), e.g.
+    ``dpm++3m-20-time_uniform-aware``; ``-knots`` for the same knots with the network at the
+    true labels on both arms (``sharing_labels=False``)."""
     parts = name.split("-")
-    aware = len(parts) > 2 and parts[-1] == "aware"
-    if aware:
+    suffix = parts[-1] if len(parts) > 2 and parts[-1] in GRID_SUFFIXES else None
+    if suffix:
         parts = parts[:-1]
     if len(parts) not in (2, 3) or not parts[1].isdigit():
-        raise StudyError(f"Setting {name!r} is not <kind>-<NFE>[-<grid>][-aware] (e.g. "
+        raise StudyError(f"Setting {name!r} is not <kind>-<NFE>[-<grid>][-aware|-knots] (e.g. "
                          f"ddim-20-trailing, dpm++2m-10-logSNR, ddpm-1000, "
                          f"dpm++3m-20-time_uniform-aware).")
     kind, steps = parts[0], int(parts[1])
     grid = parts[2] if len(parts) == 3 else None
-    extra = {"sharing_aware": True} if aware else {}
+    if grid is not None and kind in ("ddim", *_DPM):
+        from keras_etsdm.samplers.ddim import DDIM_SPACINGS
+        from keras_etsdm.samplers.dpm_solver import SKIP_TYPES
+
+        grids = DDIM_SPACINGS if kind == "ddim" else SKIP_TYPES
+        if grid not in grids:
+            raise StudyError(f"Setting {name!r}: unknown grid {grid!r} for {kind}; expected one "
+                             f"of {', '.join(grids)}.")
+    extra = ({} if suffix is None else {"sharing_aware": True} if suffix == "aware"
+             else {"sharing_aware": True, "sharing_labels": False})
     if kind == "ddim":
         return "ddim", steps, {"spacing": grid or "uniform", **extra}
     if kind == "ddpm":
@@ -335,13 +350,14 @@ def build_setting_sampler(name, schedule, sharing=None, knots_of=None):
     An ``-aware`` setting gets the sharing-aware grid when ``sharing`` is enabled (the E-TSDM
     arm). A model without sharing (the DDPM arm) gets the same knots, those of ``knots_of``
     (the E-TSDM arm's map), with the network at the true labels (``sharing_labels=False``):
-    both arms of the pair run on one grid, and the relabelling is all that differs."""
+    both arms of the pair run on one grid, and the relabelling is all that differs. A
+    ``-knots`` setting runs both arms that way."""
     from keras_etsdm.samplers import build_sampler
 
     sampler, steps, options = parse_setting(name)
     if not options.pop("sharing_aware", False):
         return build_sampler(sampler, schedule, steps, options)
-    if sharing is not None and sharing.enabled:
+    if options.get("sharing_labels", True) and sharing is not None and sharing.enabled:
         return build_sampler(sampler, schedule, steps, {**options, "sharing_aware": True},
                              sharing)
     if knots_of is None or not knots_of.enabled:
@@ -741,7 +757,8 @@ class Runner:
         key = (setting, id(model))
         if key not in self._samplers:
             self._samplers = {k: v for k, v in self._samplers.items() if k[1] == id(model)}
-            knots_of = self.etsdm_sharing(seed) if setting.endswith("-aware") else None
+            knots_of = (self.etsdm_sharing(seed) if setting.rsplit("-", 1)[-1] in GRID_SUFFIXES
+                        else None)
             self._samplers[key] = build_setting_sampler(setting, model.schedule, model.sharing,
                                                         knots_of)
         return self._samplers[key]

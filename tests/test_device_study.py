@@ -191,7 +191,9 @@ def test_setting_names():
         "order": 3, "method": "multistep", "algorithm": "dpmsolver++",
         "skip_type": "time_uniform", "sharing_aware": True}
     assert ds.parse_setting("ddpm-1000-aware") == ("ddpm", 1000, {"sharing_aware": True})
-    for bad in ("euler-10", "ddim-aware", "ddim-10-aware-trailing"):
+    assert ds.parse_setting("ddim-10-trailing-knots")[2] == {
+        "spacing": "trailing", "sharing_aware": True, "sharing_labels": False}
+    for bad in ("euler-10", "ddim-aware", "ddim-10-aware-trailing", "ddim-10-aware-knots"):
         with pytest.raises(ds.StudyError):
             ds.parse_setting(bad)
     # -aware: the sharing-aware grid for an E-TSDM model, the plain grid without sharing
@@ -214,6 +216,12 @@ def test_setting_names():
         assert np.any(ddpm.tables["label"] != etsdm.tables["label"])
         with pytest.raises(ds.StudyError, match="E-TSDM arm's sharing"):
             ds.build_setting_sampler(name, schedule, sharing)
+    # -knots: both arms on the knots at the true labels
+    knots = "dpm++3m-20-time_uniform-knots"
+    for sharing in (None, schedule.default_sharing()):
+        sampler = ds.build_setting_sampler(knots, schedule, sharing, schedule.default_sharing())
+        assert not sampler.sharing_labels
+        np.testing.assert_array_equal(sampler.tables["label"], ddpm.tables["label"])
     # the noise of a chunk depends on (eval seed, training seed, chunk), never on the arm
     assert ds.noise_seed(0, 1, 2) == ds.noise_seed(0, 1, 2) != ds.noise_seed(0, 1, 3)
 
