@@ -228,10 +228,10 @@ def forward_flops_via_jax(args):
 
 CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "no_retain_memory",
                "retain_memory")
-# Huge pages, but glibc malloc's default arenas and mmap use (mmap_max=65536 is glibc's default;
-# setting it is a malloc choice the start-up tuning keeps): the JAX tuning before item 4 of
-# cpu_tuning. "retain_memory" forces item 4 on any backend / ISA.
-NO_RETAIN_MEMORY_TUNABLES = "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=65536"
+# "no_retain_memory": the tuning without item 4 (huge pages, glibc malloc otherwise as it is),
+# through cpu_tuning's own switch; not by setting a malloc tunable to glibc's default value,
+# which turns off glibc's dynamic mmap threshold. "retain_memory" forces item 4 on any backend.
+
 # JAX only: XLA CPU's concurrency-optimized scheduler on (jaxlib's default, which the tuning
 # turns off on AVX-512), the other tuned flags as they are
 CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
@@ -247,13 +247,17 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
             "--jax_steps_per_execution", str(args.jax_steps_per_execution)]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
     env = {"KERAS_BACKEND": backend}
+    tuning_module = harness._cpu_tuning()
     if tuning == "no_xla_flag":
-        env["KERAS_ETSDM_CPU_TUNING"] = "0"  # read by the worker's XLA flag only; malloc is set
-    if tuning in ("retain_memory", "no_retain_memory"):
-        tuning_module = harness._cpu_tuning()
-        env["GLIBC_TUNABLES"] = (
-            f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
-            if tuning == "retain_memory" else NO_RETAIN_MEMORY_TUNABLES)
+        # the malloc tuning as "tuned" gets it, given explicitly: with the opt-out below the
+        # worker's start would not add it; the opt-out then only keeps the XLA flag off
+        env["GLIBC_TUNABLES"] = harness.malloc_environ(
+            {**os.environ, **env}, "hugetlb", backend).get("GLIBC_TUNABLES", "")
+        env[tuning_module.OPT_OUT_VARIABLE] = "0"
+    if tuning == "retain_memory":
+        env["GLIBC_TUNABLES"] = f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
+    if tuning == "no_retain_memory":
+        env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
     if tuning == "concurrency_scheduler":
         env["XLA_FLAGS"] = " ".join(
             f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
@@ -292,7 +296,8 @@ def main(args):
             workers.append(worker)
             warm[name] = worker.request("warmup")
             print(f"  {name}: built and warmed up (first step {warm[name]['first_step_s']:.1f} s, "
-                  f"{warm[name]['params']:,} params)", flush=True)
+                  f"{warm[name]['params']:,} params; GLIBC_TUNABLES "
+                  f"{worker.glibc_tunables or '(none)'})", flush=True)
         flops = next((w["forward_flops_per_image"] for w in warm.values()
                       if "forward_flops_per_image" in w), None)
         if flops is None:

@@ -53,8 +53,10 @@ XLA CPU's memory-saving scheduler and a memory-keeping malloc for JAX on AVX-512
    time that alternates between ~1.8 and ~2.3 s; with one arena (``glibc.malloc.arena_max=1``),
    no mmap'ed blocks (``mmap_max=0``) and no trimming (``trim_threshold`` 16 GiB) no faults
    after the first step and a steady ~1.83 s. Paired img/s, 15 rounds each
-   (``benchmarks/train_step.py``, ``benchmarks/results/retain_memory``): JAX 1.25× [1.19,
-   1.27] (4.27 vs 3.48 img/s; a second run 1.12× [1.10, 1.17]), TensorFlow 0.99× [0.95, 1.03]
+   (``benchmarks/train_step.py``, ``benchmarks/results/retain_memory``): JAX 1.28× [1.08,
+   1.43] against huge pages alone (4.21 vs 3.21 img/s; earlier runs 1.25× and 1.12×),
+   sampling unchanged (vs diffusers: 1.03× / 0.97× eager with it, 0.99× / 1.00× without,
+   separate runs), TensorFlow 0.99× [0.95, 1.03]
    (its allocator already reuses memory); ``bin/train`` on the embedded default unchanged (JAX
    0.213 vs 0.215 s per step). The price: the memory stays with the process, so JAX's training
    process holds its peak (3.19 GiB, ``benchmarks/memory.py``) instead of 2.21 GiB between
@@ -63,8 +65,11 @@ XLA CPU's memory-saving scheduler and a memory-keeping malloc for JAX on AVX-512
    say jax, no accelerator), and only where ``avx512f`` is in ``/proc/cpuinfo`` (measured
    there only). Set by the same re-exec as item 1; an ``arena_max``, ``mmap_max``,
    ``mmap_threshold`` or ``trim_threshold`` already in ``GLIBC_TUNABLES`` leaves all four as
-   the user set them (``GLIBC_TUNABLES=glibc.malloc.mmap_max=65536``, glibc's default, keeps
-   the memory-saving behaviour).
+   the user set them. ``KERAS_ETSDM_RETAIN_MEMORY=0`` turns this item off alone (huge pages
+   stay), giving back the memory for the speed. Do not turn it off by setting one of those
+   tunables to glibc's default value: setting ``mmap_max``, ``mmap_threshold`` or
+   ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a malloc of its own
+   (diffusers' sampling ran at 0.66× its speed with ``mmap_max=65536``).
 
 Standard library only: ``bin/`` scripts load this file before importing the package (whose
 import takes 5–10 s), so the re-exec is cheap.
@@ -83,6 +88,7 @@ import warnings
 
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT_VARIABLE = "KERAS_ETSDM_CPU_TUNING"
+RETAIN_OPT_OUT_VARIABLE = "KERAS_ETSDM_RETAIN_MEMORY"  # item 4 alone
 THP_ENABLED_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # first release with the glibc.malloc.hugetlb tunable
 # Item 4: one malloc arena, no mmap'ed blocks, no trimming (16 GiB threshold), so that freed
@@ -93,8 +99,8 @@ RETAIN_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
 _MIN_GLIBC_RETAIN = (2, 26)
 
 
-def _opted_out(environ):
-    return environ.get(OPT_OUT_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off")
+def _opted_out(environ, variable=OPT_OUT_VARIABLE):
+    return environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def _glibc_version():
@@ -121,9 +127,12 @@ def _thp_mode(path=THP_ENABLED_PATH):
 
 def retains_freed_memory(environ, backend=None, cpu_flags=None):
     """Whether a new process with ``environ`` gets :data:`RETAIN_TUNABLES` (item 4 of the
-    module docstring): JAX on the CPU of an AVX-512 machine, and none of those four malloc
-    settings already in ``GLIBC_TUNABLES`` (a user's malloc choice is left as it is).
+    module docstring): JAX on the CPU of an AVX-512 machine, not opted out with
+    ``KERAS_ETSDM_RETAIN_MEMORY=0``, and none of those four malloc settings already in
+    ``GLIBC_TUNABLES`` (a user's malloc choice is left as it is).
     ``backend`` / ``cpu_flags``: default :func:`keras_backend` and :func:`cpu_isa_flags`."""
+    if _opted_out(environ, RETAIN_OPT_OUT_VARIABLE):
+        return False
     backend = backend or keras_backend(environ)
     if backend != "jax" or accelerator_run(environ):
         return False

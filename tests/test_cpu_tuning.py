@@ -73,6 +73,13 @@ def test_keeping_freed_memory_not_on_accelerators_nor_over_the_users_malloc():
                   "glibc.malloc.trim_threshold=1048576", "glibc.malloc.mmap_threshold=1048576"):
         new = tuned_environ({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": users}, **jax)
         assert new["GLIBC_TUNABLES"] == f"{users}:{HUGETLB_TUNABLE}"
+    # item 4 alone turned off: huge pages stay, no malloc setting of ours
+    for off in ("0", "false", "no"):
+        new = tuned_environ({"JAX_PLATFORMS": "cpu", cpu_tuning.RETAIN_OPT_OUT_VARIABLE: off},
+                            **jax)
+        assert new["GLIBC_TUNABLES"] == HUGETLB_TUNABLE
+    assert cpu_tuning.RETAIN_TUNABLES in tuned_environ(
+        {"JAX_PLATFORMS": "cpu", cpu_tuning.RETAIN_OPT_OUT_VARIABLE: "1"}, **jax)["GLIBC_TUNABLES"]
     # the backend as Keras chooses it, from the environment
     assert cpu_tuning.retains_freed_memory({"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
                                            cpu_flags={"avx512f"})
