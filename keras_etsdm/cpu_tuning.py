@@ -69,7 +69,7 @@ XLA CPU's memory-saving scheduler and a memory-keeping malloc for JAX on AVX-512
    stay), giving back the memory for the speed. Do not turn it off by setting one of those
    tunables to glibc's default value: setting ``mmap_max``, ``mmap_threshold`` or
    ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a malloc of its own
-   (diffusers' sampling ran at 0.66× its speed with ``mmap_max=65536``).
+   (eager diffusers sampled at 0.61–0.67× its speed of other runs with ``mmap_max=65536``).
 
 Standard library only: ``bin/`` scripts load this file before importing the package (whose
 import takes 5–10 s), so the re-exec is cheap.
