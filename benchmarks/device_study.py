@@ -902,7 +902,8 @@ def build_results(opts, state):
     schedule = DiscreteVPSchedule()
     # an -aware setting's grid depends on the E-TSDM model's sharing: the one its sample
     # stages recorded, else (nothing sampled yet) the default sharing of the schedule
-    samplers = {name: build_setting_sampler(name, schedule, schedule.default_sharing())
+    samplers = {name: build_setting_sampler(name, schedule, schedule.default_sharing(),
+                                            schedule.default_sharing())
                 for name in opts.settings}
     visited = {name: labels_below(sampler, 100.0) for name, sampler in samplers.items()}
     visited.update({s["setting"]: s["labels_below_t_tilde"] for s in state["stages"]

@@ -124,17 +124,18 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
     # boundary below t~ (the plain grid visits only label 0), the DDPM arm the same knots at
     # the true labels.
     chunks_before = {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}
-    aware = f"{SETTINGS[0]}-aware"
-    grown = [*SETTINGS, aware]
+    aware, knots = f"{SETTINGS[0]}-aware", f"{SETTINGS[0]}-knots"
+    grown = [*SETTINGS, aware, knots]
     lines = []
     done, _ = ds.run_study(ds.parse_options([SCRIPT, f"--workdir={workdir}", "--quick",
                                              f"--settings={','.join(grown)}"]), log=lines.append)
-    assert done and lines[0] == f"Added 1 setting(s) to the study ({aware}): 8 new stages."
+    assert done and lines[0] == (f"Added 2 setting(s) to the study ({aware}, {knots}): "
+                                 f"16 new stages.")
     state = _state(workdir)
     assert state["config"]["settings"] == grown
-    assert [s["id"] for s in state["stages"][-9:]] == [
-        f"{kind}/{arm}/seed{seed}/{aware}" for seed in (0, 1) for arm in ds.ARMS
-        for kind in ("sample", "score")] + ["report"]
+    assert [s["id"] for s in state["stages"][-17:]] == [
+        f"{kind}/{arm}/seed{seed}/{setting}" for setting in (aware, knots) for seed in (0, 1)
+        for arm in ds.ARMS for kind in ("sample", "score")] + ["report"]
     assert {p: t for p, t in {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}.items()
             if p in chunks_before} == chunks_before
     # E-TSDM: each step at the label of the piece below its start; DDPM: the true labels
@@ -153,11 +154,21 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
 
     for arm in ds.ARMS:
         assert np.any(images(arm, aware) != images(arm, SETTINGS[0]))
+    # -knots: both arms at the true labels on those knots; DDPM's is its -aware sampler
+    assert _stage(state, f"sample/etsdm/seed0/{knots}")["labels_below_t_tilde"] == [
+        20.0, 40.0, 60.0, 80.0]
+    assert _stage(state, f"sample/ddpm/seed0/{knots}")["labels_below_t_tilde"] == [
+        20.0, 40.0, 60.0, 80.0]
+    # the same sampler, model and noise; uint8 images, so float reductions that run in another
+    # order (oneDNN may) can move a pixel by one level at most
+    diff = np.abs(images("ddpm", knots).astype(int) - images("ddpm", aware).astype(int))
+    assert diff.max() <= 1
     with open(os.path.join(workdir, "report.json")) as f:
         report = json.load(f)
     assert report["complete"]
     testbed = next(iter(report["testbeds"].values()))
     assert testbed["labels_below_t_tilde"][aware] == [0.0, 20.0, 40.0, 60.0, 80.0]
+    assert testbed["labels_below_t_tilde"][knots] == [20.0, 40.0, 60.0, 80.0]
     for run in testbed["runs"]:
         assert set(run["metrics"]) == set(grown)
     # dropping or reordering settings is refused
