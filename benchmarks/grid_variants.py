@@ -8,7 +8,9 @@ script pairs each variant with its plain setting (the name without the suffix) w
 and seed, reading one or more study reports (the plain settings may come from another study
 of the same models and noise: ``device_study`` draws a chunk's noise from (eval seed, training
 seed, chunk) only). Reports the per-seed values, the paired differences variant − plain and
-whether their sign holds on every seed, for FD, KID and the classifier score.
+whether their sign holds on every seed, for FD, KID and the classifier score. Where both
+``X-aware`` and ``X-knots`` were scored, also ``X-aware`` against ``X-knots``: for E-TSDM the
+piece relabelling alone (same knots and restarts).
 
     python benchmarks/grid_variants.py \
         --reports=benchmarks/results/mnist32_n5000/report.json,benchmarks/results/mnist32_aware/report.json \
@@ -59,14 +61,20 @@ def collect(paths, tolerance):
 
 
 def variant_rows(scores):
-    """Every (setting variant, plain setting) with both scored for some arm and seed."""
+    """Every (variant, reference) with both scored for some arm and seed: each -aware / -knots
+    setting against its plain setting, and -aware against -knots (the relabelling alone)."""
     settings = sorted({s for per in scores.values() for s in per})
-    rows = []
+    pairs = []
     for variant in settings:
         base, _, suffix = variant.rpartition("-")
-        if suffix not in SUFFIXES or base not in settings:
-            continue
-        for arm in ("etsdm", "ddpm"):
+        if suffix in SUFFIXES and base in settings:
+            pairs.append((variant, base, ("etsdm", "ddpm")))
+        if suffix == "aware" and f"{base}-knots" in settings:
+            # the relabelling alone; for DDPM both settings are one sampler (no pieces)
+            pairs.append((variant, f"{base}-knots", ("etsdm",)))
+    rows = []
+    for variant, base, arms in pairs:
+        for arm in arms:
             seeds = sorted(seed for (a, seed), per in scores.items()
                            if a == arm and variant in per and base in per)
             if not seeds:
@@ -83,24 +91,25 @@ def variant_rows(scores):
 
 
 def markdown(rows, sources):
-    lines = ["# Grid variants against their plain grids, per arm", "",
+    lines = ["# Grid variants against their plain grids (and -aware against -knots), per arm", "",
              "Sources: " + ", ".join(f"`{s['path']}` ({'complete' if s['complete'] else 'PARTIAL'})"
                                     for s in sources) + ".", "",
-             "Variant − plain per training seed (the same models and evaluation noise). E-TSDM "
+             "Variant − reference per training seed (the same models and evaluation noise). E-TSDM "
              "`-aware`: knots on its piece boundaries, each step at its piece's shared label; "
              "DDPM `-aware` and both arms' `-knots`: the same knots, the network at the true "
              "labels.", ""]
     for key, title, digits in METRICS:
         lines += [f"## {title}", "",
-                  "| variant | arm | seeds | plain | variant | variant − plain | sign on every seed |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| variant | reference | arm | seeds | reference | variant | variant − reference "
+                  "| sign on every seed |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in rows:
             r = row[key]
             fmt = (lambda xs, sign=False: " / ".join(f"{x:+.{digits}f}" if sign else
                                                      f"{x:.{digits}f}" for x in xs))
             holds = ("one seed" if len(r["diff"]) < 2 else
                      ("lower" if r["diff"][0] < 0 else "higher") if r["sign_holds"] else "mixed")
-            lines.append(f"| {row['variant']} | {row['arm']} | "
+            lines.append(f"| {row['variant']} | {row['plain']} | {row['arm']} | "
                          f"{', '.join(map(str, row['seeds']))} | {fmt(r['plain'])} | "
                          f"{fmt(r['variant'])} | {fmt(r['diff'], True)} | {holds} |")
         lines.append("")

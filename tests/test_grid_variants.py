@@ -35,16 +35,24 @@ def test_variants_are_paired_with_their_plain_setting(tmp_path):
     assert grid_variants.main([f"--reports={first},{second}", f"--output={out}"]) == 0
     rows = {(r["variant"], r["arm"]): r
             for r in json.load(open(tmp_path / "out.json"))["rows"]}
-    assert set(rows) == {("dpm-20-aware", "etsdm"), ("dpm-20-aware", "ddpm"),
-                         ("dpm-20-knots", "etsdm")}
+    rows = {(r["variant"], r["plain"], r["arm"]): r
+            for r in json.load(open(tmp_path / "out.json"))["rows"]}
+    assert set(rows) == {("dpm-20-aware", "dpm-20", "etsdm"), ("dpm-20-aware", "dpm-20", "ddpm"),
+                         ("dpm-20-knots", "dpm-20", "etsdm"),
+                         ("dpm-20-aware", "dpm-20-knots", "etsdm")}
+    relabel = rows[("dpm-20-aware", "dpm-20-knots", "etsdm")]["fd"]
+    assert relabel["diff"] == pytest.approx([-1.2, -1.1]) and relabel["sign_holds"]
+    rows = {(v, a): r for (v, p, a), r in rows.items() if p == "dpm-20"}
     aware = rows[("dpm-20-aware", "etsdm")]["fd"]
     assert aware["plain"] == [2.0, 1.8]  # the first report's value where both have it
     assert aware["diff"] == pytest.approx([-1.3, -1.2]) and aware["sign_holds"]
     ddpm = rows[("dpm-20-aware", "ddpm")]["fd"]
     assert ddpm["diff"] == pytest.approx([-0.2, 0.2]) and not ddpm["sign_holds"]
     text = out.read_text()
-    assert "| dpm-20-aware | etsdm | 0, 1 | 2.000 / 1.800 | 0.700 / 0.600 | -1.300 / -1.200 | lower |" in text
-    assert "| dpm-20-aware | ddpm | 0, 1 | 1.000 / 0.900 | 0.800 / 1.100 | -0.200 / +0.200 | mixed |" in text
+    assert ("| dpm-20-aware | dpm-20 | etsdm | 0, 1 | 2.000 / 1.800 | 0.700 / 0.600 | "
+            "-1.300 / -1.200 | lower |") in text
+    assert ("| dpm-20-aware | dpm-20 | ddpm | 0, 1 | 1.000 / 0.900 | 0.800 / 1.100 | "
+            "-0.200 / +0.200 | mixed |") in text
     assert "(PARTIAL)" in text
 
 
