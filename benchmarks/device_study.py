@@ -35,6 +35,10 @@ stop) and resumes from the latest checkpoint on the next call. Every chunk of a 
 same noise for both arms and every setting (noise seed from (seed, chunk index)). A killed call
 loses at most the chunk / the training steps since the last checkpoint it was working on.
 
+A setting ending in ``-aware`` samples the E-TSDM arm on its sharing-aware grid and the DDPM
+arm on the same knots at its true labels; ``-knots`` samples both arms on those knots at the
+true labels (``benchmarks/grid_variants.py`` pairs them with the plain settings).
+
 A study can grow: calling it again with more ``--settings`` (the saved list first, new ones at
 the end) appends their stages, setting by setting for every seed and arm, before ``report``;
 everything already sampled and scored is kept. Any other change to the study is refused.
