@@ -120,9 +120,9 @@ def test_tiny_study_resumes_and_reports(tmp_path, capfd):
 
     # A grown settings list: the new setting's stages come after everything done, setting by
     # setting, before the report; nothing sampled before is redrawn; the report has both.
-    # The new setting is the sharing-aware grid of the first: the E-TSDM arm visits every piece
-    # boundary below t~ (the plain grid visits only label 0), the DDPM arm the same knots at
-    # the true labels.
+    # The new settings are the first's sharing-aware grid (the E-TSDM arm visits every piece
+    # boundary below t~, the plain grid only label 0; the DDPM arm the same knots at the true
+    # labels) and its knots at the true labels for both arms.
     chunks_before = {**_chunk_files(workdir, 0), **_chunk_files(workdir, 1)}
     aware, knots = f"{SETTINGS[0]}-aware", f"{SETTINGS[0]}-knots"
     grown = [*SETTINGS, aware, knots]
@@ -207,7 +207,7 @@ def test_setting_names():
     for bad in ("euler-10", "ddim-aware", "ddim-10-aware-trailing", "ddim-10-aware-knots"):
         with pytest.raises(ds.StudyError):
             ds.parse_setting(bad)
-    # -aware: the sharing-aware grid for an E-TSDM model, the plain grid without sharing
+    # -aware: the sharing-aware grid for an E-TSDM model
     from keras_etsdm import DiscreteVPSchedule, TimestepSharing
     from keras_etsdm.samplers import labels_below
 

@@ -33,8 +33,6 @@ def test_variants_are_paired_with_their_plain_setting(tmp_path):
         complete=False)
     out = tmp_path / "out.md"
     assert grid_variants.main([f"--reports={first},{second}", f"--output={out}"]) == 0
-    rows = {(r["variant"], r["arm"]): r
-            for r in json.load(open(tmp_path / "out.json"))["rows"]}
     rows = {(r["variant"], r["plain"], r["arm"]): r
             for r in json.load(open(tmp_path / "out.json"))["rows"]}
     assert set(rows) == {("dpm-20-aware", "dpm-20", "etsdm"), ("dpm-20-aware", "dpm-20", "ddpm"),
