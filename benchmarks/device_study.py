@@ -761,8 +761,8 @@ class Runner:
         key = (setting, id(model))
         if key not in self._samplers:
             self._samplers = {k: v for k, v in self._samplers.items() if k[1] == id(model)}
-            knots_of = (self.etsdm_sharing(seed) if setting.rsplit("-", 1)[-1] in GRID_SUFFIXES
-                        else None)
+            aware = parse_setting(setting)[2].get("sharing_aware", False)
+            knots_of = self.etsdm_sharing(seed) if aware else None
             self._samplers[key] = build_setting_sampler(setting, model.schedule, model.sharing,
                                                         knots_of)
         return self._samplers[key]
