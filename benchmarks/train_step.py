@@ -235,6 +235,9 @@ CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "n
 # JAX only: XLA CPU's concurrency-optimized scheduler on (jaxlib's default, which the tuning
 # turns off on AVX-512), the other tuned flags as they are
 CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+# JAX only, "onednn_fusion=<types>": the tuned flags plus XLA CPU's oneDNN fusions of the given
+# types, "/"-separated ("dot/eltwise" → dot,eltwise; jaxlib 0.10 offers dot, eltwise, reduce)
+ONEDNN_FUSION_FLAG = "xla_cpu_experimental_onednn_fusion_type"
 
 
 def start_worker(args, backend, jit_compile, name, tuning="tuned"):
@@ -261,6 +264,10 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
     if tuning == "concurrency_scheduler":
         env["XLA_FLAGS"] = " ".join(
             f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
+    if tuning.startswith("onednn_fusion="):
+        env["XLA_FLAGS"] = " ".join(
+            f for f in (os.environ.get("XLA_FLAGS", ""),
+                        f"--{ONEDNN_FUSION_FLAG}={tuning.split('=', 1)[1].replace('/', ',')}") if f)
     return harness.Worker(name, argv, env=env, log_path=log,
                           malloc="default" if tuning == "no_hugetlb" else "hugetlb")
 
@@ -270,14 +277,15 @@ def main(args):
         os.makedirs(args.logdir, exist_ok=True)
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
-    if not tunings or set(tunings) - set(CPU_TUNINGS):
+    if not tunings or {t for t in tunings if not t.startswith("onednn_fusion=")} - set(CPU_TUNINGS):
         raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, got "
                          f"{args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning in tunings:
-            if tuning in ("no_xla_flag", "concurrency_scheduler") and backend != "jax":
+            if (tuning in ("no_xla_flag", "concurrency_scheduler")
+                    or tuning.startswith("onednn_fusion=")) and backend != "jax":
                 continue
             suffix = "" if tuning == "tuned" else f"[{tuning}]"
             if backend == "tensorflow":
