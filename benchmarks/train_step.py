@@ -58,7 +58,9 @@ def parse_args(argv=None):
                         "concurrency_scheduler (JAX only: tuned, but XLA CPU's "
                         "concurrency-optimized scheduler on, jaxlib's default), no_retain_memory "
                         "(huge pages, glibc's default arenas: without cpu_tuning's item 4, "
-                        "which JAX on AVX-512 gets), retain_memory (item 4 forced)")
+                        "which JAX on AVX-512 gets), retain_memory (item 4 forced), "
+                        "onednn_fusion=<types> (JAX only: tuned plus XLA CPU's oneDNN fusions, "
+                        "types '/'-separated, e.g. dot/eltwise/reduce)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
@@ -278,8 +280,8 @@ def main(args):
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
     if not tunings or {t for t in tunings if not t.startswith("onednn_fusion=")} - set(CPU_TUNINGS):
-        raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, got "
-                         f"{args.cpu_tuning!r}")
+        raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS} or "
+                         f"onednn_fusion=<types>, got {args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
