@@ -60,7 +60,8 @@ def parse_args(argv=None):
                         "(huge pages, glibc's default arenas: without cpu_tuning's item 4, "
                         "which JAX on AVX-512 gets), retain_memory (item 4 forced), "
                         "onednn_fusion=<types> (JAX only: tuned plus XLA CPU's oneDNN fusions, "
-                        "types '/'-separated, e.g. dot/eltwise/reduce)")
+                        "types '/'-separated, e.g. dot/eltwise/reduce), xla:<flag>=<value> (JAX "
+                        "only: tuned plus one XLA flag, '/' for ',' in the value)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
@@ -240,6 +241,9 @@ CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
 # JAX only, "onednn_fusion=<types>": the tuned flags plus XLA CPU's oneDNN fusions of the given
 # types, "/"-separated ("dot/eltwise" → dot,eltwise; jaxlib 0.10 offers dot, eltwise, reduce)
 ONEDNN_FUSION_FLAG = "xla_cpu_experimental_onednn_fusion_type"
+# JAX only, "xla:<flag>=<value>": the tuned flags plus any one XLA flag ("/" → "," in the value),
+# for screening a flag before the library adopts it
+XLA_FLAG_PREFIXES = ("onednn_fusion=", "xla:")
 
 
 def start_worker(args, backend, jit_compile, name, tuning="tuned"):
@@ -266,10 +270,11 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
     if tuning == "concurrency_scheduler":
         env["XLA_FLAGS"] = " ".join(
             f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
-    if tuning.startswith("onednn_fusion="):
+    if tuning.startswith(("onednn_fusion=", "xla:")):
+        flag = (f"{ONEDNN_FUSION_FLAG}={tuning.split('=', 1)[1]}"
+                if tuning.startswith("onednn_fusion=") else tuning[len("xla:"):])
         env["XLA_FLAGS"] = " ".join(
-            f for f in (os.environ.get("XLA_FLAGS", ""),
-                        f"--{ONEDNN_FUSION_FLAG}={tuning.split('=', 1)[1].replace('/', ',')}") if f)
+            f for f in (os.environ.get("XLA_FLAGS", ""), f"--{flag.replace('/', ',')}") if f)
     return harness.Worker(name, argv, env=env, log_path=log,
                           malloc="default" if tuning == "no_hugetlb" else "hugetlb")
 
@@ -279,15 +284,15 @@ def main(args):
         os.makedirs(args.logdir, exist_ok=True)
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
-    if not tunings or {t for t in tunings if not t.startswith("onednn_fusion=")} - set(CPU_TUNINGS):
-        raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS} or "
-                         f"onednn_fusion=<types>, got {args.cpu_tuning!r}")
+    if not tunings or {t for t in tunings if not t.startswith(XLA_FLAG_PREFIXES)} - set(CPU_TUNINGS):
+        raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, "
+                         f"onednn_fusion=<types> or xla:<flag>=<value>, got {args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning in tunings:
             if (tuning in ("no_xla_flag", "concurrency_scheduler")
-                    or tuning.startswith("onednn_fusion=")) and backend != "jax":
+                    or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
                 continue
             suffix = "" if tuning == "tuned" else f"[{tuning}]"
             if backend == "tensorflow":
