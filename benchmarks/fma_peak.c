@@ -93,6 +93,7 @@ int main(int argc, char **argv) {
   const double lanes = 8.0;
 #endif
   const double flop_per_instruction = (bf16 ? 4.0 : 2.0) * lanes;
-  printf("%.3f\n", threads * (double)iterations * ACCUMULATORS * flop_per_instruction / seconds / 1e9);
+  const double flops = threads * (double)iterations * ACCUMULATORS * flop_per_instruction;
+  printf("%.3f\n", flops / seconds / 1e9);
   return 0;
 }

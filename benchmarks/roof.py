@@ -18,7 +18,8 @@ the whole step — GroupNorm, SiLU, attention, Adam, EMA included — to run at 
 or above is out of reach for any implementation that does the model's FLOPs (a Winograd or FFT
 convolution does fewer; none of the frameworks compared uses one on this CPU).
 
-    python benchmarks/roof.py --results benchmarks/results/vs_diffusers_avx512/train_jax_retain_memory.json
+    R=benchmarks/results/vs_diffusers_avx512
+    python benchmarks/roof.py --results $R/train_30_rounds.json,$R/sample_jax_tf.json
     python benchmarks/roof.py --results A.json,B.json --json out.json --markdown out.md
 
 Run it on a quiet machine: both probes use every core.
@@ -217,8 +218,9 @@ def main(args):
                              "goal_fraction_of_peak": run["goal_gflops"] / peak,
                              "ceiling_at_best_gemm": gemm_rate * 1e9 / flops,
                              "ceiling_at_peak": peak * 1e9 / flops})
+            per = "per image" if unit == "img/s" else "per image and NFE"
             lines.append(f"`{os.path.relpath(path)}`, {run['task']} ({kind}; "
-                         f"{flops / 1e9:.2f} GFLOP per image{' and NFE' if unit != 'img/s' else ''}):")
+                         f"{flops / 1e9:.2f} GFLOP {per}):")
             lines.append("")
             lines.append(f"| framework | {unit} | model GFLOP/s | % best {kind} GEMM | "
                          f"% {kind} vector peak |")

@@ -284,7 +284,8 @@ def main(args):
         os.makedirs(args.logdir, exist_ok=True)
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
-    if not tunings or {t for t in tunings if not t.startswith(XLA_FLAG_PREFIXES)} - set(CPU_TUNINGS):
+    named = {t for t in tunings if not t.startswith(XLA_FLAG_PREFIXES)}
+    if not tunings or named - set(CPU_TUNINGS):
         raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, "
                          f"onednn_fusion=<types> or xla:<flag>=<value>, got {args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:

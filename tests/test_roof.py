@@ -36,7 +36,8 @@ def test_training_goal_is_1_3x_eager_diffusers_in_model_gflops():
 
 def test_sampling_goal_is_the_best_diffusers_variant_per_nfe():
     result = _result(["ddim", "dpm"], [
-        ("ddim", "keras-jax", 10.0), ("ddim", "diffusers", 9.0), ("ddim", "diffusers-compile", 11.0),
+        ("ddim", "keras-jax", 10.0), ("ddim", "diffusers", 9.0),
+        ("ddim", "diffusers-compile", 11.0),
         ("dpm", "keras-jax", 10.0), ("dpm", "diffusers", 12.0), ("dpm", "diffusers-tuned", 8.0)],
         precision="bf16")
     ddim, dpm = roof.task_runs("r.json", result)

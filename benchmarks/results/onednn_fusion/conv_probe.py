@@ -39,5 +39,6 @@ for hw, c in [(32, 128), (16, 256), (8, 256)]:
     x = jnp.ones((8, hw, hw, c), jnp.float32)
     w = jnp.ones((3, 3, c, c), jnp.float32) * 0.01
     s = median_seconds(forward, (x, w), 30)
-    parts.append(f"fwd {hw}x{hw}x{c}: {1e3 * s:.2f} ms {2 * 8 * hw * hw * c * c * 9 / s / 1e9:.0f} GFLOP/s")
+    gflops = 2 * 8 * hw * hw * c * c * 9 / s / 1e9
+    parts.append(f"fwd {hw}x{hw}x{c}: {1e3 * s:.2f} ms {gflops:.0f} GFLOP/s")
 print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}: " + " | ".join(parts))
