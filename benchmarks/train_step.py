@@ -23,6 +23,7 @@ no XLA on a CPU-only machine).
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -270,7 +271,7 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
     if tuning == "concurrency_scheduler":
         env["XLA_FLAGS"] = " ".join(
             f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
-    if tuning.startswith(("onednn_fusion=", "xla:")):
+    if tuning.startswith(XLA_FLAG_PREFIXES):
         flag = (f"{ONEDNN_FUSION_FLAG}={tuning.split('=', 1)[1]}"
                 if tuning.startswith("onednn_fusion=") else tuning[len("xla:"):])
         env["XLA_FLAGS"] = " ".join(
@@ -285,6 +286,10 @@ def main(args):
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
     named = {t for t in tunings if not t.startswith(XLA_FLAG_PREFIXES)}
+    for t in tunings:
+        if t.startswith("xla:") and not re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", t):
+            raise SystemExit(f"--cpu_tuning: {t!r} is not of the form xla:<xla_flag>=<value> "
+                             f"(e.g. xla:xla_cpu_prefer_vector_width=512)")
     if not tunings or named - set(CPU_TUNINGS):
         raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, "
                          f"onednn_fusion=<types> or xla:<flag>=<value>, got {args.cpu_tuning!r}")
