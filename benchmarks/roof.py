@@ -46,7 +46,8 @@ GOAL_VS_EAGER = 1.3  # issue 19: training on the fastest Keras backend ≥ 1.3×
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--results", default="",
-                   help="comma-separated vs_diffusers.py JSON files with a train task")
+                   help="comma-separated vs_diffusers.py JSON files with a train, ddim or dpm "
+                        "task")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats of every probe")
     p.add_argument("--iterations", type=int, default=100_000_000,
                    help="loop iterations of the vector-unit probe per thread (16 FMAs each)")
@@ -60,8 +61,8 @@ def build_peak_probe(flags, workdir):
     """Compile ``fma_peak.c`` for this CPU; (path, ISA name, bf16 available)."""
     compiler = shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
-        raise SystemExit("roof.py needs a C compiler (gcc) for the vector-unit probe; "
-                         "install gcc or run only the GEMM part elsewhere.")
+        raise SystemExit("roof.py needs a C compiler (gcc or cc on PATH) to build the "
+                         "vector-unit probe fma_peak.c; install gcc (e.g. apt-get install gcc).")
     if "avx512f" in flags:
         isa, march = "avx512f", ["-mavx512f", "-mfma"]
         bf16 = "avx512_bf16" in flags
@@ -179,12 +180,11 @@ def main(args):
                  "fp32_one_core": run_peak(binary, 1, args.iterations, "fp32", args.repeats)}
         if has_bf16:
             peaks["bf16"] = run_peak(binary, threads, args.iterations, "bf16", args.repeats)
-    gemm = {int(n): harness.numpy_matmul_roof(int(n), args.repeats)
-            for n in args.gemm_sizes.split(",") if n.strip()}
+    sizes = [int(n) for n in args.gemm_sizes.split(",") if n.strip()]
+    gemm = {n: harness.numpy_matmul_roof(n, args.repeats) for n in sizes}
     best_gemm = max(g["median"] for g in gemm.values())
     fp32_peak = peaks["fp32"]["median"]
-    gemm_bf16 = ({int(n): tensorflow_bf16_gemm(int(n), args.repeats)
-                  for n in args.gemm_sizes.split(",") if n.strip()} if has_bf16 else {})
+    gemm_bf16 = {n: tensorflow_bf16_gemm(n, args.repeats) for n in sizes} if has_bf16 else {}
     best_gemm_bf16 = max((g["median"] for g in gemm_bf16.values()), default=None)
 
     lines = [f"CPU: {harness.cpu_description()}; probe ISA {isa}; machine at start: {machine}", ""]
