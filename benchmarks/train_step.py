@@ -16,9 +16,12 @@ framework.
     python benchmarks/train_step.py                      # jax and tensorflow, defaults
     python benchmarks/train_step.py --repeats 7 --steps 4 --json /tmp/train_step.json
     python benchmarks/train_step.py --backends jax --tf_jit_compile false,true
+    python benchmarks/train_step.py --model_variants as_is,no_dropout,clipped_adam
 
 ``--tf_jit_compile`` runs one TensorFlow worker per value (``auto`` is Keras' default, which is
-no XLA on a CPU-only machine).
+no XLA on a CPU-only machine). ``--model_variants`` prices parts of the step: each set-up (no
+dropout; bin/train's clipped Adam instead of plain Adam) runs in its own worker beside the as-is
+one and is reported as a paired img/s ratio against it.
 """
 
 import argparse
@@ -63,12 +66,21 @@ def parse_args(argv=None):
                         "onednn_fusion=<types> (JAX only: tuned plus XLA CPU's oneDNN fusions, "
                         "types '/'-separated, e.g. dot/eltwise/reduce), xla:<flag>=<value> (JAX "
                         "only: tuned plus one XLA flag, '/' for ',' in the value)")
+    p.add_argument("--model_variants", default="as_is",
+                   help="comma-separated training set-ups, one worker per backend and value, "
+                        "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
+                        "(dropout 0), clipped_adam (bin/train's optimizer: "
+                        "optimizers.make_optimizer, Adam with global-norm clipping at 1.0)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--jit_compile", default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--model_variant", default="as_is", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+MODEL_VARIANTS = ("as_is", "no_dropout", "clipped_adam")
 
 
 # ----- worker ---------------------------------------------------------------------------------
@@ -80,16 +92,20 @@ def build_model(args):
     import keras
 
     from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm.optimizers import make_optimizer
 
     keras.utils.set_random_seed(0)
     config = dict(SMALL_CONFIG, base_channels=args.base_channels)
+    if args.model_variant == "no_dropout":
+        config["dropout"] = 0.0
     network = build_unet(image_size=args.image_size, channels=3, **config)
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
     kwargs = {}
     if keras.backend.backend() == "jax":
         kwargs["steps_per_execution"] = args.jax_steps_per_execution
-    model.compile(optimizer=keras.optimizers.Adam(2e-4),
-                  jit_compile=_jit_value(args.jit_compile), **kwargs)
+    optimizer = (make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0)
+                 if args.model_variant == "clipped_adam" else keras.optimizers.Adam(2e-4))
+    model.compile(optimizer=optimizer, jit_compile=_jit_value(args.jit_compile), **kwargs)
     return model
 
 
@@ -247,13 +263,13 @@ ONEDNN_FUSION_FLAG = "xla_cpu_experimental_onednn_fusion_type"
 XLA_FLAG_PREFIXES = ("onednn_fusion=", "xla:")
 
 
-def start_worker(args, backend, jit_compile, name, tuning="tuned"):
+def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_is"):
     argv = [sys.executable, os.path.abspath(__file__), "--worker",
             "--batch", str(args.batch), "--image_size", str(args.image_size),
             "--base_channels", str(args.base_channels), "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--matmul_n", str(args.matmul_n),
             "--repeats", str(args.repeats),
-            "--jit_compile", jit_compile,
+            "--jit_compile", jit_compile, "--model_variant", variant,
             "--jax_steps_per_execution", str(args.jax_steps_per_execution)]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
     env = {"KERAS_BACKEND": backend}
@@ -280,6 +296,20 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned"):
                           malloc="default" if tuning == "no_hugetlb" else "hugetlb")
 
 
+def paired_baselines(specs):
+    """``(base, name)`` worker pairs to report as paired ratios base ÷ name: each start-up
+    tuning against the tuned worker of the same backend, jit mode and set-up, and each set-up
+    (``--model_variants``) against as_is under the tuned start-up. ``specs``: ``(backend,
+    jit_compile, name, tuning, variant)`` tuples as ``main`` builds them."""
+    pairs = []
+    for backend, jit, name, tuning, variant in specs:
+        want = (backend, jit, "tuned", variant if tuning != "tuned" else "as_is")
+        base = next((n for b, j, n, t, v in specs if (b, j, t, v) == want), None)
+        if (tuning, variant) != ("tuned", "as_is") and base is not None:
+            pairs.append((base, name))
+    return pairs
+
+
 def main(args):
     if args.logdir:
         os.makedirs(args.logdir, exist_ok=True)
@@ -290,30 +320,35 @@ def main(args):
         if t.startswith("xla:") and not re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", t):
             raise SystemExit(f"--cpu_tuning: {t!r} is not of the form xla:<xla_flag>=<value> "
                              f"(e.g. xla:xla_cpu_prefer_vector_width=512)")
+    variants = [v.strip() for v in args.model_variants.split(",") if v.strip()]
+    if not variants or set(variants) - set(MODEL_VARIANTS):
+        raise SystemExit(f"--model_variants: expected values among {MODEL_VARIANTS}, "
+                         f"got {args.model_variants!r}")
     if not tunings or named - set(CPU_TUNINGS):
         raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, "
                          f"onednn_fusion=<types> or xla:<flag>=<value>, got {args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
-        for tuning in tunings:
+        for tuning, variant in [(t, v) for t in tunings for v in variants]:
             if (tuning in ("no_xla_flag", "concurrency_scheduler")
                     or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
                 continue
             suffix = "" if tuning == "tuned" else f"[{tuning}]"
+            suffix += "" if variant == "as_is" else f"{{{variant}}}"
             if backend == "tensorflow":
                 for value in args.tf_jit_compile.split(","):
                     _jit_value(value)  # validate early
                     specs.append((backend, value, f"tensorflow(jit_compile={value}){suffix}",
-                                  tuning))
+                                  tuning, variant))
             else:
-                specs.append((backend, "auto", backend + suffix, tuning))
+                specs.append((backend, "auto", backend + suffix, tuning, variant))
     print(f"machine: {harness.machine_description()}", flush=True)
     workers = []
     try:
         warm = {}
-        for backend, jit, name, tuning in specs:
-            worker = start_worker(args, backend, jit, name, tuning)
+        for backend, jit, name, tuning, variant in specs:
+            worker = start_worker(args, backend, jit, name, tuning, variant)
             workers.append(worker)
             warm[name] = worker.request("warmup")
             print(f"  {name}: built and warmed up (first step {warm[name]['first_step_s']:.1f} s, "
@@ -369,13 +404,8 @@ def main(args):
               f"{mm['median']:>9.1f} {100 * gflops / mm['median']:>6.1f}% "
               f"{100 * gflops / numpy_rate['median']:>6.1f}% "
               f"{warm[w.name]['first_step_s']:>10.1f} {peaks[w.name]:>8.0f} {cpu_ms:>10.1f}")
-    # Each tuning against the tuned worker of the same backend, paired by repeat.
     paired = {}
-    for backend, jit, name, tuning in specs:
-        base = next((n for b, j, n, t in specs if b == backend and j == jit and t == "tuned"),
-                    None)
-        if tuning == "tuned" or base is None:
-            continue
+    for base, name in paired_baselines(specs):
         ci = harness.paired_ratio_ci(args.batch / np.asarray(train[base]),
                                      args.batch / np.asarray(train[name]))
         paired[f"{base} ÷ {name}"] = ci
@@ -386,7 +416,7 @@ def main(args):
             "machine": harness.machine_description(), "cpu": harness.cpu_description(),
             "args": vars(args), "train_flops_per_image": train_flops,
             "numpy_matmul_gflops": numpy_rate, "results": rows, "raw_train_seconds": train,
-            "paired_vs_tuned": paired})
+            "paired_vs_tuned": paired})  # each tuning vs tuned, each set-up vs as_is
     return rows
 
 

@@ -484,3 +484,23 @@ def test_report_compares_a_backend_variant_with_its_base_worker():
     assert "variant against its base worker" in md
     assert "- keras-tensorflow: sampling loops without XLA" in md
     assert f"- {name}: sampling loops with XLA" in md
+
+
+def test_train_step_pairs_each_tuning_and_each_set_up_with_its_own_baseline():
+    import train_step
+
+    specs = [("jax", "auto", "jax", "tuned", "as_is"),
+             ("jax", "auto", "jax{no_dropout}", "tuned", "no_dropout"),
+             ("jax", "auto", "jax[no_hugetlb]", "no_hugetlb", "as_is"),
+             ("jax", "auto", "jax[no_hugetlb]{no_dropout}", "no_hugetlb", "no_dropout"),
+             ("tensorflow", "false", "tf", "tuned", "as_is"),
+             ("tensorflow", "false", "tf{clipped_adam}", "tuned", "clipped_adam"),
+             ("tensorflow", "true", "tf-xla{clipped_adam}", "tuned", "clipped_adam")]
+    assert train_step.paired_baselines(specs) == [
+        ("jax", "jax{no_dropout}"),
+        ("jax", "jax[no_hugetlb]"),
+        ("jax{no_dropout}", "jax[no_hugetlb]{no_dropout}"),  # the tuning, same set-up
+        ("tf", "tf{clipped_adam}"),
+    ]  # tf-xla{clipped_adam} has no as_is worker of its jit mode: not paired
+    with pytest.raises(SystemExit, match="--model_variants: expected values among"):
+        train_step.main(train_step.parse_args(["--model_variants", "as_is,nodropout"]))
