@@ -70,9 +70,7 @@ def parse_args(argv=None):
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
                         "(dropout 0), clipped_adam (bin/train's optimizer: "
-                        "optimizers.make_optimizer, Adam with global-norm clipping at 1.0), "
-                        "unordered_update (JAX only: Keras's training step as is, without "
-                        "backend.ORDER_UPDATE_AFTER_GRADIENTS)")
+                        "optimizers.make_optimizer, Adam with global-norm clipping at 1.0)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
@@ -82,7 +80,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-MODEL_VARIANTS = ("as_is", "no_dropout", "clipped_adam", "unordered_update")
+MODEL_VARIANTS = ("as_is", "no_dropout", "clipped_adam")
 
 
 # ----- worker ---------------------------------------------------------------------------------
@@ -94,10 +92,8 @@ def build_model(args):
     import keras
 
     from keras_etsdm import DiffusionModel, build_unet
-    from keras_etsdm import backend as etsdm_backend
     from keras_etsdm.optimizers import make_optimizer
 
-    etsdm_backend.ORDER_UPDATE_AFTER_GRADIENTS = args.model_variant != "unordered_update"
     keras.utils.set_random_seed(0)
     config = dict(SMALL_CONFIG, base_channels=args.base_channels)
     if args.model_variant == "no_dropout":
@@ -336,8 +332,7 @@ def main(args):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning, variant in [(t, v) for t in tunings for v in variants]:
             if (tuning in ("no_xla_flag", "concurrency_scheduler")
-                    or tuning.startswith(XLA_FLAG_PREFIXES)
-                    or variant == "unordered_update") and backend != "jax":
+                    or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
                 continue
             suffix = "" if tuning == "tuned" else f"[{tuning}]"
             suffix += "" if variant == "as_is" else f"{{{variant}}}"

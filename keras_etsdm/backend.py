@@ -156,63 +156,6 @@ def release_build_memory():
     cpu_tuning.trim_heap()
 
 
-# ----- JAX training step: the weight update in place ------------------------------------------
-# Keras donates the training state to the compiled JAX step, so XLA writes each updated weight
-# into the old weight's buffer, but only where it can prove that every read of the old weight
-# (the forward pass, and the backward pass's input gradient through that layer) comes first.
-# Plain Adam's update of a layer depends only on that layer's gradient, not on those of the
-# layers below it (which are what need the input gradient), so XLA cannot, and copies the
-# weights at the start of every step: on the DDPM CIFAR-10 U-Net 156 copies, 136 MiB a step, and
-# 3 % of its img/s on a 2-core AVX-512 CPU (benchmarks/results/step_variants). An optimizer that
-# clips by the global norm (bin/train's) already orders the update after every gradient.
-# Module flag so benchmarks can A/B it (read at trace time): False compiles Keras's step as is.
-ORDER_UPDATE_AFTER_GRADIENTS = True
-
-
-def after_all_gradients(grads):
-    """``grads``, each multiplied by a scale that is exactly 1.0 but computed from the sum of
-    every gradient, so that whatever consumes any of them is ordered after all of them.
-
-    The sum goes through int32 and back, which makes it finite whatever it was (XLA converts
-    NaN / ±inf to int saturating); ``inf / max(|that|, 1)`` is then +inf and its minimum with 1
-    is 1.0, so no value changes (NaN and inf included) and XLA cannot fold the scale away. The
-    sums read every gradient once, as a global-norm clip does. Two other forms compiled the
-    CIFAR-10 U-Net's step far slower (first step, vs ~20 s): one element of each gradient
-    instead of its sum 158 s, a ``where(isfinite(...))`` guard instead of the round trip 45 s.
-    ``None`` entries stay None.
-    """
-    present = [g for g in grads if g is not None]
-    if not present:
-        return list(grads)
-    probe = sum(keras.ops.sum(keras.ops.cast(g, "float32")) for g in present)
-    finite = keras.ops.cast(keras.ops.cast(probe, "int32"), "float32")
-    reach = keras.ops.divide(np.float32(np.inf), keras.ops.maximum(keras.ops.abs(finite), 1.0))
-    one = keras.ops.minimum(1.0, reach)
-    return [None if g is None else g * keras.ops.cast(one, g.dtype) for g in grads]
-
-
-def jax_train_step(model, state, data):
-    """Keras 3.15's ``JAXTrainer.train_step`` with the optimizer's update ordered after every
-    gradient (``after_all_gradients``) while ``ORDER_UPDATE_AFTER_GRADIENTS``; otherwise exactly
-    Keras's step. ``state``: ``(trainable, non_trainable, optimizer, metrics)`` variable values;
-    returns ``(logs, state)`` like it."""
-    if not ORDER_UPDATE_AFTER_GRADIENTS:
-        return keras.Model.train_step(model, state, data)
-    import jax
-
-    trainable, non_trainable, optimizer_variables, metrics_variables = state
-    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-    grad_fn = jax.value_and_grad(model.compute_loss_and_updates, has_aux=True)
-    (_, aux), grads = grad_fn(trainable, non_trainable, metrics_variables, x, y, sample_weight,
-                              training=True, optimizer_variables=optimizer_variables)
-    unscaled_loss, y_pred, non_trainable, metrics_variables = aux
-    trainable, optimizer_variables = model.optimizer.stateless_apply(
-        optimizer_variables, after_all_gradients(grads), trainable)
-    logs, metrics_variables = model._update_metrics_variables(
-        metrics_variables, unscaled_loss, x, y, y_pred, sample_weight)
-    return logs, (trainable, non_trainable, optimizer_variables, metrics_variables)
-
-
 # ----- stride-1 "same" convolution with a per-tap kernel gradient on JAX ----------------------
 # When jaxlib 0.10's XLA CPU runs convolutions as YNNPACK fusions (its default), the kernel
 # gradient of a convolution is 1.5–3× slower than the forward pass; as one matmul per kernel tap

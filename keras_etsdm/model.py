@@ -376,8 +376,7 @@ class DiffusionModel(keras.Model):
         return super().test_step(self._pack_labels(data), **kwargs)
 
     def _jax_train_step(self, state, data):
-        # Keras's step, the weights updated in place (see backend.jax_train_step)
-        logs, state = etsdm_backend.jax_train_step(self, state, self._pack_labels(data))
+        logs, state = super().train_step(state, self._pack_labels(data))
         trainable, non_trainable, optimizer_vars, metrics_vars = state
         index = self._jax_variable_index()
         weight_values = [trainable[i] for i in index["weights"]]
