@@ -29,8 +29,8 @@ def entry_parameter_copies(hlo_text):
     entry = hlo_text[hlo_text.index("\nENTRY"):]
     params = set(re.findall(r"%([\w.\-]+) = \S+ parameter\(\d+\)", entry))
     count = size = 0
-    for dtype, dims, operand in re.findall(r"= (f32|bf16|f16)\[([\d,]*)\]\{[\d,]*\} copy\(%([\w.\-]+)\)",
-                                           entry):
+    copies = re.findall(r"= (f32|bf16|f16)\[([\d,]*)\]\{[\d,]*\} copy\(%([\w.\-]+)\)", entry)
+    for dtype, dims, operand in copies:
         if operand in params:
             elements = 1
             for d in filter(None, dims.split(",")):
