@@ -47,20 +47,15 @@ def child(optimizer, dump_dir):
     cpu_tuning.tune_xla_for_cpu("jax")
     os.environ["XLA_FLAGS"] += (f" --xla_dump_to={dump_dir} --xla_dump_hlo_as_text"
                                 " --xla_dump_hlo_module_re=.*train_step.*")
-    import keras
     import numpy as np
 
-    from keras_etsdm import DiffusionModel, build_unet
-    from keras_etsdm.optimizers import make_optimizer
-
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from train_step import SMALL_CONFIG
+    import train_step
 
-    keras.utils.set_random_seed(0)
-    network = build_unet(image_size=32, channels=3, **dict(SMALL_CONFIG, base_channels=128))
-    model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    model.compile(optimizer=make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0)
-                  if optimizer == "clipped_adam" else keras.optimizers.Adam(2e-4))
+    # the as-is / clipped-Adam set-ups of train_step.py, built by its own helper
+    variant = "clipped_adam" if optimizer == "clipped_adam" else "as_is"
+    model = train_step.build_model(train_step.parse_args(
+        ["--base_channels", "128", "--batch", "8", "--model_variant", variant]))
     x = np.random.default_rng(0).uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32)
     model.train_on_batch(x)
 
