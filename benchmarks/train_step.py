@@ -65,7 +65,9 @@ def parse_args(argv=None):
                         "which JAX on AVX-512 gets), retain_memory (item 4 forced), "
                         "onednn_fusion=<types> (JAX only: tuned plus XLA CPU's oneDNN fusions, "
                         "types '/'-separated, e.g. dot/eltwise/reduce), xla:<flag>=<value> (JAX "
-                        "only: tuned plus one XLA flag, '/' for ',' in the value)")
+                        "only: tuned plus one XLA flag, '/' for ',' in the value), "
+                        "tf_xla:<flag>=<value>[+<flag>=<value>...] (TensorFlow only: tuned plus "
+                        "TF_XLA_FLAGS, e.g. auto-clustering)")
     p.add_argument("--model_variants", default="as_is",
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
@@ -261,6 +263,11 @@ ONEDNN_FUSION_FLAG = "xla_cpu_experimental_onednn_fusion_type"
 # JAX only, "xla:<flag>=<value>": the tuned flags plus any one XLA flag ("/" → "," in the value),
 # for screening a flag before the library adopts it
 XLA_FLAG_PREFIXES = ("onednn_fusion=", "xla:")
+# TensorFlow only, "tf_xla:<flag>=<value>+<flag>=<value>...": TensorFlow's XLA flags added to
+# TF_XLA_FLAGS ("+" between flags, "/" for "," in a value), e.g. auto-clustering of the step's
+# fusible operations only (its convolutions stay oneDNN kernels):
+# tf_xla:tf_xla_auto_jit=2+tf_xla_cpu_global_jit=true+tf_xla_ops_to_cluster=FUSIBLE
+TF_XLA_FLAG_PREFIX = "tf_xla:"
 
 
 def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_is"):
@@ -271,7 +278,8 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_i
             "--repeats", str(args.repeats),
             "--jit_compile", jit_compile, "--model_variant", variant,
             "--jax_steps_per_execution", str(args.jax_steps_per_execution)]
-    log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
+    log = (os.path.join(args.logdir, re.sub(r"[^A-Za-z0-9_.=()\[\]{}+-]", "_", name) + ".log")
+           if args.logdir else None)
     env = {"KERAS_BACKEND": backend}
     tuning_module = harness._cpu_tuning()
     if tuning == "no_xla_flag":
@@ -292,6 +300,11 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_i
                 if tuning.startswith("onednn_fusion=") else tuning[len("xla:"):])
         env["XLA_FLAGS"] = " ".join(
             f for f in (os.environ.get("XLA_FLAGS", ""), f"--{flag.replace('/', ',')}") if f)
+    if tuning.startswith(TF_XLA_FLAG_PREFIX):
+        flags = " ".join(f"--{f.replace('/', ',')}"
+                         for f in tuning[len(TF_XLA_FLAG_PREFIX):].split("+"))
+        env["TF_XLA_FLAGS"] = " ".join(
+            f for f in (os.environ.get("TF_XLA_FLAGS", ""), flags) if f)
     return harness.Worker(name, argv, env=env, log_path=log,
                           malloc="default" if tuning == "no_hugetlb" else "hugetlb")
 
@@ -315,24 +328,31 @@ def main(args):
         os.makedirs(args.logdir, exist_ok=True)
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
-    named = {t for t in tunings if not t.startswith(XLA_FLAG_PREFIXES)}
+    named = {t for t in tunings if not t.startswith(XLA_FLAG_PREFIXES + (TF_XLA_FLAG_PREFIX,))}
     for t in tunings:
         if t.startswith("xla:") and not re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", t):
             raise SystemExit(f"--cpu_tuning: {t!r} is not of the form xla:<xla_flag>=<value> "
                              f"(e.g. xla:xla_cpu_prefer_vector_width=512)")
+        if t.startswith(TF_XLA_FLAG_PREFIX) and not re.fullmatch(
+                r"tf_xla:tf_xla_[a-z0-9_]+=[^\s+]+(\+tf_xla_[a-z0-9_]+=[^\s+]+)*", t):
+            raise SystemExit(f"--cpu_tuning: {t!r} is not of the form tf_xla:<flag>=<value>"
+                             f"[+<flag>=<value>...] (e.g. tf_xla:tf_xla_auto_jit=2)")
     variants = [v.strip() for v in args.model_variants.split(",") if v.strip()]
     if not variants or set(variants) - set(MODEL_VARIANTS):
         raise SystemExit(f"--model_variants: expected values among {MODEL_VARIANTS}, "
                          f"got {args.model_variants!r}")
     if not tunings or named - set(CPU_TUNINGS):
         raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, "
-                         f"onednn_fusion=<types> or xla:<flag>=<value>, got {args.cpu_tuning!r}")
+                         f"onednn_fusion=<types>, xla:<flag>=<value> or tf_xla:<flags>, "
+                         f"got {args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning, variant in [(t, v) for t in tunings for v in variants]:
             if (tuning in ("no_xla_flag", "concurrency_scheduler")
                     or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
+                continue
+            if tuning.startswith(TF_XLA_FLAG_PREFIX) and backend != "tensorflow":
                 continue
             suffix = "" if tuning == "tuned" else f"[{tuning}]"
             suffix += "" if variant == "as_is" else f"{{{variant}}}"
