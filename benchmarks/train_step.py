@@ -270,6 +270,37 @@ XLA_FLAG_PREFIXES = ("onednn_fusion=", "xla:")
 TF_XLA_FLAG_PREFIX = "tf_xla:"
 
 
+def worker_environ(backend, tuning="tuned", environ=os.environ):
+    """The variables a worker of ``backend`` with start-up ``tuning`` gets on top of
+    ``environ`` (the worker applies the library's own start-up tuning itself)."""
+    env = {"KERAS_BACKEND": backend}
+    tuning_module = harness._cpu_tuning()
+    if tuning == "no_xla_flag":
+        # the malloc tuning as "tuned" gets it, given explicitly: with the opt-out below the
+        # worker's start would not add it; the opt-out then only keeps the XLA flag off
+        env["GLIBC_TUNABLES"] = harness.malloc_environ(
+            {**environ, **env}, "hugetlb", backend).get("GLIBC_TUNABLES", "")
+        env[tuning_module.OPT_OUT_VARIABLE] = "0"
+    if tuning == "retain_memory":
+        env["GLIBC_TUNABLES"] = f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
+    if tuning == "no_retain_memory":
+        env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
+    if tuning == "concurrency_scheduler":
+        env["XLA_FLAGS"] = " ".join(
+            f for f in (environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
+    if tuning.startswith(XLA_FLAG_PREFIXES):
+        flag = (f"{ONEDNN_FUSION_FLAG}={tuning.split('=', 1)[1]}"
+                if tuning.startswith("onednn_fusion=") else tuning[len("xla:"):])
+        env["XLA_FLAGS"] = " ".join(
+            f for f in (environ.get("XLA_FLAGS", ""), f"--{flag.replace('/', ',')}") if f)
+    if tuning.startswith(TF_XLA_FLAG_PREFIX):
+        flags = " ".join(f"--{f.replace('/', ',')}"
+                         for f in tuning[len(TF_XLA_FLAG_PREFIX):].split("+"))
+        env["TF_XLA_FLAGS"] = " ".join(
+            f for f in (environ.get("TF_XLA_FLAGS", ""), flags) if f)
+    return env
+
+
 def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_is"):
     argv = [sys.executable, os.path.abspath(__file__), "--worker",
             "--batch", str(args.batch), "--image_size", str(args.image_size),
@@ -280,31 +311,7 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_i
             "--jax_steps_per_execution", str(args.jax_steps_per_execution)]
     log = (os.path.join(args.logdir, re.sub(r"[^A-Za-z0-9_.=()\[\]{}+-]", "_", name) + ".log")
            if args.logdir else None)
-    env = {"KERAS_BACKEND": backend}
-    tuning_module = harness._cpu_tuning()
-    if tuning == "no_xla_flag":
-        # the malloc tuning as "tuned" gets it, given explicitly: with the opt-out below the
-        # worker's start would not add it; the opt-out then only keeps the XLA flag off
-        env["GLIBC_TUNABLES"] = harness.malloc_environ(
-            {**os.environ, **env}, "hugetlb", backend).get("GLIBC_TUNABLES", "")
-        env[tuning_module.OPT_OUT_VARIABLE] = "0"
-    if tuning == "retain_memory":
-        env["GLIBC_TUNABLES"] = f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
-    if tuning == "no_retain_memory":
-        env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
-    if tuning == "concurrency_scheduler":
-        env["XLA_FLAGS"] = " ".join(
-            f for f in (os.environ.get("XLA_FLAGS", ""), CONCURRENCY_SCHEDULER) if f)
-    if tuning.startswith(XLA_FLAG_PREFIXES):
-        flag = (f"{ONEDNN_FUSION_FLAG}={tuning.split('=', 1)[1]}"
-                if tuning.startswith("onednn_fusion=") else tuning[len("xla:"):])
-        env["XLA_FLAGS"] = " ".join(
-            f for f in (os.environ.get("XLA_FLAGS", ""), f"--{flag.replace('/', ',')}") if f)
-    if tuning.startswith(TF_XLA_FLAG_PREFIX):
-        flags = " ".join(f"--{f.replace('/', ',')}"
-                         for f in tuning[len(TF_XLA_FLAG_PREFIX):].split("+"))
-        env["TF_XLA_FLAGS"] = " ".join(
-            f for f in (os.environ.get("TF_XLA_FLAGS", ""), flags) if f)
+    env = worker_environ(backend, tuning)
     return harness.Worker(name, argv, env=env, log_path=log,
                           malloc="default" if tuning == "no_hugetlb" else "hugetlb")
 

@@ -504,3 +504,18 @@ def test_train_step_pairs_each_tuning_and_each_set_up_with_its_own_baseline():
     ]  # tf-xla{clipped_adam} has no as_is worker of its jit mode: not paired
     with pytest.raises(SystemExit, match="--model_variants: expected values among"):
         train_step.main(train_step.parse_args(["--model_variants", "as_is,nodropout"]))
+
+
+def test_train_step_worker_environ_adds_the_named_xla_flags_to_the_callers():
+    import train_step
+
+    env = train_step.worker_environ(
+        "tensorflow", "tf_xla:tf_xla_auto_jit=2+tf_xla_ops_to_cluster=PW/RED",
+        environ={"TF_XLA_FLAGS": "--tf_xla_min_cluster_size=4"})
+    assert env == {"KERAS_BACKEND": "tensorflow", "TF_XLA_FLAGS":
+                   "--tf_xla_min_cluster_size=4 --tf_xla_auto_jit=2 --tf_xla_ops_to_cluster=PW,RED"}
+    env = train_step.worker_environ("jax", "xla:xla_cpu_prefer_vector_width=512", environ={})
+    assert env == {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_prefer_vector_width=512"}
+    assert train_step.worker_environ("jax", "tuned", environ={}) == {"KERAS_BACKEND": "jax"}
+    with pytest.raises(SystemExit, match="not of the form tf_xla:<flag>=<value>"):
+        train_step.main(train_step.parse_args(["--cpu_tuning", "tuned,tf_xla:auto_jit"]))
