@@ -28,7 +28,9 @@ matmul roof probe (numpy, ``--matmul_n``³ with default 2048, median of ``--matm
 measured before the workers start and again after they have exited.
 
 Tasks (``--tasks``):
-  train     one training step: noise-prediction MSE, Adam, EMA update (the compiled
+  train     one training step: noise-prediction MSE, Adam (``--grad_clip_norm``: with the
+            gradient clipped first, the recipe of bin/train and of diffusers' training
+            example), EMA update (the compiled
             ``DiffusionModel.train_step`` that ``fit`` runs, called by ``train_on_batch`` / the
             usual diffusers loop with ``EMAModel``), batch ``--train_batch``.
   forward   one forward pass without gradients at each batch of ``--forward_batches``.
@@ -100,6 +102,11 @@ def parse_args(argv=None):
                    help="jit_compile of the Keras training step; auto: the library's choice, as "
                         "bin/train makes it (backend.default_train_jit_compile: XLA except "
                         "TensorFlow on an AVX-512 CPU)")
+    p.add_argument("--grad_clip_norm", type=float, default=0.0,
+                   help="train task: clip the gradient to this global norm before Adam's update on "
+                        "every side, the DDPM recipe (> 0; Keras: bin/train's make_optimizer, "
+                        "diffusers: torch.nn.utils.clip_grad_norm_ as its training example "
+                        "does, foreach in the tuned variants); 0: plain Adam, no clipping")
     p.add_argument("--precision", default="float32", choices=("float32", "bf16"),
                    help="every worker: float32, or bf16 mixed precision (Keras 'mixed_bfloat16' "
                         "policy: float32 variables, bf16 compute; torch.autocast('cpu', "
@@ -170,7 +177,13 @@ def keras_worker(args):
     from keras_etsdm import backend as etsdm_backend
 
     jit = {"true": True, "false": False}.get(args.jit_compile)
-    model.compile(optimizer=keras.optimizers.Adam(2e-4),
+    if args.grad_clip_norm > 0:  # bin/train's optimizer (the gin configs' clip 1.0)
+        from keras_etsdm.optimizers import make_optimizer
+
+        optimizer = make_optimizer(learning_rate=2e-4, grad_clip_norm=args.grad_clip_norm)
+    else:
+        optimizer = keras.optimizers.Adam(2e-4)
+    model.compile(optimizer=optimizer,
                   jit_compile=etsdm_backend.default_train_jit_compile() if jit is None else jit)
 
     def setup_train():
@@ -271,6 +284,9 @@ def diffusers_worker(args):
                 loss = torch.nn.functional.mse_loss(net(x_t, t).sample.float(), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if args.grad_clip_norm > 0:  # diffusers' train_unconditional: clip_grad_norm_(·, 1.0)
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), args.grad_clip_norm,
+                                               foreach=True if tuned else None)
             optimizer.step()
             ema.step(unet.parameters())
             return float(loss)
@@ -377,7 +393,7 @@ def start_worker(args, kind, backend, name, peer="eager"):
     argv = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--peer", peer]
     for key in ("tasks", "base_channels", "image_size", "train_batch", "forward_batches",
                 "sample_batch", "sample_steps", "train_steps", "matmul_n", "threads",
-                "jit_compile", "precision"):
+                "jit_compile", "precision", "grad_clip_norm"):
         argv += [f"--{key}", str(getattr(args, key))]
     log = os.path.join(args.logdir, f"{name}.log") if args.logdir else None
     env = {}
@@ -673,7 +689,9 @@ def main(args):
         "cpu_header": harness.cpu_header(roof_start),
         "network": f"U-Net base_channels {args.base_channels}, {args.image_size}×"
                    f"{args.image_size}, "
-                   + ("float32" if args.precision == "float32" else "bf16 mixed precision"),
+                   + ("float32" if args.precision == "float32" else "bf16 mixed precision")
+                   + (f", Adam with the gradient clipped to global norm {args.grad_clip_norm:g}"
+                      if args.grad_clip_norm > 0 else ""),
         "machine_start": machine_start, "machine_end": harness.machine_description(),
         "roof_start": roof_start, "roof_end": roof_end, "order_seed": args.order_seed,
         "workers": list(by_name), "tasks": tasks,
