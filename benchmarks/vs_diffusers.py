@@ -70,6 +70,13 @@ PEER_WORKERS = {"eager": "diffusers", "tuned": "diffusers-tuned",
                 "compile": "diffusers-compile", "autotune": "diffusers-autotune"}
 
 
+def _non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0: no clipping), got {text!r}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="jax,tensorflow",
@@ -102,7 +109,7 @@ def parse_args(argv=None):
                    help="jit_compile of the Keras training step; auto: the library's choice, as "
                         "bin/train makes it (backend.default_train_jit_compile: XLA except "
                         "TensorFlow on an AVX-512 CPU)")
-    p.add_argument("--grad_clip_norm", type=float, default=0.0,
+    p.add_argument("--grad_clip_norm", type=_non_negative_float, default=0.0,
                    help="train task: clip the gradient to this global norm before Adam's update on "
                         "every side, the DDPM recipe (> 0; Keras: bin/train's make_optimizer, "
                         "diffusers: torch.nn.utils.clip_grad_norm_ as its training example "

@@ -519,3 +519,11 @@ def test_train_step_worker_environ_adds_the_named_xla_flags_to_the_callers():
     assert train_step.worker_environ("jax", "tuned", environ={}) == {"KERAS_BACKEND": "jax"}
     with pytest.raises(SystemExit, match="not of the form tf_xla:<flag>=<value>"):
         train_step.main(train_step.parse_args(["--cpu_tuning", "tuned,tf_xla:auto_jit"]))
+
+
+def test_vs_diffusers_grad_clip_norm_is_plain_adam_by_default_and_rejects_negatives(capsys):
+    assert vs_diffusers.parse_args([]).grad_clip_norm == 0.0
+    assert vs_diffusers.parse_args(["--grad_clip_norm", "1"]).grad_clip_norm == 1.0
+    with pytest.raises(SystemExit):
+        vs_diffusers.parse_args(["--grad_clip_norm", "-1"])
+    assert "expected a number >= 0" in capsys.readouterr().err
