@@ -69,31 +69,40 @@ def worker(args):
     stages["built"] = status_mib()
     rng = np.random.default_rng(0)
     data = np.clip(rng.standard_normal((args.batch, 32, 32, 3)), -1, 1).astype(np.float32)
-    model.train_on_batch(data)
+    model.train_on_batch(data)  # returns the loss as a number: the step has finished
     stages["first step"] = status_mib()
+    if args.trim_after_first_step:
+        from keras_etsdm import cpu_tuning
+
+        cpu_tuning.trim_heap()
+        stages["trimmed"] = status_mib()
     for _ in range(args.steps):
         model.train_on_batch(data)
     stages["steps"] = status_mib()
     print("RESULT " + json.dumps({"stages": stages, "params": int(network.count_params()),
                                   "jit_compile": jit, "backend": keras.backend.backend(),
                                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                                  "release_build_memory": args.release}))
+                                  "release_build_memory": args.release,
+                                  "trim_after_first_step": args.trim_after_first_step}))
 
 
 def run_config(config, args):
-    """One fresh process for ``<backend>[@hugetlb|@default][@cache][@release|@keep][#label]``:
+    """One fresh process for ``<backend>[@hugetlb|@default][@cache][@release|@keep][@trim]
+    [#label]``:
     ``@cache`` turns the persistent compilation cache on in ``--cache_dir`` (as the bin/ entry
     points do; the first such run fills it, later ones load from it); ``@keep`` skips
     ``backend.release_build_memory`` after building, which ``training.train`` calls and every
-    other configuration (``@release`` says so explicitly) calls too; ``#label`` only names a
-    repeat."""
+    other configuration (``@release`` says so explicitly) calls too; ``@trim`` returns the C
+    heap's free memory to the OS once after the first step (``cpu_tuning.trim_heap``);
+    ``#label`` only names a repeat."""
     from harness import _compilation_cache, _cpu_tuning, malloc_environ
 
     backend, *options = config.partition("#")[0].split("@")
-    unknown = set(options) - {"hugetlb", "default", "cache", "release", "keep"}
+    unknown = set(options) - {"hugetlb", "default", "cache", "release", "keep", "trim"}
     if unknown:
         raise SystemExit(f"{config}: unknown options {sorted(unknown)}; expected "
-                         f"<backend>[@hugetlb|@default][@cache][@release|@keep][#label].")
+                         f"<backend>[@hugetlb|@default][@cache][@release|@keep][@trim]"
+                         f"[#label].")
     malloc = "default" if "default" in options else "hugetlb"
     env = malloc_environ(dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2"),
                          malloc)
@@ -102,6 +111,7 @@ def run_config(config, args):
         env = _compilation_cache().cache_environ(env, backend, root=args.cache_dir) or env
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--steps={args.steps}",
            f"--release={'keep' not in options}",
+           f"--trim_after_first_step={'trim' in options}",
            f"--batch={args.batch}", f"--base_channels={args.base_channels}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in out.stdout.splitlines():
@@ -134,7 +144,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="jax,tensorflow",
                    help="comma-separated <backend>[@hugetlb|@default][@cache][@release|@keep]"
-                        "[#label]")
+                        "[@trim][#label]")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--base_channels", type=int, default=128)
@@ -143,9 +153,11 @@ def main():
     p.add_argument("--output_dir", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--release", default="True", help=argparse.SUPPRESS)
+    p.add_argument("--trim_after_first_step", default="False", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.release = args.release == "True"
+        args.trim_after_first_step = args.trim_after_first_step == "True"
         worker(args)
         return
     import harness
