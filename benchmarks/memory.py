@@ -64,6 +64,7 @@ def worker(args):
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
     jit = etsdm_backend.default_train_jit_compile()
     model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=jit)
+    etsdm_backend.RELEASE_COMPILER_MEMORY = args.release_compiler_memory
     if args.release:  # as training.train does after building
         etsdm_backend.release_build_memory()
     stages["built"] = status_mib()
@@ -83,26 +84,30 @@ def worker(args):
                                   "jit_compile": jit, "backend": keras.backend.backend(),
                                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                                   "release_build_memory": args.release,
-                                  "trim_after_first_step": args.trim_after_first_step}))
+                                  "trim_after_first_step": args.trim_after_first_step,
+                                  "release_compiler_memory": args.release_compiler_memory}))
 
 
 def run_config(config, args):
     """One fresh process for ``<backend>[@hugetlb|@default][@cache][@release|@keep][@trim]
-    [#label]``:
+    [@keepcompiler][#label]``:
     ``@cache`` turns the persistent compilation cache on in ``--cache_dir`` (as the bin/ entry
     points do; the first such run fills it, later ones load from it); ``@keep`` skips
     ``backend.release_build_memory`` after building, which ``training.train`` calls and every
     other configuration (``@release`` says so explicitly) calls too; ``@trim`` returns the C
     heap's free memory to the OS once after the first step (``cpu_tuning.trim_heap``);
-    ``#label`` only names a repeat."""
+    ``@keepcompiler`` runs JAX's first step without giving the compiler's freed memory back
+    between compiling and running it (``backend.RELEASE_COMPILER_MEMORY = False``; the library
+    does it by default, ``backend.compile_then_release``); ``#label`` only names a repeat."""
     from harness import _compilation_cache, _cpu_tuning, malloc_environ
 
     backend, *options = config.partition("#")[0].split("@")
-    unknown = set(options) - {"hugetlb", "default", "cache", "release", "keep", "trim"}
+    unknown = set(options) - {"hugetlb", "default", "cache", "release", "keep", "trim",
+                              "keepcompiler"}
     if unknown:
         raise SystemExit(f"{config}: unknown options {sorted(unknown)}; expected "
                          f"<backend>[@hugetlb|@default][@cache][@release|@keep][@trim]"
-                         f"[#label].")
+                         f"[@keepcompiler][#label].")
     malloc = "default" if "default" in options else "hugetlb"
     env = malloc_environ(dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2"),
                          malloc)
@@ -112,6 +117,7 @@ def run_config(config, args):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--steps={args.steps}",
            f"--release={'keep' not in options}",
            f"--trim_after_first_step={'trim' in options}",
+           f"--release_compiler_memory={'keepcompiler' not in options}",
            f"--batch={args.batch}", f"--base_channels={args.base_channels}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in out.stdout.splitlines():
@@ -131,11 +137,12 @@ def render(machine, args, results):
     lines += [f"Parameters {params:,}: weights, Adam m and v, EMA copy and one gradient at 4 "
               f"bytes each = {5 * 4 * params / 2**20:.0f} MiB that any framework holds.", "",
               "| configuration | XLA step | build memory released | "
-              + " | ".join(f"RSS {s}" for s in STAGES) + " | peak |",
-              "|---|---|---|" + "---:|" * (len(STAGES) + 1)]
+              + " | ".join(f"RSS {s}" for s in STAGES) + " | first-step peak | peak |",
+              "|---|---|---|" + "---:|" * (len(STAGES) + 2)]
     for name, r in results.items():
         lines.append(f"| {name} | {r['jit_compile']} | {r['release_build_memory']} | "
                      + " | ".join(f"{r['stages'][s]['rss']:.0f}" for s in STAGES)
+                     + f" | {r['stages']['first step']['hwm']:.0f}"
                      + f" | {r['stages']['steps']['hwm']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -144,7 +151,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="jax,tensorflow",
                    help="comma-separated <backend>[@hugetlb|@default][@cache][@release|@keep]"
-                        "[@trim][#label]")
+                        "[@trim][@keepcompiler][#label]")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--base_channels", type=int, default=128)
@@ -154,10 +161,12 @@ def main():
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--release", default="True", help=argparse.SUPPRESS)
     p.add_argument("--trim_after_first_step", default="False", help=argparse.SUPPRESS)
+    p.add_argument("--release_compiler_memory", default="True", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.release = args.release == "True"
         args.trim_after_first_step = args.trim_after_first_step == "True"
+        args.release_compiler_memory = args.release_compiler_memory == "True"
         worker(args)
         return
     import harness

@@ -428,6 +428,14 @@ class DiffusionModel(keras.Model):
         finally:
             self.swap_ema_weights()
 
+    def _make_function(self, step_function, *args, **kwargs):
+        # Keras's JAX trainer builds train / test / predict functions from the jitted step here;
+        # the first call of each compiles it, gives the compiler's freed memory back, then runs
+        # (backend.compile_then_release). TensorFlow's trainer has a method of this name too
+        # and is passed through unchanged.
+        return super()._make_function(etsdm_backend.compile_then_release(step_function),
+                                      *args, **kwargs)
+
     # ----- compile: optimizer state before the first trace ---------------------------------
     def compile(self, *args, **kwargs):
         """``keras.Model.compile``; on TensorFlow it also creates the optimizer's slots.

@@ -75,3 +75,89 @@ def test_release_build_memory_gives_back_memory_and_keeps_the_model():
         # the development machine: building cost ~880 MiB, ~220 MiB came back.
         assert given_back > 100, result
         assert growth > given_back, result
+
+
+# ----- backend.compile_then_release: compile, give the compiler's memory back, then run ----------
+jax_only = pytest.mark.skipif(
+    __import__("keras").backend.backend() != "jax", reason="JAX's jitted steps only")
+
+
+class _Counts:
+    def __init__(self, monkeypatch):
+        import jax
+
+        self.compiles = 0
+        self.trims = 0
+        # public jax.monitoring event, one per XLA backend compile
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+        monkeypatch.setattr(cpu_tuning, "trim_heap", self._trim)
+
+    def _on_event(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.compiles += 1
+
+    def _trim(self):
+        self.trims += 1
+        return True
+
+
+@jax_only
+def test_compile_then_release_compiles_once_trims_once_and_keeps_donation(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from keras_etsdm import backend
+
+    def step(state, data):
+        return state * 2.0 + jnp.sum(data), data + 1.0
+
+    wrapped = backend.compile_then_release(jax.jit(step, donate_argnums=0))
+    data = jnp.arange(6.0).reshape(2, 3)
+    state = jnp.ones(3)
+    counts = _Counts(monkeypatch)
+    first = wrapped(state, data)
+    assert (counts.compiles, counts.trims) == (1, 1)  # the run reused the compiled program
+    assert state.is_deleted()  # donation as the jitted step had it
+    wrapped(jnp.ones(3), data)
+    assert (counts.compiles, counts.trims) == (1, 1)
+    for got, want in zip(first, step(jnp.ones(3), data)):  # the same numbers as the step
+        assert jnp.array_equal(got, want)
+
+
+@jax_only
+def test_compile_then_release_switch_off_and_non_jitted(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from keras_etsdm import backend
+
+    def step(x):
+        return x + 3.0
+
+    assert backend.compile_then_release(step) is step  # nothing to lower: unchanged
+    monkeypatch.setattr(backend, "RELEASE_COMPILER_MEMORY", False)
+    wrapped = backend.compile_then_release(jax.jit(step))
+    counts = _Counts(monkeypatch)
+    assert float(wrapped(jnp.float32(1.0))) == 4.0
+    assert (counts.compiles, counts.trims) == (1, 0)
+
+
+@jax_only
+def test_diffusion_model_steps_go_through_compile_then_release(monkeypatch):
+    import keras
+    import numpy as np
+
+    from keras_etsdm import DiffusionModel, build_unet
+
+    keras.utils.set_random_seed(0)
+    network = build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1, 2),
+                         num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+    model = DiffusionModel(network, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    counts = _Counts(monkeypatch)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype("float32")
+    loss = float(model.train_on_batch(x))
+    assert np.isfinite(loss) and counts.trims == 1
+    model.train_on_batch(x)
+    model.test_on_batch(x)
+    assert counts.trims == 2  # once for the training step, once for the test step
