@@ -17,6 +17,10 @@ with ``train_on_batch``, reading ``/proc/self/status`` after each stage:
 * ``first step``: + the first training step (tracing / compilation, optimizer slots);
 * ``steps``: + ``--steps`` more steps.
 
+``--task ddim`` measures sampling instead: "first step" is the first ``DDIMSampler`` call
+(``--sample_steps`` steps, batch ``--batch``, as ``vs_diffusers.py --tasks ddim`` runs it;
+tracing and compiling the loop) and "steps" ``--steps`` more calls.
+
 VmRSS is the resident set after the stage, VmHWM the peak so far (what ``ru_maxrss`` reports).
 ``@cache`` runs use the persistent compilation cache (``keras_etsdm/compilation_cache.py``) in
 ``--cache_dir``: the first fills it, a second loads the compiled step instead of compiling it.
@@ -70,7 +74,18 @@ def worker(args):
     stages["built"] = status_mib()
     rng = np.random.default_rng(0)
     data = np.clip(rng.standard_normal((args.batch, 32, 32, 3)), -1, 1).astype(np.float32)
-    model.train_on_batch(data)  # returns the loss as a number: the step has finished
+    if args.task == "ddim":
+        from keras_etsdm.samplers import DDIMSampler
+
+        sampler = DDIMSampler(num_steps=args.sample_steps, schedule=model.schedule)
+        noise = rng.standard_normal((args.batch, 32, 32, 3)).astype(np.float32)
+
+        def step():
+            keras.ops.convert_to_numpy(sampler.sample(model, noise))
+    else:
+        def step():
+            model.train_on_batch(data)  # returns the loss as a number: the step has finished
+    step()
     stages["first step"] = status_mib()
     if args.trim_after_first_step:
         from keras_etsdm import cpu_tuning
@@ -78,14 +93,15 @@ def worker(args):
         cpu_tuning.trim_heap()
         stages["trimmed"] = status_mib()
     for _ in range(args.steps):
-        model.train_on_batch(data)
+        step()
     stages["steps"] = status_mib()
     print("RESULT " + json.dumps({"stages": stages, "params": int(network.count_params()),
                                   "jit_compile": jit, "backend": keras.backend.backend(),
                                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                                   "release_build_memory": args.release,
                                   "trim_after_first_step": args.trim_after_first_step,
-                                  "release_compiler_memory": args.release_compiler_memory}))
+                                  "release_compiler_memory": args.release_compiler_memory,
+                                  "task": args.task, "sample_steps": args.sample_steps}))
 
 
 def run_config(config, args):
@@ -118,7 +134,8 @@ def run_config(config, args):
            f"--release={'keep' not in options}",
            f"--trim_after_first_step={'trim' in options}",
            f"--release_compiler_memory={'keepcompiler' not in options}",
-           f"--batch={args.batch}", f"--base_channels={args.base_channels}"]
+           f"--batch={args.batch}", f"--base_channels={args.base_channels}",
+           f"--task={args.task}", f"--sample_steps={args.sample_steps}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -129,10 +146,13 @@ def run_config(config, args):
 
 
 def render(machine, args, results):
-    lines = ["# Training-process memory, DDPM CIFAR-10 U-Net", "",
+    task = ("Training" if args.task == "train"
+            else f"DDIM-sampling ({args.sample_steps} steps per call)")
+    flags = "" if args.task == "train" else f" --task ddim --sample_steps {args.sample_steps}"
+    lines = [f"# {task} process memory, DDPM CIFAR-10 U-Net", "",
              f"Machine: {machine}. `python benchmarks/memory.py --configs {','.join(results)} "
-             f"--steps {args.steps} --batch {args.batch}` (fresh process per configuration; "
-             "MiB from /proc/self/status after each stage; peak = VmHWM).", ""]
+             f"--steps {args.steps} --batch {args.batch}{flags}` (fresh process per "
+             "configuration; MiB from /proc/self/status after each stage; peak = VmHWM).", ""]
     params = next(iter(results.values()))["params"]
     lines += [f"Parameters {params:,}: weights, Adam m and v, EMA copy and one gradient at 4 "
               f"bytes each = {5 * 4 * params / 2**20:.0f} MiB that any framework holds.", "",
@@ -153,6 +173,9 @@ def main():
                    help="comma-separated <backend>[@hugetlb|@default][@cache][@release|@keep]"
                         "[@trim][@keepcompiler][#label]")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--task", choices=("train", "ddim"), default="train",
+                   help="what each process runs: training steps, or DDIM sampling calls")
+    p.add_argument("--sample_steps", type=int, default=10, help="DDIM steps per call (--task ddim)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--base_channels", type=int, default=128)
     p.add_argument("--cache_dir", default=os.path.join("runs", "memory_xla_cache"),

@@ -67,7 +67,11 @@ def parse_args(argv=None):
                         "types '/'-separated, e.g. dot/eltwise/reduce), xla:<flag>=<value> (JAX "
                         "only: tuned plus one XLA flag, '/' for ',' in the value), "
                         "tf_xla:<flag>=<value>[+<flag>=<value>...] (TensorFlow only: tuned plus "
-                        "TF_XLA_FLAGS, e.g. auto-clustering)")
+                        "TF_XLA_FLAGS, e.g. auto-clustering), mimalloc (screening: mimalloc "
+                        "preloaded in place of glibc's malloc, from the cmeel-mimalloc wheel of "
+                        "benchmarks/requirements.txt; the library does not use it), "
+                        "keep_compiler_memory (JAX only: the first step compiled and run in one "
+                        "go, without backend.compile_then_release's heap trim in between)")
     p.add_argument("--model_variants", default="as_is",
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
@@ -202,6 +206,10 @@ class _GatedFit:
 def worker_main(args):
     import keras
 
+    if os.environ.get(KEEP_COMPILER_MEMORY_VARIABLE) == "1":
+        from keras_etsdm import backend as etsdm_backend
+
+        etsdm_backend.RELEASE_COMPILER_MEMORY = False
     backend = keras.backend.backend()
     model = build_model(args)
     steps = args.steps
@@ -249,7 +257,10 @@ def forward_flops_via_jax(args):
 
 
 CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "no_retain_memory",
-               "retain_memory")
+               "retain_memory", "mimalloc", "keep_compiler_memory")
+# JAX only, "keep_compiler_memory": the tuning, but the first step compiled and run in one go
+# (backend.RELEASE_COMPILER_MEMORY = False in the worker), as before compile_then_release
+KEEP_COMPILER_MEMORY_VARIABLE = "ETSDM_BENCH_KEEP_COMPILER_MEMORY"
 # "no_retain_memory": the tuning without item 4 (huge pages, glibc malloc otherwise as it is),
 # through cpu_tuning's own switch; not by setting a malloc tunable to glibc's default value,
 # which turns off glibc's dynamic mmap threshold. "retain_memory" forces item 4 on any backend.
@@ -270,6 +281,17 @@ XLA_FLAG_PREFIXES = ("onednn_fusion=", "xla:")
 TF_XLA_FLAG_PREFIX = "tf_xla:"
 
 
+def mimalloc_library(paths=None):
+    """Path of the mimalloc shared library the ``cmeel-mimalloc`` wheel installs
+    (``<site-packages>/cmeel.prefix/lib/libmimalloc.so.3``), or None where it is not installed.
+    ``paths``: directories to look in (default ``sys.path``)."""
+    for entry in sys.path if paths is None else paths:
+        candidate = os.path.join(entry or ".", "cmeel.prefix", "lib", "libmimalloc.so.3")
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    return None
+
+
 def worker_environ(backend, tuning="tuned", environ=os.environ):
     """The variables a worker of ``backend`` with start-up ``tuning`` gets on top of
     ``environ`` (the worker applies the library's own start-up tuning itself)."""
@@ -284,6 +306,15 @@ def worker_environ(backend, tuning="tuned", environ=os.environ):
     if tuning == "retain_memory":
         env["GLIBC_TUNABLES"] = f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
     if tuning == "no_retain_memory":
+        env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
+    if tuning == "keep_compiler_memory":
+        env[KEEP_COMPILER_MEMORY_VARIABLE] = "1"
+    if tuning == "mimalloc":  # screening: mimalloc preloaded in place of glibc's malloc
+        library = mimalloc_library()
+        if library is None:
+            raise SystemExit("--cpu_tuning mimalloc: the cmeel-mimalloc wheel is not installed "
+                             "(pip install cmeel-mimalloc).")
+        env["LD_PRELOAD"] = library
         env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
     if tuning == "concurrency_scheduler":
         env["XLA_FLAGS"] = " ".join(
@@ -356,7 +387,7 @@ def main(args):
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning, variant in [(t, v) for t in tunings for v in variants]:
-            if (tuning in ("no_xla_flag", "concurrency_scheduler")
+            if (tuning in ("no_xla_flag", "concurrency_scheduler", "keep_compiler_memory")
                     or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
                 continue
             if tuning.startswith(TF_XLA_FLAG_PREFIX) and backend != "tensorflow":

@@ -517,8 +517,28 @@ def test_train_step_worker_environ_adds_the_named_xla_flags_to_the_callers():
     env = train_step.worker_environ("jax", "xla:xla_cpu_prefer_vector_width=512", environ={})
     assert env == {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_prefer_vector_width=512"}
     assert train_step.worker_environ("jax", "tuned", environ={}) == {"KERAS_BACKEND": "jax"}
+    assert train_step.worker_environ("jax", "keep_compiler_memory", environ={}) == {
+        "KERAS_BACKEND": "jax", train_step.KEEP_COMPILER_MEMORY_VARIABLE: "1"}
     with pytest.raises(SystemExit, match="not of the form tf_xla:<flag>=<value>"):
         train_step.main(train_step.parse_args(["--cpu_tuning", "tuned,tf_xla:auto_jit"]))
+
+
+def test_train_step_mimalloc_screen_preloads_the_wheels_library(tmp_path, monkeypatch):
+    import train_step
+
+    assert train_step.mimalloc_library(paths=[str(tmp_path)]) is None
+    library = tmp_path / "cmeel.prefix" / "lib" / "libmimalloc.so.3"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"")
+    assert train_step.mimalloc_library(paths=["", str(tmp_path)]) == str(library)
+    monkeypatch.setattr(train_step, "mimalloc_library", lambda: str(library))
+    env = train_step.worker_environ("jax", "mimalloc", environ={})
+    # glibc's retaining tunables (cpu_tuning item 4) are switched off: mimalloc replaces malloc
+    assert env == {"KERAS_BACKEND": "jax", "LD_PRELOAD": str(library),
+                   "KERAS_ETSDM_RETAIN_MEMORY": "0"}
+    monkeypatch.setattr(train_step, "mimalloc_library", lambda: None)
+    with pytest.raises(SystemExit, match="cmeel-mimalloc wheel is not installed"):
+        train_step.worker_environ("jax", "mimalloc", environ={})
 
 
 def test_vs_diffusers_grad_clip_norm_is_plain_adam_by_default_and_rejects_negatives(capsys):

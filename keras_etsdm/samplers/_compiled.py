@@ -109,7 +109,8 @@ class CompiledSegment:
                         segment = make_segment(_bind(denoise, conditioning))
                         return segment(tables, carry, extra, start, stop)
 
-                jitted = jax.jit(fn)
+                # first call: compile, give the compiler's freed memory back, then run
+                jitted = etsdm_backend.compile_then_release(jax.jit(fn))
 
                 def call(tables, carry, extra, conditioning, start, stop):
                     return jitted([v.value for v in variables], tables, carry, extra,
@@ -120,7 +121,7 @@ class CompiledSegment:
                     segment = make_segment(_bind(denoise, conditioning))
                     return segment(tables, carry, extra, start, stop)
 
-                call = jax.jit(fn)
+                call = etsdm_backend.compile_then_release(jax.jit(fn))
         elif name == "tensorflow":
             import tensorflow as tf
 
