@@ -92,6 +92,11 @@ class _Counts:
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         monkeypatch.setattr(cpu_tuning, "trim_heap", self._trim)
 
+    def close(self):
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._on_event)
+
     def _on_event(self, event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             self.compiles += 1
@@ -101,8 +106,16 @@ class _Counts:
         return True
 
 
+@pytest.fixture
+def counts(monkeypatch):
+    """Counts XLA compiles and heap trims from the moment it is requested."""
+    counter = _Counts(monkeypatch)
+    yield counter
+    counter.close()
+
+
 @jax_only
-def test_compile_then_release_compiles_once_trims_once_and_keeps_donation(monkeypatch):
+def test_compile_then_release_compiles_once_trims_once_and_keeps_donation(request):
     import jax
     import jax.numpy as jnp
 
@@ -114,7 +127,7 @@ def test_compile_then_release_compiles_once_trims_once_and_keeps_donation(monkey
     wrapped = backend.compile_then_release(jax.jit(step, donate_argnums=0))
     data = jnp.arange(6.0).reshape(2, 3)
     state = jnp.ones(3)
-    counts = _Counts(monkeypatch)
+    counts = request.getfixturevalue("counts")  # counting starts here
     first = wrapped(state, data)
     assert (counts.compiles, counts.trims) == (1, 1)  # the run reused the compiled program
     assert state.is_deleted()  # donation as the jitted step had it
@@ -125,7 +138,7 @@ def test_compile_then_release_compiles_once_trims_once_and_keeps_donation(monkey
 
 
 @jax_only
-def test_compile_then_release_switch_off_and_non_jitted(monkeypatch):
+def test_compile_then_release_switch_off_and_non_jitted(monkeypatch, request):
     import jax
     import jax.numpy as jnp
 
@@ -137,13 +150,13 @@ def test_compile_then_release_switch_off_and_non_jitted(monkeypatch):
     assert backend.compile_then_release(step) is step  # nothing to lower: unchanged
     monkeypatch.setattr(backend, "RELEASE_COMPILER_MEMORY", False)
     wrapped = backend.compile_then_release(jax.jit(step))
-    counts = _Counts(monkeypatch)
+    counts = request.getfixturevalue("counts")  # counting starts here
     assert float(wrapped(jnp.float32(1.0))) == 4.0
     assert (counts.compiles, counts.trims) == (1, 0)
 
 
 @jax_only
-def test_diffusion_model_steps_go_through_compile_then_release(monkeypatch):
+def test_diffusion_model_steps_go_through_compile_then_release(request):
     import keras
     import numpy as np
 
@@ -154,10 +167,16 @@ def test_diffusion_model_steps_go_through_compile_then_release(monkeypatch):
                          num_res_blocks=1, attention_resolutions=(), dropout=0.0)
     model = DiffusionModel(network, seed=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    counts = _Counts(monkeypatch)
+    counts = request.getfixturevalue("counts")  # counting starts here
     x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype("float32")
     loss = float(model.train_on_batch(x))
     assert np.isfinite(loss) and counts.trims == 1
     model.train_on_batch(x)
     model.test_on_batch(x)
     assert counts.trims == 2  # once for the training step, once for the test step
+    from keras_etsdm.samplers import DDIMSampler
+
+    sampler = DDIMSampler(num_steps=2, schedule=model.schedule)
+    for _ in range(2):
+        samples = keras.ops.convert_to_numpy(sampler.sample(model, x))
+    assert np.all(np.isfinite(samples)) and counts.trims == 3  # the sampling loop, once
