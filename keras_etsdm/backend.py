@@ -166,7 +166,7 @@ def compile_then_release(jitted):
     memory back to the operating system, and only then runs it.
 
     Why: XLA frees most of what compiling a large program takes, but glibc keeps the freed
-    blocks in the process, and the first run's temporaries (~0.7 GiB for the DDPM CIFAR-10
+    blocks in the process, and the first run's temporaries (0.55 GiB for the DDPM CIFAR-10
     U-Net's training step at batch 8) then come on top of them instead of reusing them. Trimming
     the heap between the compile and the first run lowered that process's first-step peak RSS
     from 2.65–2.79 to 2.28–2.32 GiB on an AVX-512 CPU, with or without the retaining malloc of
