@@ -169,8 +169,8 @@ def compile_then_release(jitted):
     blocks in the process, and the first run's temporaries (0.55 GiB for the DDPM CIFAR-10
     U-Net's training step at batch 8) then come on top of them instead of reusing them. Trimming
     the heap between the compile and the first run lowered that process's first-step peak RSS
-    from 2.65–2.79 to 2.28–2.32 GiB on an AVX-512 CPU, with or without the retaining malloc of
-    ``cpu_tuning`` item 4 (``benchmarks/memory.py``, ``benchmarks/results/compile_then_release``;
+    from 2,646–2,800 to 2,282–2,323 MiB on an AVX-512 CPU, with or without the retaining malloc
+    of ``cpu_tuning`` item 4 (``benchmarks/memory.py``, ``benchmarks/results/compile_then_release``;
     the step's speed unchanged, 1.02× [0.97, 1.07] paired). The compiled program lands in JAX's
     own cache, so the call that follows reuses it (no second compile). Only JAX on the CPU
     trims; elsewhere the step is returned unchanged, as it is when
