@@ -171,9 +171,9 @@ def compile_then_release(jitted):
     the heap between the compile and the first run lowered that process's first-step peak RSS
     from 2,646–2,800 to 2,282–2,323 MiB on an AVX-512 CPU, with or without the retaining malloc
     of ``cpu_tuning`` item 4 (``benchmarks/memory.py``, ``benchmarks/results/compile_then_release``;
-    the step's speed unchanged, 0.993× [0.974, 1.012] paired over 30 rounds). The compiled program lands in JAX's
-    own cache, so the call that follows reuses it (no second compile). Only JAX on the CPU
-    trims; elsewhere the step is returned unchanged, as it is when
+    the step's speed unchanged, 0.993× [0.974, 1.012] paired over 30 rounds). The compiled
+    program lands in JAX's own cache, so the call that follows reuses it (no second compile).
+    Only JAX on the CPU trims; elsewhere the step is returned unchanged, as it is when
     :data:`RELEASE_COMPILER_MEMORY` is False.
 
     Args:
