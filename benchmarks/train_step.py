@@ -20,8 +20,9 @@ framework.
 
 ``--tf_jit_compile`` runs one TensorFlow worker per value (``auto`` is Keras' default, which is
 no XLA on a CPU-only machine). ``--model_variants`` prices parts of the step: each set-up (no
-dropout; bin/train's clipped Adam instead of plain Adam) runs in its own worker beside the as-is
-one and is reported as a paired img/s ratio against it.
+dropout; bin/train's clipped Adam instead of plain Adam; upsampling convolutions in their direct
+form) runs in its own worker beside the as-is one and is reported as a paired img/s ratio against
+it.
 """
 
 import argparse
@@ -76,7 +77,9 @@ def parse_args(argv=None):
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
                         "(dropout 0), clipped_adam (bin/train's optimizer: "
-                        "optimizers.make_optimizer, Adam with global-norm clipping at 1.0)")
+                        "optimizers.make_optimizer, Adam with global-norm clipping at 1.0), "
+                        "direct_upsample (every upsampling convolution run on the upsampled "
+                        "image, as before layers.upsample_nearest_conv3x3)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
     p.add_argument("--logdir", default=None, help="worker stderr logs go here")
     # Worker mode (internal).
@@ -86,7 +89,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-MODEL_VARIANTS = ("as_is", "no_dropout", "clipped_adam")
+MODEL_VARIANTS = ("as_is", "no_dropout", "clipped_adam", "direct_upsample")
 
 
 # ----- worker ---------------------------------------------------------------------------------
@@ -98,8 +101,11 @@ def build_model(args):
     import keras
 
     from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm import layers as etsdm_layers
     from keras_etsdm.optimizers import make_optimizer
 
+    if args.model_variant == "direct_upsample":
+        etsdm_layers.SUBPIXEL_UPSAMPLE = False
     keras.utils.set_random_seed(0)
     config = dict(SMALL_CONFIG, base_channels=args.base_channels)
     if args.model_variant == "no_dropout":

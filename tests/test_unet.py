@@ -189,3 +189,117 @@ def test_attention_matches_keras_dot_product_attention(heads):
                                      (b, h, w, c))
     np.testing.assert_allclose(keras.ops.convert_to_numpy(block(x)),
                                keras.ops.convert_to_numpy(expected), atol=1e-5, rtol=1e-5)
+
+
+def _value_and_grads(fn, x, kernel, cotangent):
+    """``sum(fn(x, kernel) · cotangent)`` and its gradients in x and kernel, as numpy."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        value, grads = jax.value_and_grad(
+            lambda a, b: keras.ops.sum(fn(a, b) * cotangent), argnums=(0, 1))(x, kernel)
+    else:
+        import tensorflow as tf
+
+        x, kernel = tf.constant(x), tf.constant(kernel)
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            value = keras.ops.sum(fn(x, kernel) * cotangent)
+        grads = tape.gradient(value, [x, kernel])
+    return [np.asarray(keras.ops.convert_to_numpy(v)) for v in (value, *grads)]
+
+
+@pytest.mark.parametrize("height,width,c_in,c_out", [(3, 5, 4, 6), (1, 1, 2, 3), (4, 4, 8, 8)])
+def test_subpixel_upsample_conv_equals_upsample_then_conv(height, width, c_in, c_out):
+    # the sub-pixel form computes conv3x3_same(nearest_upsample(x)): same values and the same
+    # gradients in the input and the kernel, up to float summation order
+    rng = np.random.default_rng(height * 10 + width)
+    x = rng.standard_normal((2, height, width, c_in)).astype("float32")
+    kernel = rng.standard_normal((3, 3, c_in, c_out)).astype("float32")
+    cotangent = rng.standard_normal((2, 2 * height, 2 * width, c_out)).astype("float32")
+    direct = _value_and_grads(
+        lambda a, k: keras.ops.conv(etsdm_layers.nearest_upsample(a), k, padding="same"),
+        x, kernel, cotangent)
+    subpixel = _value_and_grads(etsdm_layers.upsample_nearest_conv3x3, x, kernel, cotangent)
+    for ours, reference in zip(subpixel, direct):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+    # and one pixel by hand: output (0, 0) sees zero padding and the upsampled pixels (0..1,
+    # 0..1), all copies of x[0, 0], through the kernel's taps (1..2, 1..2)
+    corner = keras.ops.convert_to_numpy(etsdm_layers.upsample_nearest_conv3x3(x, kernel))[:, 0, 0]
+    np.testing.assert_allclose(corner, x[:, 0, 0] @ kernel[1:, 1:].sum(axis=(0, 1)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_subpixel_is_used_from_its_minimum_size_on(monkeypatch):
+    size = etsdm_layers.SUBPIXEL_MIN_SIZE
+    assert etsdm_layers.subpixel_pays((None, size, size, 4))
+    assert not etsdm_layers.subpixel_pays((None, size // 2, size, 4))
+    assert not etsdm_layers.subpixel_pays((None, None, None, 4))
+    monkeypatch.setattr(etsdm_layers, "SUBPIXEL_UPSAMPLE", False)
+    assert not etsdm_layers.subpixel_pays((None, size, size, 4))
+
+
+@pytest.mark.parametrize("block", ["upsample", "resblock_up_same", "resblock_up_wider"])
+def test_upsampling_layers_give_the_same_outputs_in_both_forms(block, monkeypatch):
+    # Upsample and ResBlock(resample="up") switch to the sub-pixel form at
+    # SUBPIXEL_MIN_SIZE; lowered to 1 here so that tiny shapes take it, then compared with
+    # the direct form on the same weights (bias and 1x1 skip included)
+    monkeypatch.setattr(etsdm_layers, "SUBPIXEL_MIN_SIZE", 1)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 4, 8)).astype("float32")
+    emb = rng.standard_normal((2, 16)).astype("float32")
+    if block == "upsample":
+        layer, inputs = etsdm_layers.Upsample(), x
+        layer.build(x.shape)
+    else:
+        out = 8 if block == "resblock_up_same" else 12
+        layer, inputs = etsdm_layers.ResBlock(out, resample="up"), (x, emb)
+        layer.build((x.shape, emb.shape))
+    layer.set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
+                       for w in layer.get_weights()])
+    subpixel = keras.ops.convert_to_numpy(layer(inputs))
+    monkeypatch.setattr(etsdm_layers, "SUBPIXEL_UPSAMPLE", False)
+    direct = keras.ops.convert_to_numpy(layer(inputs))
+    assert subpixel.shape == direct.shape == (2, 6, 8, layer.compute_output_shape(
+        x.shape if block == "upsample" else (x.shape, emb.shape))[-1])
+    assert np.abs(direct).max() > 0.1
+    np.testing.assert_allclose(subpixel, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_unet_at_the_subpixel_size_equals_the_direct_form(monkeypatch):
+    # a 32x32 U-Net with one upsampling from 16x16: the default takes the sub-pixel form
+    net = randomize(build_unet(image_size=32, channels=3, base_channels=8, channel_mult=(1, 2),
+                               num_res_blocks=1, attention_resolutions=()))
+    x = np.random.RandomState(2).normal(size=(2, 32, 32, 3)).astype("float32")
+    t = np.array([3.0, 512.5], np.float32)
+    assert etsdm_layers.subpixel_pays((None, 16, 16, 16))
+    subpixel = keras.ops.convert_to_numpy(net({"x": x, "t": t}))
+    monkeypatch.setattr(etsdm_layers, "SUBPIXEL_UPSAMPLE", False)
+    direct = keras.ops.convert_to_numpy(net({"x": x, "t": t}))
+    assert np.abs(direct).max() > 1e-2
+    np.testing.assert_allclose(subpixel, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_subpixel_upsample_under_mixed_bfloat16(monkeypatch):
+    # under Keras's mixed_bfloat16 policy the sub-pixel form computes in bfloat16 from the
+    # float32 weights, like the direct form: same dtype, values within bfloat16's precision
+    monkeypatch.setattr(etsdm_layers, "SUBPIXEL_MIN_SIZE", 1)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 4, 4, 8)).astype("float32")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")  # as training.train sets it
+    try:
+        layer = etsdm_layers.Upsample()
+        layer.build(x.shape)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    layer.set_weights([rng.normal(0, 0.3, w.shape).astype("float32")
+                       for w in layer.get_weights()])
+    assert all(w.dtype == "float32" for w in layer.weights)
+    subpixel = layer(x)
+    monkeypatch.setattr(etsdm_layers, "SUBPIXEL_UPSAMPLE", False)
+    direct = layer(x)
+    assert keras.backend.standardize_dtype(subpixel.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(direct.dtype) == "bfloat16"
+    as_float = lambda t: keras.ops.convert_to_numpy(keras.ops.cast(t, "float32"))  # noqa: E731
+    np.testing.assert_allclose(as_float(subpixel), as_float(direct), rtol=0.03, atol=0.03)
