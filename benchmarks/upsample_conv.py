@@ -13,6 +13,11 @@ choice on AVX-512 CPUs).
 
     KERAS_BACKEND=jax python benchmarks/upsample_conv.py
     KERAS_BACKEND=tensorflow python benchmarks/upsample_conv.py --repeats 15
+    KERAS_BACKEND=jax python benchmarks/upsample_conv.py --count_flops   # no timing
+
+``--count_flops`` prints instead the forward FLOPs per image (XLA's cost analysis of the compiled
+program, JAX) of the library's U-Net configurations with the upsampling convolutions in each
+form: what share of a network's work the sub-pixel form saves.
 """
 
 import argparse
@@ -34,7 +39,46 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--tf_jit_compile", default="false", choices=("false", "true"))
+    p.add_argument("--count_flops", action="store_true",
+                   help="print the U-Net configurations' forward FLOPs in each form (JAX)")
     return p.parse_args()
+
+
+def count_flops():
+    """Forward FLOPs per image of the library's U-Net configurations, direct and sub-pixel."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_etsdm import layers as etsdm_layers
+    from keras_etsdm import unet
+
+    configs = {"DDPM CIFAR-10 (32², cifar10.gin)": unet.DDPM_CIFAR10,
+               "DDPM 256² (lsun / ffhq / celebahq / afhq.gin)": unet.DDPM_256,
+               "ADM ImageNet 64² (imagenet64.gin, resblock_updown)": unet.ADM_IMAGENET64}
+    print("| network | forward GFLOP / image, direct | sub-pixel | saved |")
+    print("|---|---:|---:|---:|")
+    for name, config in configs.items():
+        network = unet.build_unet(**config)
+        size, channels = config["image_size"], network.input["x"].shape[-1]
+        tv = [v.value for v in network.trainable_variables]
+        ntv = [v.value for v in network.non_trainable_variables]
+        inputs = {"x": jnp.zeros((1, size, size, channels), jnp.float32),
+                  "t": jnp.zeros((1,), jnp.float32)}
+        if "y" in network.input:  # class-conditional
+            inputs["y"] = jnp.zeros((1,), jnp.int32)
+        flops = {}
+        for subpixel in (False, True):
+            etsdm_layers.SUBPIXEL_UPSAMPLE = subpixel  # read when the forward is traced
+
+            def forward(tv, ntv, inputs):  # a new function per form: JAX caches traces
+                return network.stateless_call(tv, ntv, inputs, training=False)[0]
+
+            cost = jax.jit(forward).lower(tv, ntv, inputs).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops[subpixel] = float(cost["flops"]) / 1e9
+        etsdm_layers.SUBPIXEL_UPSAMPLE = True
+        print(f"| {name} | {flops[False]:.2f} | {flops[True]:.2f} | "
+              f"{100 * (1 - flops[True] / flops[False]):.1f} % |", flush=True)
 
 
 def compiled(fn, backend, jit_compile):
@@ -80,6 +124,12 @@ def main():
     from keras_etsdm import layers as etsdm_layers
 
     backend = keras.backend.backend()
+    if args.count_flops:
+        if backend != "jax":
+            raise SystemExit("--count_flops uses XLA's cost analysis: run it with "
+                             "KERAS_BACKEND=jax.")
+        print(f"machine: {harness.machine_description()}\n")
+        return count_flops()
     jit = args.tf_jit_compile == "true"
 
     def direct(x, kernel):
