@@ -17,6 +17,7 @@ import pytest
 
 from keras_etsdm import DiffusionModel, DiscreteVPSchedule, TimestepSharing, build_unet
 from keras_etsdm import backend as etsdm_backend
+from keras_etsdm import layers as etsdm_layers
 from keras_etsdm import cli, export
 from keras_etsdm.samplers import DDIMSampler
 
@@ -77,11 +78,13 @@ def _randomise(model, seed):
 
 
 def _tiny_model():
-    # One U-Net level (with attention and scale-shift norm): the export traces, and the serving
-    # process XLA-compiles, every signature at two batch sizes; what is checked (the served
-    # outputs equal the library's) does not depend on the depth.
+    # Two small U-Net levels (attention, scale-shift norm, one down- and one upsampling): the
+    # export traces, and the serving process XLA-compiles, every signature at two batch sizes;
+    # what is checked (the served outputs equal the library's) does not depend on the depth.
+    # The upsampling takes the sub-pixel form here (threshold lowered by the fixture), so its
+    # operations are shown to serve without the library too.
     network = build_unet(image_size=IMAGE[0], channels=IMAGE[2], base_channels=8,
-                         channel_mult=(1,), num_res_blocks=1, attention_resolutions=(8,),
+                         channel_mult=(1, 1), num_res_blocks=1, attention_resolutions=(8,),
                          dropout=0.0, num_heads=1, use_scale_shift_norm=True)
     # A short-range schedule (ᾱ_T = 0.6 instead of 4e-5): with a random network DDIM's x̂_0 then
     # stays O(1), so the sample images are not all saturated at 0 or 255.
@@ -128,6 +131,14 @@ def _write_workdir(model, workdir, step):
     checkpoint.save_checkpoint(model, workdir, step)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def subpixel_at_tiny_sizes():
+    """The 4×4 → 8×8 upsampling of the tiny model in its sub-pixel form (this module only)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(etsdm_layers, "SUBPIXEL_MIN_SIZE", 4)
+        yield
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Export through the bin/export path: train-style work dir → checkpoint → SavedModel."""
@@ -141,6 +152,13 @@ def exported(tmp_path_factory):
     served = _serve(out_dir, inputs, tmp_path_factory.mktemp("serve"))
     return {"model": model, "sampler": sampler, "dir": out_dir, "meta": meta,
             "inputs": inputs, "served": served}
+
+
+def test_the_tiny_model_upsamples_in_sub_pixel_form(exported):
+    upsamplings = [layer for layer in exported["model"].network.layers
+                   if isinstance(layer, etsdm_layers.Upsample)]
+    assert upsamplings
+    assert all(etsdm_layers.subpixel_pays(layer.input.shape) for layer in upsamplings)
 
 
 def test_served_process_imports_only_tensorflow(exported):

@@ -210,3 +210,39 @@ def test_loaded_model_samples_the_ema_every_time(model, checkpoint, tmp_path):
         np.testing.assert_allclose(ops.convert_to_numpy(loaded.sample(sampler, 2, seed=4)),
                                    ops.convert_to_numpy(model.sample(sampler, 2, seed=4)),
                                    atol=1e-6, rtol=0)
+
+
+def test_step_noise_is_standard_normal_and_pure():
+    # the stochastic samplers' step noise: a pure function of (seed, step), standard normal
+    from keras_etsdm.samplers import _compiled
+
+    seed = np.array([11, 5], np.int32)
+    draw = lambda s, step: np.asarray(ops.convert_to_numpy(  # noqa: E731
+        _compiled.stateless_normal((64, 32, 32), s, step)))
+    a, again = draw(seed, 3), draw(seed, 3)
+    np.testing.assert_array_equal(a, again)
+    assert a.dtype == np.float32 and a.shape == (64, 32, 32)
+    assert np.abs(a - draw(seed, 4)).max() > 1.0  # another step, other noise
+    assert np.abs(a - draw(np.array([12, 5], np.int32), 3)).max() > 1.0
+    n = a.size  # 65,536 draws: mean within 4 standard errors, variance within 4 of its own
+    assert abs(a.mean()) < 4 / np.sqrt(n)
+    assert abs(a.var() - 1.0) < 4 * np.sqrt(2.0 / n)
+    assert abs((a > 1.0).mean() - 0.15866) < 4 * np.sqrt(0.15866 * 0.84134 / n)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's compile modes")
+def test_step_noise_is_the_same_with_and_without_xla():
+    # TensorFlow's XLA and non-XLA philox kernels map the same bits to different floats; the
+    # library draws raw bits, so a loop without XLA (its choice on AVX-512 CPUs) and an
+    # exported SavedModel (XLA) draw the same noise for one seed
+    import tensorflow as tf
+
+    from keras_etsdm.samplers import _compiled
+
+    def draw(seed, step):
+        return _compiled.stateless_normal((4, 8, 8, 1), seed, step)
+
+    seed, step = tf.constant([11, 5], tf.int32), tf.constant(2, tf.int32)
+    with_xla = tf.function(draw, jit_compile=True, autograph=False)(seed, step).numpy()
+    without = tf.function(draw, jit_compile=False, autograph=False)(seed, step).numpy()
+    np.testing.assert_allclose(with_xla, without, rtol=0, atol=1e-6)

@@ -16,9 +16,12 @@ functions). Everything a sampler computes is written in ``keras.ops``; here it i
 Step noise for stochastic samplers is drawn statelessly from an int32 ``[2]`` seed folded with
 the step index, so the loop stays a pure function of its inputs. The two backends use different
 random-number algorithms: the same seed gives different (equally valid) noise on JAX and on
-TensorFlow, and on TensorFlow XLA-compiled and uncompiled runs differ too. Pass explicit step
-noise for bit-comparable runs across backends or compile modes.
+TensorFlow. On TensorFlow, XLA-compiled and uncompiled loops (and so an exported SavedModel and
+the library on an AVX-512 CPU) draw the same noise up to float rounding (≤ 5e-7). Pass explicit
+step noise for bit-comparable runs across backends.
 """
+
+import math
 
 import keras
 
@@ -44,10 +47,16 @@ def stateless_normal(shape, seed, step, dtype="float32"):
 
         seed = tf.cast(seed, tf.int32)
         seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(step, tf.int32), alg="philox")
-        # TensorFlow's XLA kernels produce a different stream than its non-XLA kernels for the
-        # same seed (checked for philox): reproducible for a given compile mode
-        # (backend.default_sample_jit_compile).
-        return tf.random.stateless_normal(shape, seed=seed, dtype=dtype, alg="philox")
+        # TensorFlow's XLA and non-XLA kernels agree on philox's raw bits (and on fold_in) but
+        # turn them into different floats (stateless_uniform / stateless_normal differ by O(1)
+        # for one seed), so the library's loops (no XLA on AVX-512 CPUs) and an exported
+        # SavedModel (XLA) would draw different noise. So: raw bits, mapped to normals here
+        # (Box-Muller on 24-bit uniforms in (0, 1); |z| ≤ 5.9; XLA and non-XLA within 5e-7).
+        bits = tf.random.stateless_uniform((2,) + tuple(shape), seed=seed, minval=None,
+                                           maxval=None, dtype=tf.uint32, alg="philox")
+        uniform = (tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) + 0.5) * 2.0 ** -24
+        radius = tf.sqrt(-2.0 * tf.math.log(uniform[0]))
+        return tf.cast(radius * tf.cos((2.0 * math.pi) * uniform[1]), dtype)
     raise NotImplementedError(f"Stochastic samplers support the jax and tensorflow backends, "
                               f"not {name!r}.")
 
