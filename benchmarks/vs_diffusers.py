@@ -83,7 +83,10 @@ def parse_args(argv=None):
                    help="comma-separated Keras backends to compare with diffusers; "
                         "'tensorflow@sample_xla=1' (or =0) forces the sampling loops' compile "
                         "mode in that worker (KERAS_ETSDM_SAMPLE_JIT_COMPILE; default: the "
-                        "library's per-ISA choice)")
+                        "library's per-ISA choice); '<backend>@direct_upsample' runs the "
+                        "upsampling convolutions in their direct form "
+                        "(layers.SUBPIXEL_UPSAMPLE = False); a variant is also reported "
+                        "against its backend's plain worker")
     p.add_argument("--tasks", default="train,forward,ddim,dpm")
     p.add_argument("--peers", default="eager,tuned,compile,autotune",
                    help="comma-separated diffusers variants, each its own worker: " +
@@ -168,12 +171,20 @@ def task_table(args, setup_train, setup_forward, setup_sampler):
     return tasks
 
 
+# "<backend>@direct_upsample": the worker runs every upsampling convolution on the upsampled
+# image (layers.SUBPIXEL_UPSAMPLE = False), the form before layers.upsample_nearest_conv3x3
+DIRECT_UPSAMPLE_VARIABLE = "ETSDM_BENCH_DIRECT_UPSAMPLE"
+
+
 def keras_worker(args):
     import keras
 
     from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm import layers as etsdm_layers
     from keras_etsdm.samplers import DDIMSampler, DPMSolverSampler
 
+    if os.environ.get(DIRECT_UPSAMPLE_VARIABLE) == "1":  # "<backend>@direct_upsample"
+        etsdm_layers.SUBPIXEL_UPSAMPLE = False
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
     if args.precision == "bf16":
@@ -407,11 +418,14 @@ def start_worker(args, kind, backend, name, peer="eager"):
     if backend:
         backend, _, option = backend.partition("@")
         env["KERAS_BACKEND"] = backend
-        if option:
+        if option == "direct_upsample":
+            env[DIRECT_UPSAMPLE_VARIABLE] = "1"
+        elif option:
             key, _, value = option.partition("=")
             if backend != "tensorflow" or key != "sample_xla" or value not in ("0", "1"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
-                                 f"expected tensorflow@sample_xla=0 or =1 (JAX always jits)")
+                                 f"expected tensorflow@sample_xla=0 or =1 (JAX always jits) "
+                                 f"or <backend>@direct_upsample")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
     return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc,
                           backend=env.get("KERAS_BACKEND", "torch"))
