@@ -547,3 +547,23 @@ def test_vs_diffusers_grad_clip_norm_is_plain_adam_by_default_and_rejects_negati
     with pytest.raises(SystemExit):
         vs_diffusers.parse_args(["--grad_clip_norm", "-1"])
     assert "expected a number >= 0" in capsys.readouterr().err
+
+
+def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
+    # "<backend>@direct_upsample": the worker turns the sub-pixel upsampling off (benchmarking
+    # the form before it); other options stay refused with the accepted ones named
+    captured = {}
+
+    class _Captured:
+        def __init__(self, name, argv, env, **kwargs):
+            captured[name] = env
+
+    monkeypatch.setattr(vs_diffusers.harness, "Worker", _Captured)
+    args = vs_diffusers.parse_args([])
+    vs_diffusers.start_worker(args, "keras", "jax@direct_upsample", "keras-jax@direct_upsample")
+    vs_diffusers.start_worker(args, "keras", "tensorflow", "keras-tensorflow")
+    assert captured["keras-jax@direct_upsample"] == {
+        "KERAS_BACKEND": "jax", vs_diffusers.DIRECT_UPSAMPLE_VARIABLE: "1"}
+    assert captured["keras-tensorflow"] == {"KERAS_BACKEND": "tensorflow"}
+    with pytest.raises(SystemExit, match="direct_upsample"):
+        vs_diffusers.start_worker(args, "keras", "jax@subpixel", "keras-jax@subpixel")
