@@ -99,8 +99,8 @@ class Conv2D(layers.Conv2D):
 # one whose taps are sums of the original taps: 16 instead of 36 multiply-adds per output
 # channel, input channel and input pixel. ``_PARITY_TAPS[a, u, i]`` is 1 where tap i of the 3x3
 # kernel (rows -1, 0, +1) lands on tap u of parity a's 2x2 kernel.
-_PARITY_TAPS = ((((1.0, 0.0, 0.0), (0.0, 1.0, 1.0))),
-                (((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))))
+_PARITY_TAPS = (((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)),   # a = 0: taps at rows i - 1, i
+                ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0)))   # a = 1: taps at rows i, i + 1
 
 # Smallest input height and width at which the sub-pixel form is used. Measured on an AVX-512
 # CPU (batch 8, 256 channels; benchmarks/upsample_conv.py, results/subpixel_upsample/): from
