@@ -121,12 +121,14 @@ def build_model(args):
     return model
 
 
-def forward_flops_per_image(network, batch, image_size):
-    """Forward FLOPs per image counted by XLA's cost analysis (JAX backend only), of the
-    network as it is defined: the upsampling convolutions counted in their direct form (on the
-    upsampled image), as every implementation of the network computes them, not in the
-    sub-pixel form the library runs (``layers.upsample_nearest_conv3x3``, fewer FLOPs), so that
-    a rate in model GFLOP/s is the same measure for the library and for its peers."""
+def forward_flops_per_image(network, batch, image_size, direct_upsample=True):
+    """Forward FLOPs per image counted by XLA's cost analysis (JAX backend only).
+
+    By default of the network as it is defined: the upsampling convolutions counted in their
+    direct form (on the upsampled image), as every implementation of the network computes
+    them, not in the sub-pixel form the library runs (``layers.upsample_nearest_conv3x3``,
+    fewer FLOPs), so that a rate in model GFLOP/s is the same measure for the library and for
+    its peers. ``direct_upsample=False`` counts what the library runs."""
     import jax
     import jax.numpy as jnp
 
@@ -134,15 +136,19 @@ def forward_flops_per_image(network, batch, image_size):
 
     tv = [v.value for v in network.trainable_variables]
     ntv = [v.value for v in network.non_trainable_variables]
+    channels = network.input["x"].shape[-1]
+    inputs = {"x": jnp.zeros((batch, image_size, image_size, channels), jnp.float32),
+              "t": jnp.zeros((batch,), jnp.float32)}
+    if "y" in network.input:  # class-conditional
+        inputs["y"] = jnp.zeros((batch,), jnp.int32)
 
-    def forward(tv, ntv, x, t):
-        return network.stateless_call(tv, ntv, {"x": x, "t": t}, training=False)[0]
+    def forward(tv, ntv, inputs):  # a new function per call: JAX caches traces by function
+        return network.stateless_call(tv, ntv, inputs, training=False)[0]
 
-    x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
-    t = jnp.zeros((batch,), jnp.float32)
-    subpixel, etsdm_layers.SUBPIXEL_UPSAMPLE = etsdm_layers.SUBPIXEL_UPSAMPLE, False
+    subpixel = etsdm_layers.SUBPIXEL_UPSAMPLE
+    etsdm_layers.SUBPIXEL_UPSAMPLE = not direct_upsample
     try:  # the switch is read when the forward is traced
-        cost = jax.jit(forward).lower(tv, ntv, x, t).compile().cost_analysis()
+        cost = jax.jit(forward).lower(tv, ntv, inputs).compile().cost_analysis()
     finally:
         etsdm_layers.SUBPIXEL_UPSAMPLE = subpixel
     if isinstance(cost, (list, tuple)):

@@ -46,11 +46,8 @@ def parse_args():
 
 def count_flops():
     """Forward FLOPs per image of the library's U-Net configurations, direct and sub-pixel."""
-    import jax
-    import jax.numpy as jnp
-
-    from keras_etsdm import layers as etsdm_layers
     from keras_etsdm import unet
+    from train_step import forward_flops_per_image
 
     configs = {"DDPM CIFAR-10 (32², cifar10.gin)": unet.DDPM_CIFAR10,
                "DDPM 256² (lsun / ffhq / celebahq / afhq.gin)": unet.DDPM_256,
@@ -59,26 +56,11 @@ def count_flops():
     print("|---|---:|---:|---:|")
     for name, config in configs.items():
         network = unet.build_unet(**config)
-        size, channels = config["image_size"], network.input["x"].shape[-1]
-        tv = [v.value for v in network.trainable_variables]
-        ntv = [v.value for v in network.non_trainable_variables]
-        inputs = {"x": jnp.zeros((1, size, size, channels), jnp.float32),
-                  "t": jnp.zeros((1,), jnp.float32)}
-        if "y" in network.input:  # class-conditional
-            inputs["y"] = jnp.zeros((1,), jnp.int32)
-        flops = {}
-        for subpixel in (False, True):
-            etsdm_layers.SUBPIXEL_UPSAMPLE = subpixel  # read when the forward is traced
-
-            def forward(tv, ntv, inputs):  # a new function per form: JAX caches traces
-                return network.stateless_call(tv, ntv, inputs, training=False)[0]
-
-            cost = jax.jit(forward).lower(tv, ntv, inputs).compile().cost_analysis()
-            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-            flops[subpixel] = float(cost["flops"]) / 1e9
-        etsdm_layers.SUBPIXEL_UPSAMPLE = True
-        print(f"| {name} | {flops[False]:.2f} | {flops[True]:.2f} | "
-              f"{100 * (1 - flops[True] / flops[False]):.1f} % |", flush=True)
+        direct, subpixel = (forward_flops_per_image(network, 1, config["image_size"],
+                                                    direct_upsample=form) / 1e9
+                            for form in (True, False))
+        print(f"| {name} | {direct:.2f} | {subpixel:.2f} | "
+              f"{100 * (1 - subpixel / direct):.1f} % |", flush=True)
 
 
 def compiled(fn, backend, jit_compile):
