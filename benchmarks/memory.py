@@ -101,12 +101,22 @@ def worker(args):
                                   "release_build_memory": args.release,
                                   "trim_after_first_step": args.trim_after_first_step,
                                   "release_compiler_memory": args.release_compiler_memory,
-                                  "task": args.task, "sample_steps": args.sample_steps}))
+                                  "task": args.task, "sample_steps": args.sample_steps,
+                                  "jax_sync_dispatch": _sync_dispatch()}))
+
+
+def _sync_dispatch():
+    """Whether this JAX process dispatches CPU computations synchronously (None: not JAX)."""
+    if "jax" not in sys.modules:
+        return None
+    import jax
+
+    return jax.config.values.get("jax_cpu_enable_async_dispatch") is False
 
 
 def run_config(config, args):
     """One fresh process for ``<backend>[@hugetlb|@default][@cache][@release|@keep][@trim]
-    [@keepcompiler][#label]``:
+    [@keepcompiler][@async][#label]``:
     ``@cache`` turns the persistent compilation cache on in ``--cache_dir`` (as the bin/ entry
     points do; the first such run fills it, later ones load from it); ``@keep`` skips
     ``backend.release_build_memory`` after building, which ``training.train`` calls and every
@@ -114,19 +124,23 @@ def run_config(config, args):
     heap's free memory to the OS once after the first step (``cpu_tuning.trim_heap``);
     ``@keepcompiler`` runs JAX's first step without giving the compiler's freed memory back
     between compiling and running it (``backend.RELEASE_COMPILER_MEMORY = False``; the library
-    does it by default, ``backend.compile_then_release``); ``#label`` only names a repeat."""
+    does it by default, ``backend.compile_then_release``); ``@async`` keeps JAX's asynchronous
+    CPU dispatch (``KERAS_ETSDM_JAX_SYNC_DISPATCH=0``; the start-up tuning makes it synchronous
+    on AVX-512, ``cpu_tuning`` item 5); ``#label`` only names a repeat."""
     from harness import _compilation_cache, _cpu_tuning, malloc_environ
 
     backend, *options = config.partition("#")[0].split("@")
     unknown = set(options) - {"hugetlb", "default", "cache", "release", "keep", "trim",
-                              "keepcompiler"}
+                              "keepcompiler", "async"}
     if unknown:
         raise SystemExit(f"{config}: unknown options {sorted(unknown)}; expected "
                          f"<backend>[@hugetlb|@default][@cache][@release|@keep][@trim]"
-                         f"[@keepcompiler][#label].")
+                         f"[@keepcompiler][@async][#label].")
     malloc = "default" if "default" in options else "hugetlb"
-    env = malloc_environ(dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2"),
-                         malloc)
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+    if "async" in options:
+        env[_cpu_tuning().SYNC_DISPATCH_VARIABLE] = "0"
+    env = malloc_environ(env, malloc)
     env = _cpu_tuning().jax_xla_environ(env) or env  # reads KERAS_BACKEND
     if "cache" in options:
         env = _compilation_cache().cache_environ(env, backend, root=args.cache_dir) or env

@@ -72,7 +72,11 @@ def parse_args(argv=None):
                         "preloaded in place of glibc's malloc, from the cmeel-mimalloc wheel of "
                         "benchmarks/requirements.txt; the library does not use it), "
                         "keep_compiler_memory (JAX only: the first step compiled and run in one "
-                        "go, without backend.compile_then_release's heap trim in between)")
+                        "go, without backend.compile_then_release's heap trim in between), "
+                        "async_dispatch (JAX only: without cpu_tuning's item 5, synchronous "
+                        "CPU dispatch, which JAX on AVX-512 gets), wait_dispatch (JAX only, "
+                        "screening: asynchronous dispatch, each step waiting for its inputs "
+                        "and then 5 ms before it is dispatched)")
     p.add_argument("--model_variants", default="as_is",
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
@@ -225,6 +229,28 @@ class _GatedFit:
         return self._wait() - start
 
 
+def _wait_before_dispatch(seconds):
+    """Screening ("wait_dispatch"): every jitted step the trainer builds first waits for its
+    inputs, then sleeps ``seconds`` (GIL and core free) before it is dispatched."""
+    import jax
+
+    from keras_etsdm import backend as etsdm_backend
+
+    wrap = etsdm_backend.compile_then_release
+
+    def compile_then_release(jitted):
+        step = wrap(jitted)
+
+        def waiting_step(*args):
+            jax.block_until_ready(args)
+            time.sleep(seconds)
+            return step(*args)
+
+        return waiting_step
+
+    etsdm_backend.compile_then_release = compile_then_release
+
+
 def worker_main(args):
     import keras
 
@@ -232,6 +258,8 @@ def worker_main(args):
         from keras_etsdm import backend as etsdm_backend
 
         etsdm_backend.RELEASE_COMPILER_MEMORY = False
+    if os.environ.get(WAIT_DISPATCH_VARIABLE):
+        _wait_before_dispatch(float(os.environ[WAIT_DISPATCH_VARIABLE]))
     backend = keras.backend.backend()
     model = build_model(args)
     steps = args.steps
@@ -279,7 +307,14 @@ def forward_flops_via_jax(args):
 
 
 CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "no_retain_memory",
-               "retain_memory", "mimalloc", "keep_compiler_memory")
+               "retain_memory", "mimalloc", "keep_compiler_memory", "async_dispatch", "wait_dispatch")
+# JAX only, "async_dispatch": the tuning without its synchronous CPU dispatch (cpu_tuning item 5,
+# applied on AVX-512), through the library's own switch
+# JAX only, "wait_dispatch" (screening, not adopted): asynchronous dispatch, but each step waits
+# for its inputs (the previous step's outputs) and then sleeps WAIT_DISPATCH_S before it is
+# dispatched, leaving the runtime time to free the previous step's temporaries
+WAIT_DISPATCH_VARIABLE = "ETSDM_BENCH_WAIT_DISPATCH"
+WAIT_DISPATCH_S = 0.005
 # JAX only, "keep_compiler_memory": the tuning, but the first step compiled and run in one go
 # (backend.RELEASE_COMPILER_MEMORY = False in the worker), as before compile_then_release
 KEEP_COMPILER_MEMORY_VARIABLE = "ETSDM_BENCH_KEEP_COMPILER_MEMORY"
@@ -331,6 +366,10 @@ def worker_environ(backend, tuning="tuned", environ=os.environ):
         env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
     if tuning == "keep_compiler_memory":
         env[KEEP_COMPILER_MEMORY_VARIABLE] = "1"
+    if tuning in ("async_dispatch", "wait_dispatch"):
+        env[tuning_module.SYNC_DISPATCH_VARIABLE] = "0"
+    if tuning == "wait_dispatch":
+        env[WAIT_DISPATCH_VARIABLE] = str(WAIT_DISPATCH_S)
     if tuning == "mimalloc":  # screening: mimalloc preloaded in place of glibc's malloc
         library = mimalloc_library()
         if library is None:
@@ -409,7 +448,8 @@ def main(args):
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning, variant in [(t, v) for t in tunings for v in variants]:
-            if (tuning in ("no_xla_flag", "concurrency_scheduler", "keep_compiler_memory")
+            if (tuning in ("no_xla_flag", "concurrency_scheduler", "keep_compiler_memory",
+                           "async_dispatch", "wait_dispatch")
                     or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
                 continue
             if tuning.startswith(TF_XLA_FLAG_PREFIX) and backend != "tensorflow":

@@ -16,6 +16,12 @@ def backend_name():
     return keras.backend.backend()
 
 
+if backend_name() == "jax":
+    # Synchronous CPU dispatch where the start-up tuning asked for it (cpu_tuning item 5): JAX
+    # reads the setting when it creates its CPU client, so it is applied at import.
+    cpu_tuning.apply_sync_dispatch()
+
+
 def replica_id():
     """Index of the current replica under ``tf.distribute`` (a scalar tensor or 0).
 

@@ -1,5 +1,6 @@
 """Process start-up tuning for CPU runs: malloc on huge pages, XLA CPU convolutions on Eigen,
-XLA CPU's memory-saving scheduler and a memory-keeping malloc for JAX on AVX-512.
+XLA CPU's memory-saving scheduler, a memory-keeping malloc and synchronous dispatch for JAX on
+AVX-512.
 
 1. **glibc malloc on transparent huge pages.** XLA on CPU allocates each step's temporary
    buffers with ``malloc``; glibc serves large blocks with a fresh ``mmap`` and unmaps them on
@@ -71,6 +72,28 @@ XLA CPU's memory-saving scheduler and a memory-keeping malloc for JAX on AVX-512
    ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a malloc of its own
    (eager diffusers sampled at 0.61–0.67× its speed of other runs with ``mmap_max=65536``).
 
+5. **JAX on AVX-512: synchronous dispatch on the CPU.** JAX's CPU client runs each step on a
+   worker thread and frees the step's temporaries (XLA's one 605 MiB block for the CIFAR-10
+   U-Net's training step, batch 8) only after it has marked the outputs ready, so the Python
+   thread (``train_on_batch`` waiting for the loss) or the next step (``fit`` queues it on the
+   outputs) often goes on first, and the next step's block is allocated while the previous one
+   is still held. Profiled with glibc's ``mallinfo2`` right after ``train_on_batch`` returned
+   (``benchmarks/step_heap.py``): the block was still allocated after 6 and 12 of 16 steps in
+   two processes; when that happens while the heap has no room for a second block, the
+   retaining malloc of item 4 grows by one for good (``benchmarks/memory.py``, 30 steps: 5 of 5
+   processes, peaks 2,856–2,871 MiB). With JAX's ``jax_cpu_enable_async_dispatch`` off a
+   single-device step runs in the calling thread and frees its temporaries before it returns:
+   0 of 16 steps with the block held (two processes), 5 of 5 processes without growth (peaks
+   2,317–2,341 MiB), at the same speed (paired img/s of ``fit``, asynchronous ÷ synchronous:
+   1.005× [0.987, 1.023] over 30 rounds, 1.026× [0.994, 1.048] over 15;
+   ``benchmarks/results/sync_dispatch``). JAX reads the setting once, when it creates its CPU
+   client, so the start-up functions put ``KERAS_ETSDM_JAX_SYNC_DISPATCH=1`` in the
+   environment (:func:`jax_xla_environ`, :func:`tune_xla_for_cpu`) and importing
+   ``keras_etsdm`` applies it (:func:`apply_sync_dispatch`) before JAX computes anything.
+   Multi-device (sharded) steps stay asynchronous, as JAX runs them. Measured on an AVX-512
+   machine only, so set only where ``avx512f`` is in ``/proc/cpuinfo``;
+   ``KERAS_ETSDM_JAX_SYNC_DISPATCH=0`` turns it off, ``=1`` on, on any CPU.
+
 Standard library only: ``bin/`` scripts load this file before importing the package (whose
 import takes 5–10 s), so the re-exec is cheap.
 
@@ -89,6 +112,8 @@ import warnings
 HUGETLB_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT_VARIABLE = "KERAS_ETSDM_CPU_TUNING"
 RETAIN_OPT_OUT_VARIABLE = "KERAS_ETSDM_RETAIN_MEMORY"  # item 4 alone
+SYNC_DISPATCH_VARIABLE = "KERAS_ETSDM_JAX_SYNC_DISPATCH"  # item 5: "1" on, "0" off
+_ASYNC_DISPATCH_OPTION = "jax_cpu_enable_async_dispatch"  # JAX's own option (no env variable)
 THP_ENABLED_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # first release with the glibc.malloc.hugetlb tunable
 # Item 4: one malloc arena, no mmap'ed blocks, no trimming (16 GiB threshold), so that freed
@@ -285,21 +310,37 @@ def accelerator_run(environ):
     return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
 
 
-def jax_xla_environ(environ, backend=None):
-    """``environ`` plus the XLA convolution flag for a NEW JAX-on-CPU process, or None.
+def wants_sync_dispatch(environ, cpu_flags=None):
+    """Whether a JAX-on-CPU process with ``environ`` should dispatch synchronously (item 5):
+    ``KERAS_ETSDM_JAX_SYNC_DISPATCH`` when set ("0" / "false" / "no" / "off": no, anything
+    else: yes), otherwise on AVX-512 CPUs (``cpu_flags``, default :func:`cpu_isa_flags`) unless
+    all tuning is opted out."""
+    value = environ.get(SYNC_DISPATCH_VARIABLE)
+    if value is not None:
+        return not _opted_out(environ, SYNC_DISPATCH_VARIABLE)
+    if _opted_out(environ):
+        return False
+    return "avx512f" in (cpu_isa_flags() if cpu_flags is None else set(cpu_flags))
 
+
+def jax_xla_environ(environ, backend=None, cpu_flags=None):
+    """``environ`` plus the start-up settings for a NEW JAX-on-CPU process, or None.
+
+    The XLA flags of items 2–3 (``XLA_FLAGS``) and, where :func:`wants_sync_dispatch`,
+    ``KERAS_ETSDM_JAX_SYNC_DISPATCH=1`` (item 5, applied when ``keras_etsdm`` is imported).
     None when the process will not run JAX (``backend``, default ``keras_backend(environ)``),
-    may run on an accelerator, is opted out, or ``tuned_xla_flags`` changes nothing.
+    may run on an accelerator, or nothing changes. ``cpu_flags``: default :func:`cpu_isa_flags`.
     """
     backend = backend or keras_backend(environ)
     if backend != "jax" or accelerator_run(environ):
         return None
-    flags = tuned_xla_flags(environ)
-    if flags is None:
-        return None
     new = dict(environ)
-    new["XLA_FLAGS"] = flags
-    return new
+    flags = tuned_xla_flags(environ, cpu_flags=cpu_flags)
+    if flags is not None:
+        new["XLA_FLAGS"] = flags
+    if SYNC_DISPATCH_VARIABLE not in environ and wants_sync_dispatch(environ, cpu_flags):
+        new[SYNC_DISPATCH_VARIABLE] = "1"
+    return new if new != environ else None
 
 
 def _jax_started():
@@ -316,8 +357,10 @@ def _jax_started():
 
 def tune_xla_for_cpu(backend=None):
     """Set this process's ``XLA_FLAGS`` for JAX on CPU (YNNPACK convolutions off; on AVX-512 also
-    the concurrency-optimized scheduler off); the explicit, opt-in form of what the ``bin/``
-    entry points do at start-up.
+    the concurrency-optimized scheduler off) and, on AVX-512, ask for synchronous dispatch
+    (item 5: ``KERAS_ETSDM_JAX_SYNC_DISPATCH=1``, applied now if JAX is imported and otherwise
+    when ``keras_etsdm`` is); the explicit, opt-in form of what the ``bin/`` entry points do at
+    start-up.
 
     Call it first thing, before JAX runs anything::
 
@@ -328,9 +371,9 @@ def tune_xla_for_cpu(backend=None):
         backend: the Keras backend (default: as Keras will choose it, ``keras_backend``).
 
     Returns:
-        True when the flag was set; False when nothing applies (another backend, a GPU / TPU
-        run, opted out, a jaxlib without the flag, a YNN setting already in ``XLA_FLAGS``) or
-        JAX has already started — then it warns, since XLA would ignore the flag.
+        True when a setting was made; False when nothing applies (another backend, a GPU / TPU
+        run, opted out, a jaxlib without the flag and no AVX-512, settings already in the
+        environment) or JAX has already started — then it warns, since XLA would ignore them.
     """
     new = jax_xla_environ(os.environ, backend)
     if new is None:
@@ -339,11 +382,46 @@ def tune_xla_for_cpu(backend=None):
         warnings.warn(
             "keras_etsdm.cpu_tuning.tune_xla_for_cpu: JAX has already started, so XLA_FLAGS can "
             "no longer change how it compiles; XLA_FLAGS left unchanged (YNNPACK convolutions "
-            "stay on, and the per-tap kernel gradient of backend.conv2d_same is used). Call it "
-            "before JAX runs anything, e.g. at the top of the script or notebook.",
+            "stay on, and the per-tap kernel gradient of backend.conv2d_same is used), and its "
+            "CPU dispatch mode stays as it is. Call it before JAX runs anything, e.g. at the "
+            "top of the script or notebook.",
             RuntimeWarning, stacklevel=2)
         return False
-    os.environ["XLA_FLAGS"] = new["XLA_FLAGS"]
+    for name in ("XLA_FLAGS", SYNC_DISPATCH_VARIABLE):
+        if name in new:
+            os.environ[name] = new[name]
+    if "jax" in sys.modules:  # keras_etsdm may have been imported already
+        apply_sync_dispatch()
+    return True
+
+
+def apply_sync_dispatch(environ=None):
+    """Item 5: run JAX's single-device CPU computations synchronously when ``environ``
+    (default ``os.environ``) has ``KERAS_ETSDM_JAX_SYNC_DISPATCH=1`` (set by the start-up
+    functions on AVX-512 CPUs), so that a training step frees its temporaries before the next
+    one allocates its own. ``keras_etsdm`` calls it on import with the JAX backend.
+
+    Returns:
+        True when set; False when not asked for, or when JAX's CPU client already exists (the
+        setting is read when it is created) — then it warns.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(SYNC_DISPATCH_VARIABLE)
+    if value is None or _opted_out(environ, SYNC_DISPATCH_VARIABLE):
+        return False
+    import jax
+
+    if jax.config.values.get(_ASYNC_DISPATCH_OPTION) is False:
+        return True
+    if _jax_started():
+        warnings.warn(
+            f"keras_etsdm.cpu_tuning: {SYNC_DISPATCH_VARIABLE}={value} asks for synchronous CPU "
+            "dispatch, but JAX has already created its backends, which read the setting once; "
+            "dispatch stays asynchronous (a training step's temporaries may then overlap the "
+            "next step's). Import keras_etsdm, or call cpu_tuning.tune_xla_for_cpu(), before "
+            "JAX runs anything.", RuntimeWarning, stacklevel=2)
+        return False
+    jax.config.update(_ASYNC_DISPATCH_OPTION, False)
     return True
 
 
