@@ -85,11 +85,14 @@ AVX-512.
    single-device step runs in the calling thread and frees its temporaries before it returns:
    0 of 16 steps with the block held (two processes), 5 of 5 processes without growth (peaks
    2,317–2,341 MiB), at the same speed (paired img/s of ``fit``, asynchronous ÷ synchronous:
-   1.005× [0.987, 1.023] over 30 rounds, 1.026× [0.994, 1.048] over 15;
-   ``benchmarks/results/sync_dispatch``). JAX reads the setting once, when it creates its CPU
-   client, so the start-up functions put ``KERAS_ETSDM_JAX_SYNC_DISPATCH=1`` in the
-   environment (:func:`jax_xla_environ`, :func:`tune_xla_for_cpu`) and importing
-   ``keras_etsdm`` applies it (:func:`apply_sync_dispatch`) before JAX computes anything.
+   1.005× [0.987, 1.023] over 30 rounds, 1.026× [0.994, 1.048] over 15; ``bin/train`` on the
+   embedded default 0.218 vs 0.223 s per step, medians of six alternated runs;
+   ``benchmarks/results/sync_dispatch``). Sampling was not re-measured: a sampler call is one
+   compiled loop (about 20 with a progress bar) whose result the caller waits for anyway. JAX
+   reads the setting once, when it creates its CPU client, so the start-up functions put
+   ``KERAS_ETSDM_JAX_SYNC_DISPATCH=1`` in the environment (:func:`jax_xla_environ`,
+   :func:`tune_xla_for_cpu`) and importing ``keras_etsdm`` applies it
+   (:func:`apply_sync_dispatch`) before JAX computes anything.
    Multi-device (sharded) steps stay asynchronous, as JAX runs them. Measured on an AVX-512
    machine only, so set only where ``avx512f`` is in ``/proc/cpuinfo``;
    ``KERAS_ETSDM_JAX_SYNC_DISPATCH=0`` turns it off, ``=1`` on, on any CPU.
