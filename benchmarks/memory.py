@@ -57,7 +57,7 @@ def worker(args):
     stages = {"python": status_mib()}
     import keras
 
-    from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm import DiffusionModel, build_unet, cpu_tuning
     from keras_etsdm import backend as etsdm_backend
 
     stages["import"] = status_mib()
@@ -88,8 +88,6 @@ def worker(args):
     step()
     stages["first step"] = status_mib()
     if args.trim_after_first_step:
-        from keras_etsdm import cpu_tuning
-
         cpu_tuning.trim_heap()
         stages["trimmed"] = status_mib()
     for _ in range(args.steps):
@@ -102,16 +100,8 @@ def worker(args):
                                   "trim_after_first_step": args.trim_after_first_step,
                                   "release_compiler_memory": args.release_compiler_memory,
                                   "task": args.task, "sample_steps": args.sample_steps,
-                                  "jax_sync_dispatch": _sync_dispatch()}))
-
-
-def _sync_dispatch():
-    """Whether this JAX process dispatches CPU computations synchronously (None: not JAX)."""
-    if "jax" not in sys.modules:
-        return None
-    import jax
-
-    return jax.config.values.get("jax_cpu_enable_async_dispatch") is False
+                                  "jax_sync_dispatch":
+                                      cpu_tuning.jax_dispatches_synchronously()}))
 
 
 def run_config(config, args):

@@ -54,11 +54,9 @@ def worker(args):
     import keras
     import numpy as np
 
-    from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm import DiffusionModel, build_unet, cpu_tuning
     from keras_etsdm import backend as etsdm_backend
     from keras_etsdm.optimizers import make_optimizer
-
-    import jax
 
     keras.utils.set_random_seed(0)
     network = build_unet(image_size=32, channels=3, base_channels=128,
@@ -78,7 +76,7 @@ def worker(args):
         steps.append({"seconds": seconds, **heap_mib(), "peak": peak_mib()})
     print("RESULT " + json.dumps({
         "steps": steps,
-        "sync_dispatch": jax.config.values.get("jax_cpu_enable_async_dispatch") is False,
+        "sync_dispatch": cpu_tuning.jax_dispatches_synchronously(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         "xla_flags": os.environ.get("XLA_FLAGS", "")}))
 
@@ -128,7 +126,6 @@ def main():
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from harness import machine_description
 
     machine = machine_description()

@@ -398,6 +398,16 @@ def tune_xla_for_cpu(backend=None):
     return True
 
 
+def jax_dispatches_synchronously():
+    """Whether this process's JAX runs single-device CPU computations synchronously (item 5);
+    None when JAX is not imported."""
+    if "jax" not in sys.modules:
+        return None
+    import jax
+
+    return jax.config.values.get(_ASYNC_DISPATCH_OPTION) is False
+
+
 def apply_sync_dispatch(environ=None):
     """Item 5: run JAX's single-device CPU computations synchronously when ``environ``
     (default ``os.environ``) has ``KERAS_ETSDM_JAX_SYNC_DISPATCH=1`` (set by the start-up
@@ -414,7 +424,7 @@ def apply_sync_dispatch(environ=None):
         return False
     import jax
 
-    if jax.config.values.get(_ASYNC_DISPATCH_OPTION) is False:
+    if jax_dispatches_synchronously():
         return True
     if _jax_started():
         warnings.warn(
