@@ -110,6 +110,18 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def rss_mib():
+    """Resident memory of this process now, MiB (``VmRSS``; None where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def cpu_description():
     """CPU model, core count and the ISA extensions that matter for float32/bf16 matmuls."""
     model = "unknown CPU"
@@ -230,6 +242,7 @@ def worker_loop(handlers):
             traceback.print_exc(file=sys.stderr)
             result = {"error": f"{type(e).__name__}: {e}"}
         result["peak_rss_mib"] = peak_rss_mib()
+        result["rss_mib"] = rss_mib()
         reply(result)
 
 

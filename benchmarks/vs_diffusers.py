@@ -48,6 +48,7 @@ Needs the optional benchmark requirements (torch CPU wheel + diffusers) in a sep
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -85,7 +86,9 @@ def parse_args(argv=None):
                         "mode in that worker (KERAS_ETSDM_SAMPLE_JIT_COMPILE; default: the "
                         "library's per-ISA choice); '<backend>@direct_upsample' runs the "
                         "upsampling convolutions in their direct form "
-                        "(layers.SUBPIXEL_UPSAMPLE = False); a variant is also reported "
+                        "(layers.SUBPIXEL_UPSAMPLE = False); 'jax@xla:<xla_flag>=<value>' "
+                        "adds one XLA flag (kept over the library's start-up flags); a "
+                        "variant is also reported "
                         "against its backend's plain worker")
     p.add_argument("--tasks", default="train,forward,ddim,dpm")
     p.add_argument("--peers", default="eager,tuned,compile,autotune",
@@ -420,12 +423,16 @@ def start_worker(args, kind, backend, name, peer="eager"):
         env["KERAS_BACKEND"] = backend
         if option == "direct_upsample":
             env[DIRECT_UPSAMPLE_VARIABLE] = "1"
+        elif backend == "jax" and re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", option):
+            # one XLA flag beside the library's start-up flags (which keep a flag set here)
+            env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --"
+                                + option[len("xla:"):]).strip()
         elif option:
             key, _, value = option.partition("=")
             if backend != "tensorflow" or key != "sample_xla" or value not in ("0", "1"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
-                                 f"expected tensorflow@sample_xla=0 or =1 (JAX always jits) "
-                                 f"or <backend>@direct_upsample")
+                                 f"expected tensorflow@sample_xla=0 or =1 (JAX always jits), "
+                                 f"jax@xla:<xla_flag>=<value> or <backend>@direct_upsample")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
     return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc,
                           backend=env.get("KERAS_BACKEND", "torch"))
@@ -651,6 +658,11 @@ def build_report(measured, num_resamples=10000, seed=0):
 MATMUL_ROUNDS = 3
 
 
+def _memory_point(request, reply):
+    """``[request, resident MiB, peak MiB]`` of a worker right after it answered."""
+    return [request, reply.get("rss_mib"), reply.get("peak_rss_mib")]
+
+
 def main(args):
     if args.logdir:
         os.makedirs(args.logdir, exist_ok=True)
@@ -667,6 +679,8 @@ def main(args):
             workers.append(start_worker(args, "diffusers", None, PEER_WORKERS[peer], peer))
         by_name = {w.name: w for w in workers}
         infos = {w.name: w.request("info") for w in workers}
+        # Resident and peak MiB of every worker after each request, in order (where it grows).
+        memory_trace = {w.name: [_memory_point("info", infos[w.name])] for w in workers}
         counts = {name: info["params"] for name, info in infos.items()}
         if len(set(counts.values())) != 1:
             raise SystemExit(f"Parameter counts differ, the networks are not the same: {counts}")
@@ -690,17 +704,21 @@ def main(args):
             warm[task], times[task], cpu_times[task] = {}, {}, {}
             for w in workers:
                 first = warm[task][w.name] = w.request("warmup", task=task)
+                memory_trace[w.name].append(_memory_point(f"warmup {task}", first))
                 print(f"  {w.name:<18} {task:<12} first call {first['first_call_s']:7.1f} s,"
                       f" second {first['second_call_s']:6.2f} s", flush=True)
             task_orders[task] = orders[i * args.repeats:(i + 1) * args.repeats]
             for order in task_orders[task]:
                 for name in order:
                     result = by_name[name].request("run", task=task)
+                    memory_trace[name].append(_memory_point(f"run {task}", result))
                     times[task].setdefault(name, []).append(result["seconds_per_unit"])
                     cpu_times[task].setdefault(name, []).append(result["cpu_seconds_per_unit"])
         matmul_orders = orders[len(tasks) * args.repeats:]
         matmul = harness.interleave(workers, "matmul", MATMUL_ROUNDS, orders=matmul_orders)
         peaks = {w.name: matmul[w.name][-1]["peak_rss_mib"] for w in workers}
+        for name, results in matmul.items():
+            memory_trace[name] += [_memory_point("matmul", r) for r in results]
     finally:
         for w in workers:
             w.close()
@@ -719,7 +737,7 @@ def main(args):
         "batches": {task: batch_of(task, args) for task in tasks},
         "seconds": times, "cpu_seconds": cpu_times, "warmup": warm,
         "matmul_gflops": {k: [r["gflops"] for r in v] for k, v in matmul.items()},
-        "forward_flops_per_image": flops, "peak_rss_mib": peaks,
+        "forward_flops_per_image": flops, "peak_rss_mib": peaks, "memory_trace": memory_trace,
         "sample_batch": args.sample_batch, "torch_threads": torch_threads,
         "sample_jit_compile": sample_jit,
         "peer_variants": {PEER_WORKERS[k]: v for k, v in PEER_HELP.items()
