@@ -3,7 +3,8 @@
 Per Keras backend (one fresh worker process each, started as bin/ starts them), for every
 configuration of ``--grid``: the forward pass (``network.predict_on_batch``) and the training
 step (``DiffusionModel.train_on_batch``, compiled as bin/train compiles it:
-``train.jit_compile='auto'``), two untimed calls then ``--repeats`` timed ones (median).
+``train.jit_compile='auto'``, with bin/train's optimizer, Adam with the gradient clipped to
+global norm 1), two untimed calls then ``--repeats`` timed ones (median).
 Achieved GFLOP/s = model FLOPs × images/s, with the forward FLOPs counted by XLA's cost analysis
 (JAX) and a training step taken as 3× the forward; shown as a fraction of the numpy float32
 matmul roof (2048³) measured before the workers start.
@@ -71,6 +72,7 @@ def worker_main(args):
 
     from keras_etsdm import DiffusionModel, build_unet
     from keras_etsdm import backend as etsdm_backend
+    from keras_etsdm.optimizers import make_optimizer
 
     built = {}
 
@@ -79,9 +81,12 @@ def worker_main(args):
             keras.utils.set_random_seed(0)
             network = build_unet(image_size=size, channels=3, num_heads=1, **NETWORKS[name])
             model = DiffusionModel(network, seed=0)
-            model.compile(optimizer=keras.optimizers.Adam(2e-4),
+            # bin/train's optimizer (every gin config: Adam with the gradient clipped to
+            # global norm 1) and its memory hand-back after building.
+            model.compile(optimizer=make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0),
                           jit_compile=etsdm_backend.default_train_jit_compile())
             built.clear()  # one model at a time: the LSUN U-Net is large
+            etsdm_backend.release_build_memory()
             built[(name, size)] = model
         return built[(name, size)]
 

@@ -14,6 +14,15 @@ mmap'ed bytes (MiB), the main arena's size, and ``VmHWM`` from ``/proc/self/stat
 buffer assignment puts the step's temporaries in one block (605 MiB for this network), so a
 step whose in-use figure is more than ``--held_mib`` above the process's lowest reading
 returned before that block was freed. Needs glibc ≥ 2.33 (``mallinfo2``) and JAX.
+
+Slow growth of the resident set while the heap stays the same size (``nohuge``: the bin/
+tuning without glibc's huge-page tunable; ``--pause_s`` idles between groups of steps, as a
+``vs_diffusers.py`` worker does while the others run):
+
+    python benchmarks/step_heap.py --configs sync#1 --steps 90 --pause_s 25 &
+    python benchmarks/step_heap.py --configs nohuge#1 --steps 90 --pause_s 25
+
+Each step also records ``VmRSS`` and ``AnonHugePages`` (``/proc/self/smaps_rollup``).
 """
 
 import argparse
@@ -42,12 +51,27 @@ def heap_mib():
     return {"in_use": (info.uordblks + info.hblkhd) / 2**20, "arena": info.arena / 2**20}
 
 
-def peak_mib():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+def _proc_kib(path, key):
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return None
+
+
+def peak_mib():
+    return _proc_kib("/proc/self/status", "VmHWM:")
+
+
+def resident_mib():
+    """``{"rss": VmRSS, "anon_huge": AnonHugePages}`` in MiB: how much of the resident set is
+    anonymous memory on transparent huge pages (which khugepaged also makes, in the
+    background, out of ``madvise``'d ranges with holes)."""
+    return {"rss": _proc_kib("/proc/self/status", "VmRSS:"),
+            "anon_huge": _proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")}
 
 
 def worker(args):
@@ -69,11 +93,14 @@ def worker(args):
     data = np.clip(np.random.default_rng(0).standard_normal((8, 32, 32, 3)), -1, 1)
     data = data.astype(np.float32)
     steps = []
-    for _ in range(args.steps + 1):
+    for index in range(args.steps + 1):
         start = time.perf_counter()
         model.train_on_batch(data)  # returns the loss as a number: the step has finished
         seconds = time.perf_counter() - start
-        steps.append({"seconds": seconds, **heap_mib(), "peak": peak_mib()})
+        steps.append({"seconds": seconds, "time_s": time.perf_counter(), **heap_mib(),
+                      "peak": peak_mib(), **resident_mib()})
+        if args.pause_s and index % args.steps_per_pause == 0:
+            time.sleep(args.pause_s)  # idle, as a benchmark worker waits for its next turn
     print("RESULT " + json.dumps({
         "steps": steps,
         "sync_dispatch": cpu_tuning.jax_dispatches_synchronously(),
@@ -86,14 +113,17 @@ def run_config(config, args):
     from harness import _cpu_tuning, malloc_environ
 
     mode = config.partition("#")[0]
-    if mode not in ("sync", "async"):
-        raise SystemExit(f"{config}: expected sync[#label] or async[#label].")
+    if mode not in ("sync", "async", "nohuge"):
+        raise SystemExit(f"{config}: expected sync[#label], async[#label] or nohuge[#label].")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
     if mode == "async":
         env[_cpu_tuning().SYNC_DISPATCH_VARIABLE] = "0"
+    if mode == "nohuge":  # the bin/ tuning without glibc's huge-page tunable
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
     env = malloc_environ(env, "hugetlb")
     env = _cpu_tuning().jax_xla_environ(env) or env
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--steps={args.steps}"]
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--steps={args.steps}",
+           f"--pause_s={args.pause_s}", f"--steps_per_pause={args.steps_per_pause}"]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -111,6 +141,8 @@ def summarize(result, held_mib):
     held = [s["in_use"] - floor > held_mib for s in steps[1:]]
     return {"held": int(sum(held)), "steps": len(held),
             "arena_growth_mib": steps[-1]["arena"] - steps[0]["arena"],
+            "rss_growth_mib": steps[-1]["rss"] - steps[0]["rss"],
+            "anon_huge_growth_mib": steps[-1]["anon_huge"] - steps[0]["anon_huge"],
             "peak_mib": steps[-1]["peak"], "peak_after_first_mib": steps[0]["peak"],
             "median_step_s": float(np.median([s["seconds"] for s in steps[1:]]))}
 
@@ -121,6 +153,10 @@ def main():
     p.add_argument("--steps", type=int, default=16, help="steps after the first")
     p.add_argument("--held_mib", type=float, default=256.0,
                    help="in use this far above the process's lowest reading = block still held")
+    p.add_argument("--pause_s", type=float, default=0.0,
+                   help="sleep this long after the first step and after every "
+                        "--steps_per_pause steps (a benchmark worker's wait for its turn)")
+    p.add_argument("--steps_per_pause", type=int, default=3)
     p.add_argument("--output_dir", default=None)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -137,7 +173,9 @@ def main():
         rows.append(row)
         print(f"{config:>10}: sync dispatch {result['sync_dispatch']}, returned with the block "
               f"held after {row['held']} of {row['steps']} steps, heap grew "
-              f"{row['arena_growth_mib']:.0f} MiB after the first step, peak "
+              f"{row['arena_growth_mib']:.0f} MiB after the first step (resident set "
+              f"{row['rss_growth_mib']:+.0f} MiB, of it on huge pages "
+              f"{row['anon_huge_growth_mib']:+.0f}), peak "
               f"{row['peak_after_first_mib']:.0f} -> {row['peak_mib']:.0f} MiB, median step "
               f"{row['median_step_s']:.3f} s", flush=True)
     if args.output_dir:

@@ -63,7 +63,8 @@ def parse_args(argv=None):
                         "concurrency_scheduler (JAX only: tuned, but XLA CPU's "
                         "concurrency-optimized scheduler on, jaxlib's default), no_retain_memory "
                         "(huge pages, glibc's default arenas: without cpu_tuning's item 4, "
-                        "which JAX on AVX-512 gets), retain_memory (item 4 forced), "
+                        "which JAX on AVX-512 gets), retain_memory (huge pages and item 4's "
+                        "tunables forced, as item 4 was set until 2026-12-06), "
                         "onednn_fusion=<types> (JAX only: tuned plus XLA CPU's oneDNN fusions, "
                         "types '/'-separated, e.g. dot/eltwise/reduce), xla:<flag>=<value> (JAX "
                         "only: tuned plus one XLA flag, '/' for ',' in the value), "
@@ -76,7 +77,8 @@ def parse_args(argv=None):
                         "async_dispatch (JAX only: without cpu_tuning's item 5, synchronous "
                         "CPU dispatch, which JAX on AVX-512 gets), wait_dispatch (JAX only, "
                         "screening: asynchronous dispatch, each step waiting for its inputs "
-                        "and then 5 ms before it is dispatched)")
+                        "and then 5 ms before it is dispatched), small_pages (tuned without "
+                        "glibc's huge-page tunable: GLIBC_TUNABLES=glibc.malloc.hugetlb=0)")
     p.add_argument("--model_variants", default="as_is",
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
@@ -307,7 +309,10 @@ def forward_flops_via_jax(args):
 
 
 CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "no_retain_memory",
-               "retain_memory", "mimalloc", "keep_compiler_memory", "async_dispatch", "wait_dispatch")
+               "retain_memory", "mimalloc", "keep_compiler_memory", "async_dispatch", "wait_dispatch",
+               "small_pages")
+# "small_pages": the tuning without glibc's huge-page tunable (GLIBC_TUNABLES=
+# glibc.malloc.hugetlb=0, which the start-up keeps), everything else as "tuned" gets it
 # JAX only, "async_dispatch": the tuning without its synchronous CPU dispatch (cpu_tuning item 5,
 # applied on AVX-512), through the library's own switch
 # JAX only, "wait_dispatch" (screening, not adopted): asynchronous dispatch, but each step waits
@@ -362,6 +367,8 @@ def worker_environ(backend, tuning="tuned", environ=os.environ):
         env[tuning_module.OPT_OUT_VARIABLE] = "0"
     if tuning == "retain_memory":
         env["GLIBC_TUNABLES"] = f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
+    if tuning == "small_pages":
+        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
     if tuning == "no_retain_memory":
         env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
     if tuning == "keep_compiler_memory":

@@ -15,7 +15,8 @@ AVX-512.
    avx512_bf16; kernel 6.18, THP ``madvise``, glibc 2.36) it made no measurable difference
    (``benchmarks/results/cpu_tuning``: paired img/s with ÷ without, 15 rounds, TensorFlow
    1.00× [0.99, 1.03], JAX 0.96× [0.76, 1.07]); it is kept since it costs nothing measurable
-   there and wins where the kernel faults the pages in slowly.
+   there and wins where the kernel faults the pages in slowly — except for the JAX processes
+   that keep their freed memory (item 4), which stay on small pages.
 
 2. **JAX: XLA CPU convolutions on Eigen, not YNNPACK.** jaxlib 0.10's XLA CPU hands
    convolutions to YNNPACK fusions by default. Alone a YNNPACK convolution is as fast as XLA's
@@ -71,6 +72,18 @@ AVX-512.
    tunables to glibc's default value: setting ``mmap_max``, ``mmap_threshold`` or
    ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a malloc of its own
    (eager diffusers sampled at 0.61–0.67× its speed of other runs with ``mmap_max=65536``).
+   Such a process does not get item 1's huge-page tunable: with it the kernel's khugepaged
+   (in the background, every 10 s a few MiB; its default ``max_ptes_none`` 511 collapses a
+   2 MiB range with a single page present) turns the whole ``madvise``'d heap into huge
+   pages, filling in the pages that ``malloc_trim`` gave back
+   (:func:`keras_etsdm.backend.release_build_memory`, ``backend.compile_then_release``) and
+   that the steps never touch again: the CIFAR-10 U-Net's training process (batch 8, a step
+   every ~8 s) had the same 1,979 MiB heap throughout, but its resident set rose from 2,343
+   to 2,709 MiB between its 8th and 14th minute, all of the heap then on huge pages; on
+   small pages 2,327 → 2,337 MiB over the same 17 minutes (``benchmarks/step_heap.py
+   --pause_s 25``, two processes side by side, ``benchmarks/results/khugepaged``). With no
+   measured cost: paired img/s of ``fit`` with ÷ without the huge-page tunable 0.969×
+   [0.949, 1.003], 15 rounds (4.06 vs 4.15 img/s).
 
 5. **JAX on AVX-512: synchronous dispatch on the CPU.** JAX's CPU client runs each step on a
    worker thread and frees the step's temporaries (XLA's one 605 MiB block for the CIFAR-10
@@ -183,11 +196,11 @@ def tuned_environ(environ, system=None, glibc=None, thp_mode=None, backend=None,
         :func:`retains_freed_memory`; detected when None.
 
     Returns:
-      A new ``dict`` whose ``GLIBC_TUNABLES`` has ``glibc.malloc.hugetlb=1`` appended (Linux
-      with glibc ≥ 2.35, THP ``madvise`` — with ``never`` there is nothing to gain, with
-      ``always`` the pages are already huge — and no hugetlb setting in ``GLIBC_TUNABLES``)
-      and/or :data:`RETAIN_TUNABLES` (Linux with glibc ≥ 2.26, where
-      :func:`retains_freed_memory`); None when opted out or neither applies.
+      A new ``dict`` whose ``GLIBC_TUNABLES`` has either :data:`RETAIN_TUNABLES` appended
+      (Linux with glibc ≥ 2.26, where :func:`retains_freed_memory`; then no huge-page tunable,
+      see item 4) or ``glibc.malloc.hugetlb=1`` (Linux with glibc ≥ 2.35, THP ``madvise`` —
+      with ``never`` there is nothing to gain, with ``always`` the pages are already huge — and
+      no hugetlb setting in ``GLIBC_TUNABLES``); None when opted out or neither applies.
     """
     if _opted_out(environ):
         return None
@@ -199,11 +212,16 @@ def tuned_environ(environ, system=None, glibc=None, thp_mode=None, backend=None,
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
     added = []
-    if tuple(glibc) >= _MIN_GLIBC and "glibc.malloc.hugetlb" not in tunables:
+    retain = (tuple(glibc) >= _MIN_GLIBC_RETAIN
+              and retains_freed_memory(environ, backend, cpu_flags))
+    # A retaining heap stays on small pages (item 4): not after our own re-exec either.
+    retaining = retain or RETAIN_TUNABLES in tunables
+    if (tuple(glibc) >= _MIN_GLIBC and "glibc.malloc.hugetlb" not in tunables
+            and not retaining):
         thp_mode = _thp_mode() if thp_mode is None else thp_mode
         if thp_mode == "madvise":
             added.append(HUGETLB_TUNABLE)
-    if tuple(glibc) >= _MIN_GLIBC_RETAIN and retains_freed_memory(environ, backend, cpu_flags):
+    if retain:
         added.append(RETAIN_TUNABLES)
     if not added:
         return None
@@ -214,7 +232,7 @@ def tuned_environ(environ, system=None, glibc=None, thp_mode=None, backend=None,
 
 def reexec_with_huge_page_malloc():
     """Replace this process by itself with the malloc tunables of :func:`tuned_environ` set
-    (huge pages; on JAX on AVX-512 also freed memory kept), if any applies.
+    (huge pages; on JAX on AVX-512 freed memory kept instead), if any applies.
 
     Call first thing in an entry point: everything done before it is done twice. Keeps the PID
     and the interpreter's own options (``sys.orig_argv``); does nothing when

@@ -523,6 +523,14 @@ def test_train_step_worker_environ_adds_the_named_xla_flags_to_the_callers():
         train_step.main(train_step.parse_args(["--cpu_tuning", "tuned,tf_xla:auto_jit"]))
 
 
+def test_train_step_small_pages_keeps_the_huge_page_tunable_out():
+    import train_step
+
+    # the start-up keeps a hugetlb value the worker was given and adds the rest of its tuning
+    assert train_step.worker_environ("jax", "small_pages", environ={}) == {
+        "KERAS_BACKEND": "jax", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+
+
 def test_train_step_mimalloc_screen_preloads_the_wheels_library(tmp_path, monkeypatch):
     import train_step
 
@@ -567,3 +575,14 @@ def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
     assert captured["keras-tensorflow"] == {"KERAS_BACKEND": "tensorflow"}
     with pytest.raises(SystemExit, match="direct_upsample"):
         vs_diffusers.start_worker(args, "keras", "jax@subpixel", "keras-jax@subpixel")
+    # "jax@xla:<flag>=<value>": one XLA flag after the caller's, JAX only
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_use_thunk_runtime=true")
+    flag = "xla:xla_cpu_enable_concurrency_optimized_scheduler=true"
+    vs_diffusers.start_worker(args, "keras", f"jax@{flag}", "keras-jax@flag")
+    assert captured["keras-jax@flag"] == {
+        "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true "
+                                             "--xla_cpu_enable_concurrency_optimized_scheduler=true"}
+    with pytest.raises(SystemExit, match="jax@xla:<xla_flag>=<value>"):
+        vs_diffusers.start_worker(args, "keras", f"tensorflow@{flag}", "keras-tensorflow@flag")
+    with pytest.raises(SystemExit, match="jax@xla:<xla_flag>=<value>"):
+        vs_diffusers.start_worker(args, "keras", "jax@xla:not a flag", "keras-jax@bad")

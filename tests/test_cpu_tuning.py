@@ -43,14 +43,20 @@ def test_nothing_to_gain(override):
     assert tuned_environ({}, **{**LINUX, **override}) is None
 
 
-def test_jax_on_avx512_also_keeps_freed_memory():
+def test_jax_on_avx512_keeps_freed_memory_on_small_pages():
     jax = {**LINUX, "backend": "jax"}
     new = tuned_environ({"JAX_PLATFORMS": "cpu"}, **jax)
-    assert new["GLIBC_TUNABLES"] == f"{HUGETLB_TUNABLE}:{RETAIN}"
+    # no huge-page tunable: khugepaged would fill in the heap's trimmed pages (item 4)
+    assert new["GLIBC_TUNABLES"] == RETAIN
     assert RETAIN == ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                       "glibc.malloc.trim_threshold=17179869184")
-    assert tuned_environ(new, **jax) is None  # after the re-exec: nothing more
-    # without huge pages to gain, the retaining tunables alone; older glibc: 2.26 has them
+    # after the re-exec nothing more: the retaining tunables are now the "user's" malloc
+    # setting, and they still keep the huge-page tunable out
+    assert tuned_environ(new, **jax) is None
+    # a huge-page setting of the user's is kept beside them
+    new = tuned_environ({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": HUGETLB_TUNABLE}, **jax)
+    assert new["GLIBC_TUNABLES"] == f"{HUGETLB_TUNABLE}:{RETAIN}"
+    # older glibc: 2.26 has the retaining tunables
     assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**jax, "thp_mode": "always"}) == {
         "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": RETAIN}
     assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**jax, "glibc": (2, 31)}) == {
