@@ -15,11 +15,12 @@ buffer assignment puts the step's temporaries in one block (605 MiB for this net
 step whose in-use figure is more than ``--held_mib`` above the process's lowest reading
 returned before that block was freed. Needs glibc ≥ 2.33 (``mallinfo2``) and JAX.
 
-Slow growth of the resident set while the heap stays the same size (``nohuge``: the bin/
-tuning without glibc's huge-page tunable; ``--pause_s`` idles between groups of steps, as a
-``vs_diffusers.py`` worker does while the others run):
+Slow growth of the resident set while the heap stays the same size (``huge`` / ``nohuge``: the
+bin/ tuning with / without glibc's huge-page tunable, which since 2026-12-06 the tuning leaves
+out for these processes; ``--pause_s`` idles between groups of steps, as a ``vs_diffusers.py``
+worker does while the others run):
 
-    python benchmarks/step_heap.py --configs sync#1 --steps 90 --pause_s 25 &
+    python benchmarks/step_heap.py --configs huge#1 --steps 90 --pause_s 25 &
     python benchmarks/step_heap.py --configs nohuge#1 --steps 90 --pause_s 25
 
 Each step also records ``VmRSS`` and ``AnonHugePages`` (``/proc/self/smaps_rollup``).
@@ -113,13 +114,14 @@ def run_config(config, args):
     from harness import _cpu_tuning, malloc_environ
 
     mode = config.partition("#")[0]
-    if mode not in ("sync", "async", "nohuge"):
-        raise SystemExit(f"{config}: expected sync[#label], async[#label] or nohuge[#label].")
+    if mode not in ("sync", "async", "huge", "nohuge"):
+        raise SystemExit(f"{config}: expected sync, async, huge or nohuge, each with an "
+                         f"optional #label.")
     env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2")
     if mode == "async":
         env[_cpu_tuning().SYNC_DISPATCH_VARIABLE] = "0"
-    if mode == "nohuge":  # the bin/ tuning without glibc's huge-page tunable
-        env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
+    if mode in ("huge", "nohuge"):  # the bin/ tuning with / without the huge-page tunable
+        env["GLIBC_TUNABLES"] = f"glibc.malloc.hugetlb={int(mode == 'huge')}"
     env = malloc_environ(env, "hugetlb")
     env = _cpu_tuning().jax_xla_environ(env) or env
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--steps={args.steps}",
