@@ -87,7 +87,8 @@ def parse_args(argv=None):
                         "library's per-ISA choice); '<backend>@direct_upsample' runs the "
                         "upsampling convolutions in their direct form "
                         "(layers.SUBPIXEL_UPSAMPLE = False); 'jax@xla:<xla_flag>=<value>' "
-                        "adds one XLA flag (kept over the library's start-up flags); a "
+                        "adds one XLA flag (kept over the library's start-up flags); "
+                        "'<backend>@hugetlb=0' (or =1) forces glibc's huge-page tunable; a "
                         "variant is also reported "
                         "against its backend's plain worker")
     p.add_argument("--tasks", default="train,forward,ddim,dpm")
@@ -423,6 +424,9 @@ def start_worker(args, kind, backend, name, peer="eager"):
         env["KERAS_BACKEND"] = backend
         if option == "direct_upsample":
             env[DIRECT_UPSAMPLE_VARIABLE] = "1"
+        elif option in ("hugetlb=0", "hugetlb=1"):
+            # glibc's huge-page tunable forced off / on; the start-up adds the rest of its tuning
+            env["GLIBC_TUNABLES"] = f"glibc.malloc.{option}"
         elif backend == "jax" and re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", option):
             # one XLA flag beside the library's start-up flags (which keep a flag set here)
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --"
@@ -432,7 +436,8 @@ def start_worker(args, kind, backend, name, peer="eager"):
             if backend != "tensorflow" or key != "sample_xla" or value not in ("0", "1"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
                                  f"expected tensorflow@sample_xla=0 or =1 (JAX always jits), "
-                                 f"jax@xla:<xla_flag>=<value> or <backend>@direct_upsample")
+                                 f"jax@xla:<xla_flag>=<value>, <backend>@hugetlb=0 or =1 "
+                                 f"or <backend>@direct_upsample")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
     return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc,
                           backend=env.get("KERAS_BACKEND", "torch"))

@@ -67,8 +67,8 @@ AVX-512.
    say jax, no accelerator), and only where ``avx512f`` is in ``/proc/cpuinfo`` (measured
    there only). Set by the same re-exec as item 1; an ``arena_max``, ``mmap_max``,
    ``mmap_threshold`` or ``trim_threshold`` already in ``GLIBC_TUNABLES`` leaves all four as
-   the user set them. ``KERAS_ETSDM_RETAIN_MEMORY=0`` turns this item off alone (huge pages
-   stay), giving back the memory for the speed. Do not turn it off by setting one of those
+   the user set them. ``KERAS_ETSDM_RETAIN_MEMORY=0`` turns this item off alone (the process
+   then gets item 1's huge pages), giving back the memory for the speed. Do not turn it off by setting one of those
    tunables to glibc's default value: setting ``mmap_max``, ``mmap_threshold`` or
    ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a malloc of its own
    (eager diffusers sampled at 0.61–0.67× its speed of other runs with ``mmap_max=65536``).
@@ -82,8 +82,11 @@ AVX-512.
    to 2,709 MiB between its 8th and 14th minute, all of the heap then on huge pages; on
    small pages 2,327 → 2,337 MiB over the same 17 minutes (``benchmarks/step_heap.py
    --pause_s 25``, two processes side by side, ``benchmarks/results/khugepaged``). With no
-   measured cost: paired img/s of ``fit`` with ÷ without the huge-page tunable 0.969×
-   [0.949, 1.003], 15 rounds (4.06 vs 4.15 img/s).
+   measured cost to training: paired img/s of ``fit`` with ÷ without the huge-page tunable
+   0.969× [0.949, 1.003], 15 rounds (4.06 vs 4.15 img/s); the forward pass pays ~2 % (small ÷
+   huge pages 0.98× [0.96, 0.99] at batch 8, 0.98× [0.94, 0.99] at 32; DDIM 0.99× [0.97,
+   1.04]), taken for the memory. ``glibc.malloc.hugetlb=1`` in the user's ``GLIBC_TUNABLES``
+   brings huge pages back beside the retaining tunables.
 
 5. **JAX on AVX-512: synchronous dispatch on the CPU.** JAX's CPU client runs each step on a
    worker thread and frees the step's temporaries (XLA's one 605 MiB block for the CIFAR-10

@@ -586,3 +586,9 @@ def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
         vs_diffusers.start_worker(args, "keras", f"tensorflow@{flag}", "keras-tensorflow@flag")
     with pytest.raises(SystemExit, match="jax@xla:<xla_flag>=<value>"):
         vs_diffusers.start_worker(args, "keras", "jax@xla:not a flag", "keras-jax@bad")
+    # "<backend>@hugetlb=1": glibc's huge-page tunable given to the worker (kept by the start-up)
+    vs_diffusers.start_worker(args, "keras", "jax@hugetlb=1", "keras-jax@hugetlb=1")
+    assert captured["keras-jax@hugetlb=1"] == {"KERAS_BACKEND": "jax",
+                                               "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    with pytest.raises(SystemExit, match="hugetlb=0 or =1"):
+        vs_diffusers.start_worker(args, "keras", "jax@hugetlb=2", "keras-jax@hugetlb=2")
