@@ -68,20 +68,22 @@ AVX-512.
    there only). Set by the same re-exec as item 1; an ``arena_max``, ``mmap_max``,
    ``mmap_threshold`` or ``trim_threshold`` already in ``GLIBC_TUNABLES`` leaves all four as
    the user set them. ``KERAS_ETSDM_RETAIN_MEMORY=0`` turns this item off alone (the process
-   then gets item 1's huge pages), giving back the memory for the speed. Do not turn it off by setting one of those
-   tunables to glibc's default value: setting ``mmap_max``, ``mmap_threshold`` or
-   ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a malloc of its own
-   (eager diffusers sampled at 0.61–0.67× its speed of other runs with ``mmap_max=65536``).
+   then gets item 1's huge pages), giving back the memory for the speed. Do not turn it off
+   by setting one of those tunables to glibc's default value: setting ``mmap_max``,
+   ``mmap_threshold`` or ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a
+   malloc of its own (eager diffusers sampled at 0.61–0.67× its speed of other runs with
+   ``mmap_max=65536``).
    Such a process does not get item 1's huge-page tunable: with it the kernel's khugepaged
    (in the background, every 10 s a few MiB; its default ``max_ptes_none`` 511 collapses a
    2 MiB range with a single page present) turns the whole ``madvise``'d heap into huge
    pages, filling in the pages that ``malloc_trim`` gave back
    (:func:`keras_etsdm.backend.release_build_memory`, ``backend.compile_then_release``) and
-   that the steps never touch again: the CIFAR-10 U-Net's training process (batch 8, a step
-   every ~8 s) had the same 1,979 MiB heap throughout, but its resident set rose from 2,343
-   to 2,709 MiB between its 8th and 14th minute, all of the heap then on huge pages; on
-   small pages 2,327 → 2,337 MiB over the same 17 minutes (``benchmarks/step_heap.py
-   --pause_s 25``, two processes side by side, ``benchmarks/results/khugepaged``). With no
+   that the steps never touch again: the CIFAR-10 U-Net's training process (batch 8, groups
+   of 3 steps with 25 s idle between) had the same 1,979 MiB heap throughout, but its
+   resident set rose from 2,343 to 2,709 MiB between its 8th and 14th minute, all of the
+   heap then on huge pages; on small pages 2,327 → 2,337 MiB over the same 17 minutes
+   (``benchmarks/step_heap.py --pause_s 25``, two processes side by side,
+   ``benchmarks/results/khugepaged``). With no
    measured cost to training: paired img/s of ``fit`` with ÷ without the huge-page tunable
    0.969× [0.949, 1.003], 15 rounds (4.06 vs 4.15 img/s); the forward pass pays ~2 % (small ÷
    huge pages 0.98× [0.96, 0.99] at batch 8, 0.98× [0.94, 0.99] at 32; DDIM 0.99× [0.97,

@@ -580,8 +580,9 @@ def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
     flag = "xla:xla_cpu_enable_concurrency_optimized_scheduler=true"
     vs_diffusers.start_worker(args, "keras", f"jax@{flag}", "keras-jax@flag")
     assert captured["keras-jax@flag"] == {
-        "KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true "
-                                             "--xla_cpu_enable_concurrency_optimized_scheduler=true"}
+        "KERAS_BACKEND": "jax",
+        "XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true "
+                     "--xla_cpu_enable_concurrency_optimized_scheduler=true"}
     with pytest.raises(SystemExit, match="jax@xla:<xla_flag>=<value>"):
         vs_diffusers.start_worker(args, "keras", f"tensorflow@{flag}", "keras-tensorflow@flag")
     with pytest.raises(SystemExit, match="jax@xla:<xla_flag>=<value>"):
