@@ -110,16 +110,22 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def rss_mib():
-    """Resident memory of this process now, MiB (``VmRSS``; None where /proc is missing)."""
+def proc_mib(key, path="/proc/self/status"):
+    """The ``key: <n> kB`` entry of a /proc file of this process (``VmRSS``, ``VmHWM`` in
+    ``status``; ``AnonHugePages`` in ``smaps_rollup``) in MiB; None where it is missing."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
     return None
+
+
+def rss_mib():
+    """Resident memory of this process now, MiB (``VmRSS``; None where /proc is missing)."""
+    return proc_mib("VmRSS")
 
 
 def cpu_description():

@@ -52,27 +52,14 @@ def heap_mib():
     return {"in_use": (info.uordblks + info.hblkhd) / 2**20, "arena": info.arena / 2**20}
 
 
-def _proc_kib(path, key):
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def peak_mib():
-    return _proc_kib("/proc/self/status", "VmHWM:")
-
-
 def resident_mib():
-    """``{"rss": VmRSS, "anon_huge": AnonHugePages}`` in MiB: how much of the resident set is
-    anonymous memory on transparent huge pages (which khugepaged also makes, in the
-    background, out of ``madvise``'d ranges with holes)."""
-    return {"rss": _proc_kib("/proc/self/status", "VmRSS:"),
-            "anon_huge": _proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")}
+    """``{"peak": VmHWM, "rss": VmRSS, "anon_huge": AnonHugePages}`` in MiB: the peak and
+    current resident set and how much of it is anonymous memory on transparent huge pages
+    (which khugepaged also makes, in the background, out of ``madvise``'d ranges with holes)."""
+    from harness import proc_mib
+
+    return {"peak": proc_mib("VmHWM"), "rss": proc_mib("VmRSS"),
+            "anon_huge": proc_mib("AnonHugePages", "/proc/self/smaps_rollup")}
 
 
 def worker(args):
@@ -99,7 +86,7 @@ def worker(args):
         model.train_on_batch(data)  # returns the loss as a number: the step has finished
         seconds = time.perf_counter() - start
         steps.append({"seconds": seconds, "time_s": time.perf_counter(), **heap_mib(),
-                      "peak": peak_mib(), **resident_mib()})
+                      **resident_mib()})
         if args.pause_s and index % args.steps_per_pause == 0:
             time.sleep(args.pause_s)  # idle, as a benchmark worker waits for its next turn
     print("RESULT " + json.dumps({

@@ -83,11 +83,10 @@ AVX-512.
    resident set rose from 2,343 to 2,709 MiB between its 8th and 14th minute, all of the
    heap then on huge pages; on small pages 2,327 → 2,337 MiB over the same 17 minutes
    (``benchmarks/step_heap.py --pause_s 25``, two processes side by side,
-   ``benchmarks/results/khugepaged``). With no
-   measured cost to training: paired img/s of ``fit`` with ÷ without the huge-page tunable
-   0.969× [0.949, 1.003], 15 rounds (4.06 vs 4.15 img/s); the forward pass pays ~2 % (small ÷
-   huge pages 0.98× [0.96, 0.99] at batch 8, 0.98× [0.94, 0.99] at 32; DDIM 0.99× [0.97,
-   1.04]), taken for the memory. ``glibc.malloc.hugetlb=1`` in the user's ``GLIBC_TUNABLES``
+   ``benchmarks/results/khugepaged``). With no measured cost to training: paired img/s of
+   ``fit`` with ÷ without the huge-page tunable 0.969× [0.949, 1.003], 15 rounds (4.06 vs
+   4.15 img/s); the forward pass pays ~2 % (small ÷ huge pages 0.98× [0.96, 0.99] at batch
+   8, 0.98× [0.94, 0.99] at 32; DDIM 0.99× [0.97, 1.04]), taken for the memory. ``glibc.malloc.hugetlb=1`` in the user's ``GLIBC_TUNABLES``
    brings huge pages back beside the retaining tunables.
 
 5. **JAX on AVX-512: synchronous dispatch on the CPU.** JAX's CPU client runs each step on a
