@@ -229,21 +229,119 @@ def _per_tap_kernel_gradient():
             and cpu_tuning.ynn_convolutions_enabled(os.environ.get("XLA_FLAGS", "")))
 
 
-def conv2d_same(x, kernel):
-    """Stride-1, dilation-1, "same"-padded 2-D convolution, channels last.
+def conv2d_same(x, kernel, strides=1):
+    """Dilation-1, "same"-padded 2-D convolution, channels last (Keras' "same" padding: for
+    stride s the output is ``ceil(H / s)`` and the smaller half of the padding goes first).
 
     Args:
         x: ``[B, H, W, C_in]``.
-        kernel: ``[kh, kw, C_in, C_out]`` with odd ``kh`` and ``kw``.
+        kernel: ``[kh, kw, C_in, C_out]``; odd ``kh`` and ``kw`` for stride 1.
+        strides: an int or a pair.
     Returns:
-        ``[B, H, W, C_out]``, the same values as ``keras.ops.conv(x, kernel, padding="same")``.
-        On JAX CPU with YNNPACK convolutions the kernel gradient is computed as one
-        ``[B·H·W, C_in]ᵀ × [B·H·W, C_out]`` matmul per kernel tap (same maths, different
-        summation order).
+        ``[B, ceil(H / s_h), ceil(W / s_w), C_out]``, the same values as
+        ``keras.ops.conv(x, kernel, strides, padding="same")`` up to float summation order.
+        Two forms differ from that call where XLA compiles it for a CPU: outputs smaller than
+        the kernel are one matmul (:func:`conv2d_same_as_matmul`; see
+        :func:`small_conv_as_matmul`), and on JAX CPU with YNNPACK convolutions the stride-1
+        kernel gradient is one ``[B·H·W, C_in]ᵀ × [B·H·W, C_out]`` matmul per kernel tap.
     """
-    if backend_name() != "jax" or not _per_tap_kernel_gradient():
-        return keras.ops.conv(x, kernel, strides=1, padding="same")
+    strides = _pair(strides)
+    if small_conv_as_matmul(x.shape, kernel.shape, strides):
+        return conv2d_same_as_matmul(x, kernel, strides)
+    if strides != (1, 1) or backend_name() != "jax" or not _per_tap_kernel_gradient():
+        return keras.ops.conv(x, kernel, strides=strides, padding="same")
     return _jax_conv2d_same()(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(kernel))
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+# ----- "same" convolutions with outputs smaller than the kernel, as one matmul ----------------
+# XLA's CPU convolution is slow, far out of proportion to the work, where the output is smaller
+# than the kernel (a 3×3 kernel on a 2×2 or 1×1 output): jaxlib 0.10.2 on an AVX-512 CPU, batch
+# 8, 512 → 512 channels, 3×3 on 2×2: forward 66.6 ms (2 GFLOP/s) and gradients 143 ms, against
+# 0.95 / 4.3 ms as one matmul; stride 2 on a 4×4 input (2×2 output): gradients 78 vs 3.4 ms; the
+# same in TensorFlow under XLA (68 / 139 ms). From a 4×4 output on (stride 1) or 4×4 (stride 2)
+# the two are within 0.7–1.7× of each other, so the matmul form is used only below that. Without
+# XLA TensorFlow's oneDNN convolutions are not slow there (the matmul form's gradients took 1.0–
+# 2× as long), so they are kept (benchmarks/small_conv.py, benchmarks/results/small_conv/).
+# Module flag for A/B measurements (read at trace time): False keeps XLA's convolution.
+SMALL_CONV_AS_MATMUL = True
+
+
+def small_conv_as_matmul(input_shape, kernel_shape, strides=1):
+    """Whether :func:`conv2d_same` computes a convolution of these static shapes as one matmul.
+
+    True when :data:`SMALL_CONV_AS_MATMUL` is on, the input's height and width are known, the
+    output (``ceil(H / s)`` × ``ceil(W / s)``) is smaller than the kernel in either dimension,
+    and XLA compiles the call for a CPU: JAX on its CPU backend, or TensorFlow inside an
+    XLA-compiled function (``jit_compile=True``) with no GPU visible.
+    """
+    height, width = input_shape[1], input_shape[2]
+    if not SMALL_CONV_AS_MATMUL or height is None or width is None:
+        return False
+    s_h, s_w = _pair(strides)
+    out_h, out_w = -(-height // s_h), -(-width // s_w)
+    if out_h >= kernel_shape[0] and out_w >= kernel_shape[1]:
+        return False
+    return _xla_cpu_context()
+
+
+def _xla_cpu_context():
+    if backend_name() == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend_name() == "tensorflow":
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+
+        graph = tf.compat.v1.get_default_graph()
+        return (control_flow_util.GraphOrParentsInXlaContext(graph)
+                and not tf.config.list_logical_devices("GPU"))
+    return False
+
+
+def _same_padding(size, kernel_size, stride):
+    """Keras / TensorFlow "same" padding along one axis: ``(output size, before, after)``."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel_size - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def conv2d_same_as_matmul(x, kernel, strides=1):
+    """``keras.ops.conv(x, kernel, strides, padding="same")`` as one matmul of the input's
+    patches (im2col) with the kernel, for static H and W; backend-neutral ``keras.ops``.
+
+    Kernel taps that read only padding for every output pixel are left out (a 3×3 kernel on a
+    1×1 input is its centre tap: a plain matmul). Meant for small outputs, where the patches
+    ``[B, H_out, W_out, taps·C_in]`` are small.
+
+    Args:
+        x: ``[B, H, W, C_in]`` with static H and W.
+        kernel: ``[kh, kw, C_in, C_out]``.
+        strides: an int or a pair.
+    Returns:
+        ``[B, ceil(H / s_h), ceil(W / s_w), C_out]``.
+    """
+    _, height, width, c_in = x.shape
+    k_h, k_w, _, c_out = kernel.shape
+    s_h, s_w = _pair(strides)
+    out_h, top, bottom = _same_padding(height, k_h, s_h)
+    out_w, left, right = _same_padding(width, k_w, s_w)
+    # tap i reads input rows i - top + s·o for outputs o: keep it if any of them is inside
+    rows = [i for i in range(k_h) if any(0 <= i - top + s_h * o < height for o in range(out_h))]
+    cols = [j for j in range(k_w) if any(0 <= j - left + s_w * o < width for o in range(out_w))]
+    padded = keras.ops.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    patches = [padded[:, i:i + s_h * (out_h - 1) + 1:s_h, j:j + s_w * (out_w - 1) + 1:s_w, :]
+               for i in rows for j in cols]
+    patches = patches[0] if len(patches) == 1 else keras.ops.concatenate(patches, axis=-1)
+    # rows / cols are contiguous: each output's taps form a window of H consecutive taps, and
+    # with two or more outputs (H > s) the windows of neighbouring outputs overlap
+    taps = kernel[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return keras.ops.matmul(patches, keras.ops.reshape(taps, (len(rows) * len(cols) * c_in,
+                                                              c_out)))
 
 
 @functools.cache

@@ -82,14 +82,15 @@ def group_norm(channels, name=None):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class Conv2D(layers.Conv2D):
-    """``keras.layers.Conv2D`` (same weights and outputs) whose stride-1 "same" case goes
-    through ``backend.conv2d_same``, which has a much faster kernel gradient on JAX/XLA CPU."""
+    """``keras.layers.Conv2D`` (same weights and outputs) whose "same" convolutions go through
+    ``backend.conv2d_same``, which is much faster under XLA on a CPU for outputs smaller than
+    the kernel, and has a faster kernel gradient on JAX CPU with YNNPACK convolutions."""
 
     def convolution_op(self, inputs, kernel):
-        if (tuple(self.strides) == (1, 1) and tuple(self.dilation_rate) == (1, 1)
-                and self.padding == "same" and self.data_format == "channels_last"
-                and self.groups == 1 and all(k % 2 for k in self.kernel_size)):
-            return etsdm_backend.conv2d_same(inputs, kernel)
+        if (tuple(self.dilation_rate) == (1, 1) and self.padding == "same"
+                and self.data_format == "channels_last" and self.groups == 1
+                and (tuple(self.strides) != (1, 1) or all(k % 2 for k in self.kernel_size))):
+            return etsdm_backend.conv2d_same(inputs, kernel, strides=self.strides)
         return super().convolution_op(inputs, kernel)
 
 
