@@ -133,11 +133,15 @@ def forward_flops_per_image(network, batch, image_size, direct_upsample=True):
     By default of the network as it is defined: the upsampling convolutions counted in their
     direct form (on the upsampled image), as every implementation of the network computes
     them, not in the sub-pixel form the library runs (``layers.upsample_nearest_conv3x3``,
-    fewer FLOPs), so that a rate in model GFLOP/s is the same measure for the library and for
-    its peers. ``direct_upsample=False`` counts what the library runs."""
+    fewer FLOPs), and every convolution as XLA counts a convolution, not as the matmul the
+    library runs for outputs smaller than the kernel (``backend.conv2d_same_as_matmul``: a
+    3×3 kernel on a 1×1 input is its centre tap), so that a rate in model GFLOP/s is the same
+    measure for the library and for its peers. ``direct_upsample=False`` counts what the
+    library runs."""
     import jax
     import jax.numpy as jnp
 
+    from keras_etsdm import backend as etsdm_backend
     from keras_etsdm import layers as etsdm_layers
 
     tv = [v.value for v in network.trainable_variables]
@@ -151,12 +155,12 @@ def forward_flops_per_image(network, batch, image_size, direct_upsample=True):
     def forward(tv, ntv, inputs):  # a new function per call: JAX caches traces by function
         return network.stateless_call(tv, ntv, inputs, training=False)[0]
 
-    subpixel = etsdm_layers.SUBPIXEL_UPSAMPLE
-    etsdm_layers.SUBPIXEL_UPSAMPLE = not direct_upsample
-    try:  # the switch is read when the forward is traced
+    subpixel, small_conv = etsdm_layers.SUBPIXEL_UPSAMPLE, etsdm_backend.SMALL_CONV_AS_MATMUL
+    etsdm_layers.SUBPIXEL_UPSAMPLE = etsdm_backend.SMALL_CONV_AS_MATMUL = not direct_upsample
+    try:  # the switches are read when the forward is traced
         cost = jax.jit(forward).lower(tv, ntv, inputs).compile().cost_analysis()
     finally:
-        etsdm_layers.SUBPIXEL_UPSAMPLE = subpixel
+        etsdm_layers.SUBPIXEL_UPSAMPLE, etsdm_backend.SMALL_CONV_AS_MATMUL = subpixel, small_conv
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost["flops"]) / batch

@@ -258,14 +258,17 @@ def _pair(value):
 
 
 # ----- "same" convolutions with outputs smaller than the kernel, as one matmul ----------------
-# XLA's CPU convolution is slow, far out of proportion to the work, where the output is smaller
-# than the kernel (a 3×3 kernel on a 2×2 or 1×1 output): jaxlib 0.10.2 on an AVX-512 CPU, batch
-# 8, 512 → 512 channels, 3×3 on 2×2: forward 66.6 ms (2 GFLOP/s) and gradients 143 ms, against
-# 0.95 / 4.3 ms as one matmul; stride 2 on a 4×4 input (2×2 output): gradients 78 vs 3.4 ms; the
-# same in TensorFlow under XLA (68 / 139 ms). From a 4×4 output on (stride 1) or 4×4 (stride 2)
-# the two are within 0.7–1.7× of each other, so the matmul form is used only below that. Without
-# XLA TensorFlow's oneDNN convolutions are not slow there (the matmul form's gradients took 1.0–
-# 2× as long), so they are kept (benchmarks/small_conv.py, benchmarks/results/small_conv/).
+# XLA's CPU convolution is slow far out of proportion to the work where the output is smaller than
+# the kernel (a 3×3 kernel on a 1×1 or 2×2 output). jaxlib 0.10.2, AVX-512 CPU, batch 8, 512 → 512
+# channels (benchmarks/small_conv.py, benchmarks/results/small_conv/): 3×3 on 2×2, forward 67.9 ms
+# (2 GFLOP/s) and forward + backward 141.7 ms, against 2.1 / 4.3 ms as one matmul; stride 2 on a 4×4
+# input (2×2 output), forward + backward 82.2 vs 4.1 ms; forward + backward 3.0–32.5× as fast over
+# 12 such shapes; TensorFlow under XLA alike (68.9 / 166.5 vs 3.6 / 8.0 ms). The DDPM 256 U-Net
+# (gin/lsun.gin) run at 32² (levels down to 1×1) gains 3.9× in its forward pass and 2.7× in its
+# training step. With 4×4 outputs the two forms are within 0.88–1.51× of each other at batch 8 (both
+# backends) and 0.90–1.09× at batch 32, so the matmul form is used only below. Without XLA
+# TensorFlow's oneDNN convolutions are not slow there (the matmul form's forward + backward took up
+# to 1.7× as long), so they are kept.
 # Module flag for A/B measurements (read at trace time): False keeps XLA's convolution.
 SMALL_CONV_AS_MATMUL = True
 

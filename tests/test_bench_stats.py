@@ -593,3 +593,17 @@ def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
                                                "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     with pytest.raises(SystemExit, match="hugetlb=0 or =1"):
         vs_diffusers.start_worker(args, "keras", "jax@hugetlb=2", "keras-jax@hugetlb=2")
+
+
+def test_small_conv_rows_pair_the_two_forms_and_unknown_tasks_are_refused():
+    import small_conv
+
+    times = {"conv": [0.010, 0.012, 0.011], "matmul": [0.002, 0.003, 0.002]}
+    row = small_conv.paired_row(["1, 2, 512 → 512 (2×2 out)", "forward"], times)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:4] == ["1, 2, 512 → 512 (2×2 out)", "forward", "11.00", "2.00"]
+    ratio = harness.paired_ratio_ci(times["conv"], times["matmul"])
+    assert cells[4] == f"{ratio['ratio']:.2f} [{ratio['low']:.2f}, {ratio['high']:.2f}]"
+    args = small_conv.parse_args(["--part", "network", "--tasks", "forward,sample"])
+    with pytest.raises(SystemExit, match="unknown \\['sample'\\]"):
+        small_conv.run_network(args, "jax", False)  # before any worker starts
