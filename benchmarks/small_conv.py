@@ -4,7 +4,7 @@
 its kernel (a 3×3 kernel on a 1×1 or 2×2 output) as one matmul of the input's patches
 (``backend.conv2d_same_as_matmul``) where XLA compiles it for a CPU. Two measurements on one
 Keras backend, each form run alternately in ``--repeats`` rounds, medians and the paired
-per-round ratio XLA convolution ÷ matmul form (time; > 1: the matmul form is faster) with a
+per-round ratio ``keras.ops.conv`` ÷ matmul form (time; > 1: the matmul form is faster) with a
 95 % bootstrap interval:
 
 * ``--part ops`` (default): single convolutions, the forward alone and forward + backward
@@ -95,7 +95,7 @@ def run_ops(args, backend, jit):
     def matmul_fn(stride):
         return lambda x, k: etsdm_backend.conv2d_same_as_matmul(x, k, stride)
 
-    print("| stride, input px, channels (batch %d) | pass | XLA conv ms | matmul ms | "
+    print("| stride, input px, channels (batch %d) | pass | keras.ops.conv ms | matmul ms | "
           "conv ÷ matmul [95 %% CI] |" % args.batch)
     print("|---|---|---:|---:|---|")
     rng = np.random.default_rng(0)
