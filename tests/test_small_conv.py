@@ -147,16 +147,21 @@ def test_unet_with_a_one_pixel_level_is_unchanged_by_the_matmul_form(monkeypatch
                          for w in network.get_weights()])
     x = rng.standard_normal((2, 8, 8, 3)).astype("float32")
     t = np.array([3.0, 700.0], "float32")
-    calls = []
+    calls, decisions = [], []
     original = etsdm_backend.conv2d_same_as_matmul
     monkeypatch.setattr(etsdm_backend, "conv2d_same_as_matmul",
                         lambda *a, **k: calls.append(a[0].shape[1:3]) or original(*a, **k))
+    decide = etsdm_backend.small_conv_as_matmul
+    monkeypatch.setattr(etsdm_backend, "small_conv_as_matmul",
+                        lambda *a, **k: decisions.append(1) or decide(*a, **k))
     network.jit_compile = True  # TensorFlow: XLA; JAX always compiles with it
     outputs = {}
     for on in (True, False):
         monkeypatch.setattr(etsdm_backend, "SMALL_CONV_AS_MATMUL", on)
         network.make_predict_function(force=True)
         outputs[on] = network.predict_on_batch({"x": x, "t": t})
+        assert decisions  # traced anew with this setting (not a cached trace of the other)
+        decisions.clear()
         if on:  # the 2x2 and 1x1 levels' convolutions, the 4x4 → 2x2 and 2x2 → 1x1
             # downsamplings (inputs listed); not the 4x4 level's stride-1 convolutions
             assert {tuple(shape) for shape in calls} == {(1, 1), (2, 2), (4, 4)}
