@@ -58,7 +58,7 @@ def test_matmul_form_matches_keras_conv_in_value_and_gradient(size, kernel_size,
 
 def test_centre_tap_alone_on_a_one_pixel_input():
     # A 3x3 kernel on a 1x1 input reads padding everywhere but its centre: the matmul form
-    # is x · kernel[1, 1] exactly, and the other taps get no gradient.
+    # is x · kernel[1, 1], and the other taps get exactly zero gradient.
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 1, 1, 6)).astype("float32")
     kernel = rng.standard_normal((3, 3, 6, 2)).astype("float32")
