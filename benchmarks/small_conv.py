@@ -70,24 +70,11 @@ def paired_row(cells, times):
             f"{ci['ratio']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}] |")
 
 
-def alternate(fns, args, repeats, seed):
-    """Time ``fns`` (name → callable of ``args``) alternately in ``repeats`` rounds."""
-    import harness
-
-    times = {name: [] for name in fns}
-    for order in harness.round_orders(list(fns), repeats, seed=seed):
-        for name in order:
-            start = time.perf_counter()
-            fns[name](*args)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run_ops(args, backend, jit):
     import keras
 
     from keras_etsdm import backend as etsdm_backend
-    from upsample_conv import compiled, value_and_grads
+    from upsample_conv import PASSES, time_forms
 
     def conv_fn(stride):
         return lambda x, k: keras.ops.conv(x, k, strides=stride, padding="same")
@@ -105,15 +92,10 @@ def run_ops(args, backend, jit):
                   / np.sqrt(9 * channels)).astype("float32")
         out = -(-size // stride)
         cotangent = rng.standard_normal((args.batch, out, out, channels)).astype("float32")
-        for pass_name in ("forward", "forward + backward"):
-            forms = {"conv": conv_fn(stride), "matmul": matmul_fn(stride)}
-            fns = {name: compiled(fn if pass_name == "forward"
-                                  else value_and_grads(fn, backend, cotangent), backend, jit)
-                   for name, fn in forms.items()}
-            for fn in fns.values():  # compile and warm up
-                fn(x, kernel)
-                fn(x, kernel)
-            times = alternate(fns, (x, kernel), args.repeats, seed=stride * 1000 + size * channels)
+        forms = {"conv": conv_fn(stride), "matmul": matmul_fn(stride)}
+        for pass_name in PASSES:
+            times = time_forms(forms, pass_name, x, kernel, cotangent, backend, jit,
+                               args.repeats, seed=stride * 1000 + size * channels)
             print(paired_row([f"{stride}, {size}, {channels} → {channels} ({out}×{out} out)",
                               pass_name], times), flush=True)
 

@@ -95,6 +95,31 @@ def value_and_grads(fn, backend, cotangent):
     return step
 
 
+PASSES = ("forward", "forward + backward")
+
+
+def time_forms(forms, pass_name, x, kernel, cotangent, backend, jit_compile, repeats, seed):
+    """Time ``forms`` (name → ``fn(x, kernel)``) alternately: the forward alone or, for
+    ``pass_name`` "forward + backward", value and gradients against ``cotangent``; each compiled
+    and run twice untimed first, then ``repeats`` rounds in ``harness.round_orders(seed)``.
+    Returns name → list of seconds."""
+    import harness
+
+    fns = {name: compiled(fn if pass_name == "forward"
+                          else value_and_grads(fn, backend, cotangent), backend, jit_compile)
+           for name, fn in forms.items()}
+    for fn in fns.values():  # compile and warm up
+        fn(x, kernel)
+        fn(x, kernel)
+    times = {name: [] for name in fns}
+    for order in harness.round_orders(list(fns), repeats, seed=seed):
+        for name in order:
+            start = time.perf_counter()
+            fns[name](x, kernel)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main():
     args = parse_args()
     from keras_etsdm import cpu_tuning
@@ -130,19 +155,9 @@ def main():
         x = rng.standard_normal((batch, size, size, c_in)).astype("float32")
         kernel = (rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype("float32")
         cotangent = rng.standard_normal((batch, 2 * size, 2 * size, c_out)).astype("float32")
-        for pass_name in ("forward", "forward + backward"):
-            fns = {name: compiled(fn if pass_name == "forward"
-                                  else value_and_grads(fn, backend, cotangent), backend, jit)
-                   for name, fn in forms.items()}
-            for fn in fns.values():  # compile and warm up
-                fn(x, kernel)
-                fn(x, kernel)
-            times = {name: [] for name in fns}
-            for order in harness.round_orders(list(fns), args.repeats, seed=size * c_in):
-                for name in order:
-                    start = time.perf_counter()
-                    fns[name](x, kernel)
-                    times[name].append(time.perf_counter() - start)
+        for pass_name in PASSES:
+            times = time_forms(forms, pass_name, x, kernel, cotangent, backend, jit,
+                               args.repeats, seed=size * c_in)
             ci = harness.paired_ratio_ci(times["subpixel"], times["direct"])
             print(f"| ({batch}, {size}, {c_in} → {c_out}) | {pass_name} | "
                   f"{1e3 * np.median(times['direct']):.2f} | "
