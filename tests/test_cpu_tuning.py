@@ -360,3 +360,27 @@ def test_sample_jit_compile_environment_override():
         assert auto is True
     with pytest.raises(ValueError, match=name):
         backend.default_sample_jit_compile({name: "maybe"})
+
+
+def test_sample_jit_compile_uses_xla_for_networks_with_winograd_convolutions(monkeypatch):
+    """On a CPU, TensorFlow's sampling loops use XLA for a network with 3×3 convolutions of
+    ≥ 128 channels (XLA runs them by Winograd's algorithm), else the per-ISA rule; the
+    environment still forces either mode."""
+    from keras_etsdm import backend, winograd
+
+    wide = keras.Sequential([keras.Input((8, 8, 128)), keras.layers.Conv2D(128, 3)])
+    narrow = keras.Sequential([keras.Input((8, 8, 64)), keras.layers.Conv2D(64, 3),
+                               keras.layers.Conv2D(128, 1)])
+    assert winograd.network_uses_it(wide) and not winograd.network_uses_it(narrow)
+    name = backend.SAMPLE_JIT_VARIABLE
+    if keras.backend.backend() != "tensorflow":
+        assert backend.default_sample_jit_compile({}, network=narrow) is True
+        return
+    monkeypatch.setattr(backend, "_tensorflow_sees_an_accelerator", lambda: False)
+    isa_rule = cpu_tuning.tensorflow_sample_jit_compile()
+    assert backend.default_sample_jit_compile({}, network=wide) is True
+    assert backend.default_sample_jit_compile({}, network=narrow) is isa_rule
+    assert backend.default_sample_jit_compile({}) is isa_rule
+    assert backend.default_sample_jit_compile({name: "0"}, network=wide) is False
+    monkeypatch.setattr(winograd, "WINOGRAD", False)
+    assert backend.default_sample_jit_compile({}, network=wide) is isa_rule

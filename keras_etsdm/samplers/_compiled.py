@@ -8,10 +8,12 @@ functions). Everything a sampler computes is written in ``keras.ops``; here it i
   weight update (training, an EMA swap) reuses the compiled loop instead of baking stale
   constants into it or retracing.
 * TensorFlow: ``tf.function`` with XLA (``jit_compile=True``: the U-Net's group norm, attention
-  and convolutions all compile) on GPUs / TPUs and most CPUs; without XLA (TensorFlow's graph with
-  its oneDNN kernels) on AVX-512 CPUs, where that measured faster
-  (``backend.default_sample_jit_compile``; ``KERAS_ETSDM_SAMPLE_JIT_COMPILE=1`` / ``0`` forces
-  it). Variables are read inside the function, so EMA swaps are seen without retracing.
+  and convolutions all compile) on GPUs / TPUs, most CPUs, and any CPU for networks whose 3×3
+  convolutions XLA runs by Winograd's algorithm (``keras_etsdm.winograd``); without XLA
+  (TensorFlow's graph with its oneDNN kernels) for other networks on AVX-512 CPUs, where that
+  measured faster (``backend.default_sample_jit_compile``; ``KERAS_ETSDM_SAMPLE_JIT_COMPILE=1``
+  / ``0`` forces it). Variables are read inside the function, so EMA swaps are seen without
+  retracing.
 
 Step noise for stochastic samplers is drawn statelessly from an int32 ``[2]`` seed folded with
 the step index, so the loop stays a pure function of its inputs. The two backends use different
@@ -140,10 +142,11 @@ class CompiledSegment:
                 return segment(tables, carry, extra, start, stop)
 
             # XLA compiles the whole loop, U-Net included (checked in the tests), except on CPUs
-            # where TensorFlow's own graph with its oneDNN kernels measured faster
-            # (backend.default_sample_jit_compile). Variables are read inside the function, so
-            # EMA swaps are seen without retracing.
-            self.jit_compile = etsdm_backend.default_sample_jit_compile()
+            # where TensorFlow's own graph with its oneDNN kernels measured faster for this
+            # network (backend.default_sample_jit_compile). Variables are read inside the
+            # function, so EMA swaps are seen without retracing.
+            self.jit_compile = etsdm_backend.default_sample_jit_compile(
+                network=None if model is None else model.network)
             call = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=False)
         else:
             # Other backends (torch): run eagerly; still correct, just not compiled.

@@ -1,0 +1,242 @@
+"""3×3 "same" convolutions by Winograd's minimal filtering F(2×2, 3×3), in ``keras.ops``.
+
+A stride-1 3×3 convolution computes each 2×2 block of outputs from a 4×4 tile of the input.
+Winograd's F(2×2, 3×3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+2016) does that with 16 multiplications per channel pair instead of 36: the tile and the kernel
+are carried to a 4×4 transform domain by small fixed matrices (``Bᵀ d B`` and ``G g Gᵀ``),
+multiplied pointwise, and brought back by ``Aᵀ · A``. Over channels the pointwise products are
+16 matmuls ``[tiles, C_in] × [C_in, C_out]``, so the multiply count of the convolution falls by
+9 / 4 = 2.25×; the transforms are additions (and halvings) over the tiles.
+
+The entries of the three matrices are 0, ±1 and ±1/2, so in float32 the result differs from a
+direct convolution only by summation order (relative error ~1e-6, like two direct algorithms;
+F(4×4, 3×3), with entries up to 8 and 1/24, would be ~1e-5 and is not used).
+
+The gradient is defined here rather than left to autodiff, so that training keeps the memory of
+a plain convolution (the input and the kernel) instead of the 4× larger transformed input:
+the input gradient of a stride-1 "same" 3×3 convolution is the same convolution of the
+output gradient with the kernel turned by 180° and its channels swapped (itself computed by
+this algorithm), and the kernel gradient is ``Gᵀ (Σ_tiles Vᵀ · Aᵀ-adjoint(dY)) G``: 16
+matmuls over the tiles, with the transformed input ``V`` recomputed from the input.
+
+Where it pays was measured with ``benchmarks/winograd.py`` (``benchmarks/results/winograd/``;
+AMD EPYC Zen 4, 2 cores, AVX-512, jaxlib 0.10.2, batch 8, paired rounds): single convolutions
+with 128–512 channels at 8–64 px ran their forward 1.31–1.72× as fast as XLA's direct
+convolution; with 64 or 32 channels 0.78–1.33× (mixed), hence :data:`MIN_CHANNELS`. The DDPM
+CIFAR-10 U-Net's forward pass (the samplers' network evaluation): 1.32× [1.30, 1.34] on JAX and
+1.38× [1.37, 1.41] on TensorFlow with XLA. Its training step with the form in it: 1.06× [0.99,
+1.09] on JAX, while the first call (compilation) took 37.9 instead of 8.2 s — every transform is
+a few large loop fusions that XLA compiles slowly — so training steps keep the direct form
+(:data:`IN_TRAINING`). ``backend.conv2d_same`` uses it where :func:`applies`.
+"""
+
+from fractions import Fraction
+
+import keras
+import numpy as np
+from keras import ops
+
+# F(2×2, 3×3): output tile m = 2, input tile m + 2 = 4 (Lavin & Gray, eq. 7-8).
+TILE = 2
+_BT = ((1, 0, -1, 0),
+       (0, 1, 1, 0),
+       (0, -1, 1, 0),
+       (0, 1, 0, -1))
+_G = ((1, 0, 0),
+      (Fraction(1, 2), Fraction(1, 2), Fraction(1, 2)),
+      (Fraction(1, 2), Fraction(-1, 2), Fraction(1, 2)),
+      (0, 0, 1))
+_AT = ((1, 1, 1, 0),
+       (0, 1, -1, -1))
+
+
+def _transpose(matrix):
+    return tuple(zip(*matrix))
+
+
+def _combine(matrix, items):
+    """``[Σ_j matrix[i][j] · items[j] for each row i]`` with the zero terms left out and ±1
+    applied as a sign: the fixed small matrices of the transforms, over whole tensors."""
+    out = []
+    for row in matrix:
+        total = None
+        for coefficient, item in zip(row, items):
+            if coefficient == 0:
+                continue
+            if total is None:
+                total = (item if coefficient == 1 else -item if coefficient == -1
+                         else item * float(coefficient))
+            elif coefficient == 1:
+                total = total + item
+            elif coefficient == -1:
+                total = total - item
+            else:
+                total = total + item * float(coefficient)
+        out.append(total)
+    return out
+
+
+def _tiles(size):
+    return -(-size // TILE)
+
+
+def _input_transform(x):
+    """``[B, H, W, C]`` → ``V``, ``[16, B·⌈H/2⌉·⌈W/2⌉, C]``: ``Bᵀ d B`` of every 4×4 input tile
+    (stride 2, the input zero-padded by 1 as "same" padding, and at the end to whole tiles)."""
+    _, height, width, _ = x.shape
+    t_h, t_w = _tiles(height), _tiles(width)
+    padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
+                         (0, 0)))
+    side = TILE + 2
+    rows = _combine(_BT, [padded[:, i:i + TILE * t_h:TILE] for i in range(side)])
+    # stacked per row, then the rows: XLA fuses each small stack with its slices and sums
+    # (4 loop fusions instead of 16 plus a copy; faster to run and to compile)
+    per_row = [ops.stack(_combine(_BT, [row[:, :, j:j + TILE * t_w:TILE] for j in range(side)]),
+                         axis=0) for row in rows]
+    stacked = ops.stack(per_row, axis=0)  # [4, 4, B, t_h, t_w, C]
+    return ops.reshape(stacked, (side * side, -1, x.shape[-1]))
+
+
+def _kernel_matrix():
+    """``G ⊗ G``, ``[16, 9]``: row ``4a + b``, column ``3i + j`` is ``G[a][i] · G[b][j]``."""
+    g = np.array([[float(c) for c in row] for row in _G], dtype="float32")
+    return np.kron(g, g)
+
+
+def _kernel_transform(kernel):
+    """``[3, 3, C_in, C_out]`` → ``U = G g Gᵀ``, ``[16, C_in, C_out]``: one ``[16, 9]`` matmul
+    (one small op to compile per convolution instead of 16)."""
+    _, _, c_in, c_out = kernel.shape
+    flat = ops.reshape(kernel, (9, c_in * c_out))
+    u = ops.matmul(ops.convert_to_tensor(_kernel_matrix(), dtype=kernel.dtype), flat)
+    return ops.reshape(u, (16, c_in, c_out))
+
+
+def _kernel_transform_adjoint(grad_u):
+    """The adjoint of :func:`_kernel_transform`: ``[16, C_in, C_out]`` → ``[3, 3, C_in, C_out]``."""
+    _, c_in, c_out = grad_u.shape
+    flat = ops.reshape(grad_u, (16, c_in * c_out))
+    matrix = ops.convert_to_tensor(_kernel_matrix().T, dtype=grad_u.dtype)
+    return ops.reshape(ops.matmul(matrix, flat), (3, 3, c_in, c_out))
+
+
+def _output_transform(m, batch, height, width):
+    """``M``, ``[16, B·t_h·t_w, C]`` → ``Aᵀ m A`` of every tile, assembled and cropped to
+    ``[B, H, W, C]``."""
+    side = TILE + 2
+    t_h, t_w = _tiles(height), _tiles(width)
+    m = ops.reshape(m, (side, side, batch, t_h, t_w, m.shape[-1]))
+    rows = _combine(_AT, [m[i] for i in range(side)])  # [2] of [4, B, t_h, t_w, C]
+    blocks = [_combine(_AT, [row[j] for j in range(side)]) for row in rows]  # [2][2]
+    out = ops.stack([ops.stack(block, axis=3) for block in blocks], axis=2)
+    out = ops.reshape(out, (batch, TILE * t_h, TILE * t_w, out.shape[-1]))
+    if TILE * t_h != height or TILE * t_w != width:
+        out = out[:, :height, :width]
+    return out
+
+
+def _output_transform_adjoint(grad_y):
+    """The adjoint of :func:`_output_transform`: ``[B, H, W, C]`` → ``[16, B·t_h·t_w, C]``."""
+    batch, height, width, channels = grad_y.shape
+    t_h, t_w = _tiles(height), _tiles(width)
+    if TILE * t_h != height or TILE * t_w != width:
+        grad_y = ops.pad(grad_y, ((0, 0), (0, TILE * t_h - height), (0, TILE * t_w - width),
+                                  (0, 0)))
+    blocks = ops.reshape(grad_y, (batch, t_h, TILE, t_w, TILE, channels))
+    a = _transpose(_AT)
+    side = TILE + 2
+    per_row = [_combine(a, [blocks[:, :, i, :, j] for j in range(TILE)])
+               for i in range(TILE)]  # [i][b]
+    per_col = [_combine(a, [per_row[i][b] for i in range(TILE)]) for b in range(side)]  # [b][a]
+    transformed = [per_col[b][a_] for a_ in range(side) for b in range(side)]
+    return ops.reshape(ops.stack(transformed, axis=0), (side * side, -1, channels))
+
+
+def _forward(x, kernel):
+    batch, height, width, _ = x.shape
+    m = ops.matmul(_input_transform(x), _kernel_transform(kernel))
+    return _output_transform(m, batch, height, width)
+
+
+@ops.custom_gradient
+def conv3x3_same(x, kernel):
+    """``keras.ops.conv(x, kernel, padding="same")`` for a 3×3 kernel, stride 1, by F(2×2, 3×3).
+
+    Args:
+        x: ``[B, H, W, C_in]`` with static B, H and W (any H, W ≥ 1).
+        kernel: ``[3, 3, C_in, C_out]``.
+    Returns:
+        ``[B, H, W, C_out]``; equal to the direct convolution up to float summation order. Its
+        gradients are those of the convolution, computed by the same algorithm (module
+        docstring), and keep only ``x`` and ``kernel`` for the backward pass.
+    """
+
+    def grad(*args, upstream=None):
+        if upstream is None:
+            (upstream,) = args
+        # input gradient: the same convolution with the kernel turned 180°, C_in ↔ C_out
+        turned = ops.transpose(ops.flip(ops.flip(kernel, axis=0), axis=1), (0, 1, 3, 2))
+        grad_x = _forward(upstream, turned)
+        grad_m = _output_transform_adjoint(upstream)  # [16, P, C_out]
+        grad_u = ops.einsum("tpi,tpo->tio", _input_transform(x), grad_m)
+        return grad_x, _kernel_transform_adjoint(grad_u)
+
+    return _forward(x, kernel), grad
+
+
+# Module flag for A/B measurements (read at trace time): False keeps the direct convolution.
+WINOGRAD = True
+# Whether ``layers.Conv2D`` uses it in training steps (``training=True``) too: off, as measured
+# (module docstring; ``benchmarks/small_conv.py --part network --switch winograd_training``).
+IN_TRAINING = False
+# Smallest output side (px) and channel count where it is used (benchmarks/results/winograd/):
+# at 4×4 the forward gained 1.11× [1.07, 1.41] but compiled 0.97 s longer; with 64 channels the
+# forward ran 0.78–1.33× and with 32 channels 1.13× [0.51, 1.32], against 1.31–1.72× from 128.
+MIN_SIZE = 8
+MIN_CHANNELS = 128
+
+
+def applies(input_shape, kernel_shape, strides, dtype, xla_cpu):
+    """Whether ``backend.conv2d_same`` uses :func:`conv3x3_same` for these static shapes.
+
+    True when :data:`WINOGRAD` is on, the kernel is 3×3 with stride 1, the batch, height and
+    width are static ints (a symbolic batch, as in the exported SavedModel's signatures, keeps
+    the direct convolution: exports stay portable), height and width at least :data:`MIN_SIZE`, both channel counts at least
+    :data:`MIN_CHANNELS`, the input is float32 (in bfloat16 the transforms would round), and
+    ``xla_cpu`` (XLA compiles the call for a CPU; TensorFlow's oneDNN convolutions without XLA
+    ran 2.6–7× faster than this algorithm as separate, unfused ops; on GPUs cuDNN chooses its own
+    algorithms).
+
+    Args:
+        input_shape: ``[B, H, W, C_in]`` (static entries may be None).
+        kernel_shape: ``[kh, kw, C_in, C_out]``.
+        strides: a pair.
+        dtype: the input's dtype.
+        xla_cpu: whether XLA compiles the call for a CPU (``backend._xla_cpu_context()``).
+    """
+    if not WINOGRAD or not xla_cpu:
+        return False
+    if tuple(kernel_shape[:2]) != (3, 3) or tuple(strides) != (1, 1):
+        return False
+    # static sizes only: the tile count fixes the transforms' shapes (a symbolic batch, as in
+    # the SavedModel export's signatures, keeps the direct form)
+    if not all(isinstance(size, int) for size in input_shape[:3]):
+        return False
+    height, width = input_shape[1], input_shape[2]
+    if min(height, width) < MIN_SIZE or min(kernel_shape[2], kernel_shape[3]) < MIN_CHANNELS:
+        return False
+    return keras.backend.standardize_dtype(dtype) == "float32"
+
+
+def network_uses_it(network):
+    """Whether ``network`` (a Keras model or layer) has a float32 3×3 convolution kernel with at
+    least :data:`MIN_CHANNELS` input and output channels, i.e. one that XLA on a CPU would run
+    in this form at inference (sizes from :data:`MIN_SIZE`). TensorFlow's sampling loops use XLA
+    on a CPU for such networks (``backend.default_sample_jit_compile``)."""
+    if not WINOGRAD:
+        return False
+    policy = getattr(network, "dtype_policy", None)
+    if policy is not None and keras.backend.standardize_dtype(policy.compute_dtype) != "float32":
+        return False
+    return any(len(w.shape) == 4 and tuple(w.shape[:2]) == (3, 3)
+               and min(w.shape[2], w.shape[3]) >= MIN_CHANNELS for w in network.weights)

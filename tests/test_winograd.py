@@ -1,0 +1,221 @@
+"""Winograd F(2×2, 3×3) convolutions (keras_etsdm.winograd) and where the library uses them."""
+
+import numpy as np
+import pytest
+
+import keras
+from keras_etsdm import backend as etsdm_backend
+from keras_etsdm import layers as etsdm_layers
+from keras_etsdm import winograd
+from keras_etsdm.unet import build_unet
+from tests.test_small_conv import value_and_grads
+
+
+def _float64(matrix):
+    return np.array([[float(c) for c in row] for row in matrix], dtype=np.float64)
+
+
+def test_minimal_filtering_identity_on_one_tile_in_exact_arithmetic():
+    # Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A is the 2×2 valid correlation of a 4×4 tile d with a 3×3
+    # kernel g: the matrices are right to float64 round-off (entries 0, ±1, ±1/2).
+    b_t, g_m, a_t = _float64(winograd._BT), _float64(winograd._G), _float64(winograd._AT)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        d, g = rng.standard_normal((4, 4)), rng.standard_normal((3, 3))
+        direct = np.array([[np.sum(d[i:i + 3, j:j + 3] * g) for j in range(2)]
+                           for i in range(2)])
+        fast = a_t @ ((g_m @ g @ g_m.T) * (b_t @ d @ b_t.T)) @ a_t.T
+        np.testing.assert_allclose(fast, direct, rtol=0, atol=1e-12)
+    # 16 multiplications per 2×2 outputs instead of 36
+    assert b_t.shape == (4, 4) and a_t.shape == (2, 4) and g_m.shape == (4, 3)
+
+
+@pytest.mark.parametrize("batch,height,width,c_in,c_out", [
+    (2, 8, 8, 4, 5), (1, 7, 5, 3, 2), (2, 1, 1, 3, 3), (3, 6, 9, 8, 4), (1, 2, 3, 2, 6),
+    (2, 16, 16, 32, 32),
+])
+@pytest.mark.parametrize("jit", [False, True])
+def test_matches_keras_conv_in_value_and_both_gradients(batch, height, width, c_in, c_out,
+                                                        jit):
+    # Any H, W (odd sizes are padded to whole tiles and cropped); the custom gradient (the
+    # input gradient as a Winograd convolution with the turned kernel, the kernel gradient in
+    # the transform domain) equals the direct convolution's.
+    rng = np.random.default_rng(height * 100 + width * 10 + c_in)
+    x = rng.standard_normal((batch, height, width, c_in)).astype("float32")
+    kernel = (rng.standard_normal((3, 3, c_in, c_out)) / np.sqrt(9 * c_in)).astype("float32")
+    cotangent = rng.standard_normal((batch, height, width, c_out)).astype("float32")
+    out = winograd.conv3x3_same(keras.ops.convert_to_tensor(x),
+                                keras.ops.convert_to_tensor(kernel))
+    assert tuple(out.shape) == (batch, height, width, c_out)
+    ours = value_and_grads(winograd.conv3x3_same, x, kernel, cotangent, jit=jit)
+    reference = value_and_grads(lambda a, b: keras.ops.conv(a, b, padding="same"), x, kernel,
+                                cotangent)
+    for a, b in zip(ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out),
+                               keras.ops.convert_to_numpy(keras.ops.conv(x, kernel,
+                                                                         padding="same")),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_transforms_and_their_adjoints():
+    # <T u, v> = <u, Tᵀ v> for the kernel transform and the output transform (the pieces of
+    # the hand-written gradient), in float32 round-off.
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((3, 3, 4, 5)).astype("float32")
+    grad_u = rng.standard_normal((16, 4, 5)).astype("float32")
+    lhs = np.sum(keras.ops.convert_to_numpy(winograd._kernel_transform(kernel)) * grad_u)
+    rhs = np.sum(kernel * keras.ops.convert_to_numpy(
+        winograd._kernel_transform_adjoint(keras.ops.convert_to_tensor(grad_u))))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+    batch, height, width = 2, 5, 6  # odd height: the last tile row is cropped
+    m = rng.standard_normal((16, batch * 3 * 3, 4)).astype("float32")
+    grad_y = rng.standard_normal((batch, height, width, 4)).astype("float32")
+    lhs = np.sum(keras.ops.convert_to_numpy(
+        winograd._output_transform(keras.ops.convert_to_tensor(m), batch, height, width))
+        * grad_y)
+    rhs = np.sum(m * keras.ops.convert_to_numpy(
+        winograd._output_transform_adjoint(keras.ops.convert_to_tensor(grad_y))))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("input_shape,kernel_shape,strides,dtype,xla_cpu,expected", [
+    ((8, 8, 8, 128), (3, 3, 128, 128), (1, 1), "float32", True, True),
+    ((8, 32, 16, 384), (3, 3, 384, 128), (1, 1), "float32", True, True),
+    ((8, 32, 32, 64), (3, 3, 64, 64), (1, 1), "float32", True, False),   # below 128 channels
+    ((8, 32, 32, 128), (3, 3, 128, 64), (1, 1), "float32", True, False),
+    ((8, 8, 8, 128), (3, 3, 128, 128), (1, 1), "float32", False, False),  # oneDNN / GPU
+    ((8, 8, 8, 128), (3, 3, 128, 128), (1, 1), "bfloat16", True, False),  # would round
+    ((8, 4, 4, 256), (3, 3, 256, 256), (1, 1), "float32", True, False),  # below 8×8
+    ((8, 32, 4, 256), (3, 3, 256, 256), (1, 1), "float32", True, False),
+    ((8, 32, 32, 3), (3, 3, 3, 128), (1, 1), "float32", True, False),    # the input conv
+    ((8, 32, 32, 128), (3, 3, 128, 3), (1, 1), "float32", True, False),  # the output conv
+    ((8, 32, 32, 128), (3, 3, 128, 128), (2, 2), "float32", True, False),
+    ((8, 32, 32, 128), (5, 5, 128, 128), (1, 1), "float32", True, False),
+    ((8, 32, 32, 128), (1, 1, 128, 128), (1, 1), "float32", True, False),
+    ((None, 32, 32, 128), (3, 3, 128, 128), (1, 1), "float32", True, False),
+    (("b", 32, 32, 128), (3, 3, 128, 128), (1, 1), "float32", True, False),  # symbolic batch
+    ((8, None, None, 128), (3, 3, 128, 128), (1, 1), "float32", True, False),
+])
+def test_where_it_applies(input_shape, kernel_shape, strides, dtype, xla_cpu, expected):
+    assert winograd.applies(input_shape, kernel_shape, strides, dtype, xla_cpu) is expected
+
+
+def test_the_switch_turns_it_off(monkeypatch):
+    assert winograd.applies((8, 32, 32, 128), (3, 3, 128, 128), (1, 1), "float32", True)
+    monkeypatch.setattr(winograd, "WINOGRAD", False)
+    assert not winograd.applies((8, 32, 32, 128), (3, 3, 128, 128), (1, 1), "float32", True)
+
+
+def _spy(monkeypatch):
+    """Record the input shapes of Winograd convolutions; lower the channel threshold to 32 so
+    that small networks exercise the route."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 32)
+    calls = []
+    original = winograd.conv3x3_same
+    monkeypatch.setattr(winograd, "conv3x3_same",
+                        lambda x, k: calls.append(tuple(x.shape)) or original(x, k))
+    return calls
+
+
+def test_conv2d_same_uses_it_only_where_xla_compiles_for_a_cpu(monkeypatch):
+    # JAX on the CPU compiles every call with XLA; TensorFlow only inside jit_compile=True.
+    calls = _spy(monkeypatch)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 8, 8, 32)).astype("float32")
+    kernel = (rng.standard_normal((3, 3, 32, 32)) / 17.0).astype("float32")
+    reference = keras.ops.convert_to_numpy(keras.ops.conv(x, kernel, padding="same"))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        out = jax.jit(etsdm_backend.conv2d_same)(x, kernel)
+        assert calls == [(2, 8, 8, 32)]
+        calls.clear()
+        jax.jit(lambda a, b: etsdm_backend.conv2d_same(a, b, winograd=False))(x, kernel)
+        assert not calls
+    else:
+        import tensorflow as tf
+
+        tf.function(etsdm_backend.conv2d_same, jit_compile=False)(x, kernel)
+        assert not calls
+        out = tf.function(etsdm_backend.conv2d_same, jit_compile=True)(x, kernel)
+        assert calls == [(2, 8, 8, 32)]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out), reference, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    # 16 px, 32 channels: the 16×16 and 8×8 levels' 3×3 convolutions qualify.
+    network = build_unet(image_size=16, channels=3, base_channels=32, channel_mult=(1, 2),
+                         num_res_blocks=1, attention_resolutions=(8,), dropout=0.0)
+    rng = np.random.default_rng(0)
+    network.set_weights([rng.normal(0, 0.05, w.shape).astype("float32")
+                         for w in network.get_weights()])
+    return network
+
+
+def test_unet_prediction_is_unchanged_and_training_uses_the_direct_form(small_unet,
+                                                                        monkeypatch):
+    # Inference (predict) traces the network's 3×3 convolutions through the Winograd form
+    # under XLA, with the same prediction as the direct form; a training step (training=True)
+    # keeps the direct convolutions.
+    from keras_etsdm import DiffusionModel
+
+    calls = _spy(monkeypatch)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, 3)).astype("float32")
+    t = np.array([3.0, 700.0], "float32")  # t = 3 lies inside the first sharing piece
+    small_unet.jit_compile = True  # TensorFlow: XLA; JAX always compiles with it
+    outputs = {}
+    for on in (True, False):
+        monkeypatch.setattr(winograd, "WINOGRAD", on)
+        small_unet.make_predict_function(force=True)
+        outputs[on] = small_unet.predict_on_batch({"x": x, "t": t})
+        if on:
+            sizes = sorted({shape[1] for shape in calls})
+            assert sizes == [8, 16] and len(calls) >= 8
+        else:
+            assert not calls
+        calls.clear()
+    np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
+    model = DiffusionModel(small_unet, seed=0)
+    model.compile(optimizer="adam", jit_compile=True)
+    monkeypatch.setattr(winograd, "WINOGRAD", True)
+    model.train_on_batch(x)
+    assert not calls
+
+
+def test_conv_layer_training_flag(monkeypatch):
+    # etsdm_layers.Conv2D: training=True → direct convolution; inference (False or unset) →
+    # the Winograd form under XLA; the outputs are keras.layers.Conv2D's either way.
+    calls = _spy(monkeypatch)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 8, 8, 32)).astype("float32")
+    layer = etsdm_layers.Conv2D(32, 3, padding="same")
+    plain = keras.layers.Conv2D(32, 3, padding="same")
+    layer.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights(layer.get_weights())
+    expected = keras.ops.convert_to_numpy(plain(x))
+    if keras.backend.backend() == "jax":
+        import jax
+
+        compile_fn = jax.jit
+    else:
+        import tensorflow as tf
+
+        def compile_fn(fn):
+            return tf.function(fn, jit_compile=True)
+
+    seen = {}
+    for training in (True, False, None):
+        out = compile_fn(lambda a, training=training: layer(a, training=training))(x)
+        seen[training] = len(calls)
+        calls.clear()
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(out), expected, rtol=1e-5,
+                                   atol=1e-5)
+    assert seen == {True: 0, False: 1, None: 1}
+    monkeypatch.setattr(winograd, "IN_TRAINING", True)  # the A/B switch of the benchmarks
+    compile_fn(lambda a: layer(a, training=True))(x)
+    assert len(calls) == 1
