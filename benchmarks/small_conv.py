@@ -41,7 +41,15 @@ OP_SHAPES = [(1, size, c) for size in (1, 2, 4, 8) for c in (128, 256, 512)] + \
 NETWORKS = {
     "lsun": {"base_channels": 128, "channel_mult": (1, 1, 2, 2, 4, 4), "num_res_blocks": 2,
              "attention_resolutions": (16,), "dropout": 0.0, "num_heads": 1},
+    "cifar10": {"base_channels": 128, "channel_mult": (1, 2, 2, 2), "num_res_blocks": 2,
+                "attention_resolutions": (16,), "dropout": 0.1, "num_heads": 1},
 }
+# The library's module switches an A/B of ``--part network`` can turn off (read at trace time).
+SWITCHES = {"small_conv": [("keras_etsdm.backend", "SMALL_CONV_AS_MATMUL")],
+            "winograd": [("keras_etsdm.winograd", "WINOGRAD")],
+            # Winograd in the training step too (off: the direct form everywhere)
+            "winograd_training": [("keras_etsdm.winograd", "WINOGRAD"),
+                                  ("keras_etsdm.winograd", "IN_TRAINING")]}
 
 
 def parse_args(argv=None):
@@ -55,7 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="forward,train",
                    help="comma-separated: forward, train (--part network)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--small_conv", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
+    p.add_argument("--switch", default="small_conv", choices=sorted(SWITCHES),
+                   help="--part network: the module switch turned off in one worker and on in "
+                        "the other (small_conv: backend.SMALL_CONV_AS_MATMUL, winograd: "
+                        "winograd.WINOGRAD, winograd_training: it and winograd.IN_TRAINING)")
+    p.add_argument("--setting", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -102,7 +114,9 @@ def run_ops(args, backend, jit):
 
 def network_worker(args):
     """Serve ``measure`` requests: one timed call of the network's forward or training step
-    (built once per resolution), ``backend.SMALL_CONV_AS_MATMUL`` as ``--small_conv`` says."""
+    (built once per resolution), the ``--switch`` module flag as ``--setting`` says."""
+    import importlib
+
     import keras
 
     import harness
@@ -110,7 +124,8 @@ def network_worker(args):
     from keras_etsdm import backend as etsdm_backend
     from keras_etsdm.optimizers import make_optimizer
 
-    etsdm_backend.SMALL_CONV_AS_MATMUL = args.small_conv == "on"
+    for module, flag in SWITCHES[args.switch]:
+        setattr(importlib.import_module(module), flag, args.setting == "on")
     jit = True if keras.backend.backend() == "jax" else args.tf_jit_compile == "true"
     built = {}
 
@@ -154,8 +169,9 @@ def run_network(args, backend, jit):
     workers = {}
     try:
         for name, switch in (("conv", "off"), ("matmul", "on")):
-            argv = [sys.executable, os.path.abspath(__file__), "--worker", "--small_conv",
-                    switch, "--network", args.network, "--batch", str(args.batch),
+            argv = [sys.executable, os.path.abspath(__file__), "--worker", "--switch",
+                    args.switch, "--setting", switch, "--network", args.network,
+                    "--batch", str(args.batch),
                     "--tf_jit_compile", args.tf_jit_compile]
             # started as bin/ starts (malloc tunables, XLA flags), but without the persistent
             # compilation cache, so that each first call compiles

@@ -135,14 +135,16 @@ def forward_flops_per_image(network, batch, image_size, direct_upsample=True):
     them, not in the sub-pixel form the library runs (``layers.upsample_nearest_conv3x3``,
     fewer FLOPs), and every convolution as XLA counts a convolution, not as the matmul the
     library runs for outputs smaller than the kernel (``backend.conv2d_same_as_matmul``: a
-    3×3 kernel on a 1×1 input is its centre tap), so that a rate in model GFLOP/s is the same
-    measure for the library and for its peers. ``direct_upsample=False`` counts what the
-    library runs."""
+    3×3 kernel on a 1×1 input is its centre tap) nor in the Winograd form of its inference
+    passes (``keras_etsdm.winograd``: 2.25× fewer multiplications), so that a rate in model
+    GFLOP/s is the same measure for the library and for its peers. ``direct_upsample=False``
+    counts what the library runs."""
     import jax
     import jax.numpy as jnp
 
     from keras_etsdm import backend as etsdm_backend
     from keras_etsdm import layers as etsdm_layers
+    from keras_etsdm import winograd
 
     tv = [v.value for v in network.trainable_variables]
     ntv = [v.value for v in network.non_trainable_variables]
@@ -155,12 +157,15 @@ def forward_flops_per_image(network, batch, image_size, direct_upsample=True):
     def forward(tv, ntv, inputs):  # a new function per call: JAX caches traces by function
         return network.stateless_call(tv, ntv, inputs, training=False)[0]
 
-    subpixel, small_conv = etsdm_layers.SUBPIXEL_UPSAMPLE, etsdm_backend.SMALL_CONV_AS_MATMUL
+    switches = (etsdm_layers.SUBPIXEL_UPSAMPLE, etsdm_backend.SMALL_CONV_AS_MATMUL,
+                winograd.WINOGRAD)
     etsdm_layers.SUBPIXEL_UPSAMPLE = etsdm_backend.SMALL_CONV_AS_MATMUL = not direct_upsample
+    winograd.WINOGRAD = not direct_upsample
     try:  # the switches are read when the forward is traced
         cost = jax.jit(forward).lower(tv, ntv, inputs).compile().cost_analysis()
     finally:
-        etsdm_layers.SUBPIXEL_UPSAMPLE, etsdm_backend.SMALL_CONV_AS_MATMUL = subpixel, small_conv
+        (etsdm_layers.SUBPIXEL_UPSAMPLE, etsdm_backend.SMALL_CONV_AS_MATMUL,
+         winograd.WINOGRAD) = switches
     if isinstance(cost, (list, tuple)):
         cost = cost[0]
     return float(cost["flops"]) / batch

@@ -47,6 +47,7 @@ Needs the optional benchmark requirements (torch CPU wheel + diffusers) in a sep
 """
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -130,6 +131,13 @@ def parse_args(argv=None):
     p.add_argument("--malloc", default="hugetlb", choices=("hugetlb", "default"),
                    help="glibc malloc setup of EVERY worker (diffusers too): 'hugetlb' as the bin/ "
                         "entry points set it (keras_etsdm/cpu_tuning.py), 'default' glibc as is")
+    p.add_argument("--report_from", default=None,
+                   help="no workers: rebuild the report of a saved --json run (its raw per-round "
+                        "numbers) and write it to --markdown / --json")
+    p.add_argument("--forward_flops_per_image", type=float, default=None,
+                   help="with --report_from: the forward FLOPs per image for the GFLOP/s column "
+                        "(e.g. a run whose count included the library's Winograd form; "
+                        "train_step.forward_flops_per_image counts the network as defined)")
     p.add_argument("--json", default=None, help="write every raw number and the report here")
     p.add_argument("--markdown", default=None, help="also write the markdown report here")
     p.add_argument("--logdir", default=None)
@@ -668,7 +676,33 @@ def _memory_point(request, reply):
     return [request, reply.get("rss_mib"), reply.get("peak_rss_mib")]
 
 
+REPORT_KEYS = ("rows", "goals", "resources", "variants", "sampler_overhead", "markdown")
+
+
+def report_from(args):
+    """Rebuild a saved run's report from its raw numbers (``--report_from``), with the FLOP
+    count of ``--forward_flops_per_image`` where given (the old one is kept in the JSON as
+    ``forward_flops_per_image_as_run``)."""
+    with open(args.report_from) as f:
+        saved = json.load(f)
+    measured = {k: v for k, v in saved.items() if k != "args" and k not in REPORT_KEYS}
+    if args.forward_flops_per_image is not None:
+        measured.setdefault("forward_flops_per_image_as_run",
+                            measured.get("forward_flops_per_image"))
+        measured["forward_flops_per_image"] = args.forward_flops_per_image
+    report = build_report(measured, num_resamples=args.bootstrap_resamples)
+    print(report["markdown"], flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report["markdown"])
+    if args.json:
+        harness.write_json_atomic(args.json, {"args": saved.get("args"), **measured, **report})
+    return report["rows"]
+
+
 def main(args):
+    if args.report_from:
+        return report_from(args)
     if args.logdir:
         os.makedirs(args.logdir, exist_ok=True)
     machine_start = harness.machine_description()

@@ -24,7 +24,7 @@ AMD EPYC Zen 4, 2 cores, AVX-512, jaxlib 0.10.2, batch 8, paired rounds): single
 with 128–512 channels at 8–64 px ran their forward 1.31–1.72× as fast as XLA's direct
 convolution; with 64 or 32 channels 0.78–1.33× (mixed), hence :data:`MIN_CHANNELS`. The DDPM
 CIFAR-10 U-Net's forward pass (the samplers' network evaluation): 1.32× [1.30, 1.34] on JAX and
-1.38× [1.37, 1.41] on TensorFlow with XLA. Its training step with the form in it: 1.06× [0.99,
+1.36× [1.32, 1.37] on TensorFlow with XLA. Its training step with the form in it: 1.06× [0.99,
 1.09] on JAX, while the first call (compilation) took 37.9 instead of 8.2 s — every transform is
 a few large loop fusions that XLA compiles slowly — so training steps keep the direct form
 (:data:`IN_TRAINING`). ``backend.conv2d_same`` uses it where :func:`applies`.
@@ -203,9 +203,9 @@ def applies(input_shape, kernel_shape, strides, dtype, xla_cpu):
     width are static ints (a symbolic batch, as in the exported SavedModel's signatures, keeps
     the direct convolution: exports stay portable), height and width at least :data:`MIN_SIZE`, both channel counts at least
     :data:`MIN_CHANNELS`, the input is float32 (in bfloat16 the transforms would round), and
-    ``xla_cpu`` (XLA compiles the call for a CPU; TensorFlow's oneDNN convolutions without XLA
-    ran 2.6–7× faster than this algorithm as separate, unfused ops; on GPUs cuDNN chooses its own
-    algorithms).
+    ``xla_cpu`` (XLA compiles the call for a CPU; without XLA TensorFlow's oneDNN convolutions
+    ran the forward 2.2–4.2× as fast as this algorithm's separate, unfused ops at 128–512
+    channels; on GPUs cuDNN chooses its own algorithms).
 
     Args:
         input_shape: ``[B, H, W, C_in]`` (static entries may be None).

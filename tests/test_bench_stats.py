@@ -607,3 +607,18 @@ def test_small_conv_rows_pair_the_two_forms_and_unknown_tasks_are_refused():
     args = small_conv.parse_args(["--part", "network", "--tasks", "forward,sample"])
     with pytest.raises(SystemExit, match="unknown \\['sample'\\]"):
         small_conv.run_network(args, "jax", False)  # before any worker starts
+
+
+def test_winograd_network_part_is_small_conv_with_the_winograd_switch(monkeypatch):
+    import small_conv
+    import winograd as winograd_bench
+
+    seen = []
+    monkeypatch.setattr(small_conv, "main", lambda argv: seen.append(argv))
+    winograd_bench.main(["--part", "network", "--resolutions", "32", "--tasks", "forward",
+                         "--repeats", "3"])
+    args = small_conv.parse_args(seen[0])
+    assert (args.part, args.switch, args.network, args.resolutions, args.tasks,
+            args.repeats) == ("network", "winograd", "cifar10", "32", "forward", 3)
+    assert dict(small_conv.SWITCHES)["winograd_training"] == [
+        ("keras_etsdm.winograd", "WINOGRAD"), ("keras_etsdm.winograd", "IN_TRAINING")]
