@@ -9,11 +9,13 @@ multiplied pointwise, and brought back by ``Aᵀ · A``. Over channels the point
 9 / 4 = 2.25×; the transforms are additions (and halvings) over the tiles.
 
 The entries of the three matrices are 0, ±1 and ±1/2, so in float32 the result differs from a
-direct convolution only by summation order (relative error ~1e-6, like two direct algorithms;
-F(4×4, 3×3), with entries up to 8 and 1/24, would be ~1e-5 and is not used).
+direct convolution only by summation order (relative error ~1e-6, like two direct algorithms).
+F(4×4, 3×3) would save more multiplications, but its entries (up to 8 and 1/24) cost about a
+decimal digit of float32 accuracy (~1e-5 relative in a one-off check), so it is not used.
 
-The gradient is defined here rather than left to autodiff, so that training keeps the memory of
-a plain convolution (the input and the kernel) instead of the 4× larger transformed input:
+The gradient is defined here rather than left to autodiff, so that a backward pass keeps the
+memory of a plain convolution (the input and the kernel) instead of the 4× larger transformed
+input:
 the input gradient of a stride-1 "same" 3×3 convolution is the same convolution of the
 output gradient with the kernel turned by 180° and its channels swapped (itself computed by
 this algorithm), and the kernel gradient is ``Gᵀ (Σ_tiles Vᵀ · Aᵀ-adjoint(dY)) G``: 16
@@ -201,8 +203,9 @@ def applies(input_shape, kernel_shape, strides, dtype, xla_cpu):
 
     True when :data:`WINOGRAD` is on, the kernel is 3×3 with stride 1, the batch, height and
     width are static ints (a symbolic batch, as in the exported SavedModel's signatures, keeps
-    the direct convolution: exports stay portable), height and width at least :data:`MIN_SIZE`, both channel counts at least
-    :data:`MIN_CHANNELS`, the input is float32 (in bfloat16 the transforms would round), and
+    the direct convolution: exports stay portable), height and width are at least
+    :data:`MIN_SIZE`, both channel counts at least :data:`MIN_CHANNELS`, the input is float32
+    (in bfloat16 the transforms would round), and
     ``xla_cpu`` (XLA compiles the call for a CPU; without XLA TensorFlow's oneDNN convolutions
     ran the forward 2.2–4.2× as fast as this algorithm's separate, unfused ops at 128–512
     channels; on GPUs cuDNN chooses its own algorithms).
