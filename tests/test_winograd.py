@@ -101,6 +101,18 @@ def test_where_it_applies(input_shape, kernel_shape, strides, dtype, xla_cpu, ex
     assert winograd.applies(input_shape, kernel_shape, strides, dtype, xla_cpu) is expected
 
 
+def test_a_symbolic_batch_keeps_the_direct_form():
+    # The SavedModel export traces JAX with a symbolic batch "b" (jax2tf polymorphic shapes)
+    # and TensorFlow with batch None: both keep the direct convolution, so exports stay portable.
+    if keras.backend.backend() == "jax":
+        import jax
+
+        batch = jax.export.symbolic_shape("b")[0]
+    else:
+        batch = None
+    assert not winograd.applies((batch, 32, 32, 128), (3, 3, 128, 128), (1, 1), "float32", True)
+
+
 def test_the_switch_turns_it_off(monkeypatch):
     assert winograd.applies((8, 32, 32, 128), (3, 3, 128, 128), (1, 1), "float32", True)
     monkeypatch.setattr(winograd, "WINOGRAD", False)
@@ -219,3 +231,26 @@ def test_conv_layer_training_flag(monkeypatch):
     monkeypatch.setattr(winograd, "IN_TRAINING", True)  # the A/B switch of the benchmarks
     compile_fn(lambda a: layer(a, training=True))(x)
     assert len(calls) == 1
+
+
+def test_sampling_loop_runs_the_winograd_form_and_samples_alike(small_unet, monkeypatch):
+    # model.sample's compiled loop (jax.jit; on TensorFlow XLA, chosen for a network with
+    # such convolutions) goes through the Winograd form and draws the same images as with the
+    # direct convolutions.
+    from keras_etsdm import DiffusionModel
+    from keras_etsdm.samplers import DDIMSampler, base
+
+    calls = _spy(monkeypatch)
+    model = DiffusionModel(small_unet, seed=0)
+    images = {}
+    for on in (True, False):
+        monkeypatch.setattr(winograd, "WINOGRAD", on)
+        base._COMPILED.clear()  # a new loop, traced with this setting
+        sampler = DDIMSampler(num_steps=6, schedule=model.schedule, sharing=model.sharing)
+        images[on] = keras.ops.convert_to_numpy(
+            model.sample(sampler, num_samples=2, seed=1, use_ema=False))
+        if on:  # off, TensorFlow's loop follows the per-ISA rule (no XLA on AVX-512)
+            assert sampler.compiled_segment(model).jit_compile is True
+        assert bool(calls) is on
+        calls.clear()
+    np.testing.assert_allclose(images[True], images[False], rtol=1e-4, atol=1e-4)
