@@ -622,3 +622,28 @@ def test_winograd_network_part_is_small_conv_with_the_winograd_switch(monkeypatc
             args.repeats) == ("network", "winograd", "cifar10", "32", "forward", 3)
     assert dict(small_conv.SWITCHES)["winograd_training"] == [
         ("keras_etsdm.winograd", "WINOGRAD"), ("keras_etsdm.winograd", "IN_TRAINING")]
+
+
+def test_report_from_a_saved_run_recounts_only_the_flops(tmp_path):
+    # --report_from rebuilds the report from a saved run's raw rounds: the same ratios and
+    # intervals; with --forward_flops_per_image the GFLOP/s scale with the new count and the
+    # count as run is kept.
+    measured = _fake_measured()
+    first = vs_diffusers.build_report(measured, num_resamples=500)
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"args": {"order_seed": 0}, **measured, **first}))
+    out_json, out_md = tmp_path / "again.json", tmp_path / "again.md"
+    args = vs_diffusers.parse_args(["--report_from", str(saved), "--forward_flops_per_image",
+                                    "24e9", "--bootstrap_resamples", "500", "--json",
+                                    str(out_json), "--markdown", str(out_md)])
+    rows = vs_diffusers.main(args)
+    again = json.loads(out_json.read_text())
+    assert again["forward_flops_per_image"] == 24e9
+    assert again["forward_flops_per_image_as_run"] == 12e9
+    assert again["args"] == {"order_seed": 0}
+    assert out_md.read_text() == again["markdown"]
+    before = {(r["task"], r["framework"]): r for r in first["rows"]}
+    for row in rows:
+        old = before[(row["task"], row["framework"])]
+        assert row["paired_ratio_vs_diffusers"] == old["paired_ratio_vs_diffusers"]
+        assert row["gflops"] == pytest.approx(2 * old["gflops"])
