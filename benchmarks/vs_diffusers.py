@@ -676,6 +676,19 @@ def _memory_point(request, reply):
     return [request, reply.get("rss_mib"), reply.get("peak_rss_mib")]
 
 
+def write_report(args, measured, run_args):
+    """Build the report of ``measured``, print it and write it to ``--markdown`` / ``--json``
+    (the JSON with ``run_args``, every raw number and the report); returns its rows."""
+    report = build_report(measured, num_resamples=args.bootstrap_resamples)
+    print("\n" + report["markdown"], flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report["markdown"])
+    if args.json:
+        harness.write_json_atomic(args.json, {"args": run_args, **measured, **report})
+    return report["rows"]
+
+
 REPORT_KEYS = ("rows", "goals", "resources", "variants", "sampler_overhead", "markdown")
 
 
@@ -690,14 +703,7 @@ def report_from(args):
         measured.setdefault("forward_flops_per_image_as_run",
                             measured.get("forward_flops_per_image"))
         measured["forward_flops_per_image"] = args.forward_flops_per_image
-    report = build_report(measured, num_resamples=args.bootstrap_resamples)
-    print(report["markdown"], flush=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report["markdown"])
-    if args.json:
-        harness.write_json_atomic(args.json, {"args": saved.get("args"), **measured, **report})
-    return report["rows"]
+    return write_report(args, measured, saved.get("args"))
 
 
 def main(args):
@@ -783,14 +789,7 @@ def main(args):
                           if PEER_WORKERS[k] in by_name},
         "round_orders": task_orders, "matmul_round_orders": matmul_orders,
     }
-    report = build_report(measured, num_resamples=args.bootstrap_resamples)
-    print("\n" + report["markdown"], flush=True)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(report["markdown"])
-    if args.json:
-        harness.write_json_atomic(args.json, {"args": vars(args), **measured, **report})
-    return report["rows"]
+    return write_report(args, measured, vars(args))
 
 
 if __name__ == "__main__":
