@@ -104,14 +104,11 @@ def run_process(args, backend, cache_root):
     """A fresh worker process for ``backend``; cache_root None = cache off. Returns its dict."""
     tuning = harness._cpu_tuning()
     cache = harness._compilation_cache()
-    env = harness.malloc_environ(dict(os.environ, KERAS_BACKEND=backend), "hugetlb")
+    env = harness.without_compilation_cache(dict(os.environ, KERAS_BACKEND=backend))
+    env = harness.malloc_environ(env, "hugetlb")
     env.update({"TF_CPP_MIN_LOG_LEVEL": "2"})
-    for name in ("JAX_COMPILATION_CACHE_DIR", "TF_XLA_FLAGS"):
-        env.pop(name, None)
     env = tuning.jax_xla_environ(env) or env
-    if cache_root is None:
-        env[cache.CACHE_VARIABLE] = "0"
-    else:
+    if cache_root is not None:
         env = cache.cache_environ(env, backend, cache_root)
     argv = [sys.executable, os.path.abspath(__file__), "--worker",
             "--base_channels", str(args.base_channels), "--image_size", str(args.image_size),

@@ -281,14 +281,30 @@ def _compilation_cache():
     return _startup.load_compilation_cache()
 
 
-class Worker:
-    """A benchmark worker subprocess (one framework / Keras backend)."""
+def without_compilation_cache(environ):
+    """``environ`` (a new dict) with the persistent compilation cache off: no
+    ``JAX_COMPILATION_CACHE_DIR`` or ``TF_XLA_FLAGS`` (where ``bin/_startup.tune_process``, run
+    by a parent, put the cache directory; children inherit it) and
+    ``KERAS_ETSDM_COMPILATION_CACHE=0``, so that a worker's first call compiles."""
+    env = {k: v for k, v in environ.items()
+           if k not in ("JAX_COMPILATION_CACHE_DIR", "TF_XLA_FLAGS")}
+    env["KERAS_ETSDM_COMPILATION_CACHE"] = "0"
+    return env
 
-    def __init__(self, name, argv, env=None, log_path=None, malloc="default", backend=None):
+
+class Worker:
+    """A benchmark worker subprocess (one framework / Keras backend); ``cold_compile``: without
+    the persistent compilation cache (:func:`without_compilation_cache`)."""
+
+    def __init__(self, name, argv, env=None, log_path=None, malloc="default", backend=None,
+                 cold_compile=False):
         self.name = name
         # The worker's own variables (KERAS_BACKEND, a variant's GLIBC_TUNABLES) first: the
         # malloc tuning depends on the backend and keeps a malloc choice the worker was given.
-        full_env = malloc_environ({**os.environ, **(env or {})}, malloc, backend)
+        full_env = {**os.environ, **(env or {})}
+        if cold_compile:
+            full_env = without_compilation_cache(full_env)
+        full_env = malloc_environ(full_env, malloc, backend)
         full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         # As bin/ start-up: JAX workers on CPU get the XLA convolution flag before JAX starts.
         full_env = _cpu_tuning().jax_xla_environ(full_env) or full_env

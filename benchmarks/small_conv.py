@@ -176,8 +176,7 @@ def run_network(args, backend, jit):
             # started as bin/ starts (malloc tunables, XLA flags), but without the persistent
             # compilation cache, so that each first call compiles
             workers[name] = harness.Worker(name, argv, malloc="hugetlb",
-                                           env={"KERAS_BACKEND": backend,
-                                                "KERAS_ETSDM_COMPILATION_CACHE": "0"})
+                                           env={"KERAS_BACKEND": backend}, cold_compile=True)
         for size in [int(s) for s in args.resolutions.split(",") if s.strip()]:
             for task in tasks:
                 first = {name: w.request("measure", resolution=size, task=task)["seconds"]

@@ -89,7 +89,9 @@ def parse_args(argv=None):
                         "upsampling convolutions in their direct form "
                         "(layers.SUBPIXEL_UPSAMPLE = False); 'jax@xla:<xla_flag>=<value>' "
                         "adds one XLA flag (kept over the library's start-up flags); "
-                        "'<backend>@hugetlb=0' (or =1) forces glibc's huge-page tunable; a "
+                        "'<backend>@hugetlb=0' (or =1) forces glibc's huge-page tunable; "
+                        "'<backend>@winograd_training=0' (or =1) sets winograd.IN_TRAINING "
+                        "(0: training steps keep the direct 3×3 convolutions); a "
                         "variant is also reported "
                         "against its backend's plain worker")
     p.add_argument("--tasks", default="train,forward,ddim,dpm")
@@ -186,6 +188,9 @@ def task_table(args, setup_train, setup_forward, setup_sampler):
 # "<backend>@direct_upsample": the worker runs every upsampling convolution on the upsampled
 # image (layers.SUBPIXEL_UPSAMPLE = False), the form before layers.upsample_nearest_conv3x3
 DIRECT_UPSAMPLE_VARIABLE = "ETSDM_BENCH_DIRECT_UPSAMPLE"
+# "<backend>@winograd_training=0" / "=1": winograd.IN_TRAINING set in the worker (0: training
+# steps keep the direct 3×3 convolutions, the library's behaviour before 2026-12-06)
+WINOGRAD_TRAINING_VARIABLE = "ETSDM_BENCH_WINOGRAD_TRAINING"
 
 
 def keras_worker(args):
@@ -193,10 +198,13 @@ def keras_worker(args):
 
     from keras_etsdm import DiffusionModel, build_unet
     from keras_etsdm import layers as etsdm_layers
+    from keras_etsdm import winograd
     from keras_etsdm.samplers import DDIMSampler, DPMSolverSampler
 
     if os.environ.get(DIRECT_UPSAMPLE_VARIABLE) == "1":  # "<backend>@direct_upsample"
         etsdm_layers.SUBPIXEL_UPSAMPLE = False
+    if os.environ.get(WINOGRAD_TRAINING_VARIABLE) in ("0", "1"):  # "@winograd_training=0/1"
+        winograd.IN_TRAINING = os.environ[WINOGRAD_TRAINING_VARIABLE] == "1"
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
     if args.precision == "bf16":
@@ -432,6 +440,8 @@ def start_worker(args, kind, backend, name, peer="eager"):
         env["KERAS_BACKEND"] = backend
         if option == "direct_upsample":
             env[DIRECT_UPSAMPLE_VARIABLE] = "1"
+        elif option in ("winograd_training=0", "winograd_training=1"):
+            env[WINOGRAD_TRAINING_VARIABLE] = option[-1]
         elif option in ("hugetlb=0", "hugetlb=1"):
             # glibc's huge-page tunable forced off / on; the start-up adds the rest of its tuning
             env["GLIBC_TUNABLES"] = f"glibc.malloc.{option}"
@@ -444,7 +454,8 @@ def start_worker(args, kind, backend, name, peer="eager"):
             if backend != "tensorflow" or key != "sample_xla" or value not in ("0", "1"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
                                  f"expected tensorflow@sample_xla=0 or =1 (JAX always jits), "
-                                 f"jax@xla:<xla_flag>=<value>, <backend>@hugetlb=0 or =1 "
+                                 f"jax@xla:<xla_flag>=<value>, <backend>@hugetlb=0 or =1, "
+                                 f"<backend>@winograd_training=0 or =1 "
                                  f"or <backend>@direct_upsample")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
     return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc,

@@ -85,12 +85,12 @@ def group_norm(channels, name=None):
 class Conv2D(layers.Conv2D):
     """``keras.layers.Conv2D`` (same weights and outputs) whose "same" convolutions go through
     ``backend.conv2d_same``, which is much faster under XLA on a CPU for outputs smaller than
-    the kernel, runs 3×3 convolutions by Winograd's algorithm there when not training, and has
-    a faster kernel gradient on JAX CPU with YNNPACK convolutions.
+    the kernel, runs 3×3 convolutions by Winograd's algorithm there, and has a faster kernel
+    gradient on JAX CPU with YNNPACK convolutions.
 
-    With ``training=True`` (the training step) the Winograd form is not used (unless
-    ``winograd.IN_TRAINING``): in the CIFAR-10 U-Net's training step on JAX it gained 1.06×
-    [0.99, 1.09] but the first call took 37.9 instead of 8.2 s (``keras_etsdm.winograd``).
+    ``training`` decides whether the Winograd form may be used: always at inference, in a
+    training step (``training=True``) while ``winograd.IN_TRAINING`` (on: the CIFAR-10 U-Net's
+    training step ran 1.18× as fast on JAX; ``keras_etsdm.winograd``).
     """
 
     def call(self, inputs, training=None):

@@ -26,10 +26,13 @@ AMD EPYC Zen 4, 2 cores, AVX-512, jaxlib 0.10.2, batch 8, paired rounds): single
 with 128–512 channels at 8–64 px ran their forward 1.31–1.72× as fast as XLA's direct
 convolution; with 64 or 32 channels 0.78–1.33× (mixed), hence :data:`MIN_CHANNELS`. The DDPM
 CIFAR-10 U-Net's forward pass (the samplers' network evaluation): 1.32× [1.30, 1.34] on JAX and
-1.36× [1.32, 1.37] on TensorFlow with XLA. Its training step with the form in it: 1.06× [0.99,
-1.09] on JAX, while the first call (compilation) took 37.9 instead of 8.2 s — every transform is
-a few large loop fusions that XLA compiles slowly — so training steps keep the direct form
-(:data:`IN_TRAINING`). ``backend.conv2d_same`` uses it where :func:`applies`.
+1.36× [1.32, 1.37] on TensorFlow with XLA. Its training step (forward and both gradients),
+after the transforms were made separable (two stacked stages each; 2026-12-06, second
+session): 1.18× [1.14, 1.23] on JAX, first call (cold, the network built in it) 22.5 → 28.7 s;
+1.13× [1.11, 1.30] on TensorFlow with XLA, 49.0 → 70.3 s (``benchmarks/small_conv.py --part
+network --switch winograd_training``). So training steps use it too (:data:`IN_TRAINING`);
+TensorFlow trains without XLA on AVX-512 CPUs (``backend.default_train_jit_compile``), where
+it does not apply. ``backend.conv2d_same`` uses it where :func:`applies`.
 """
 
 from fractions import Fraction
@@ -82,21 +85,35 @@ def _tiles(size):
     return -(-size // TILE)
 
 
+def _split_taps(tensor, axis, tiles):
+    """The 4 taps of every tile along ``axis``: 4 tensors like ``tensor`` with that axis
+    replaced by ``tiles``, the i-th holding entries ``2·t + i``. Taps 0–1 and 2–3 are the two
+    halves of ``tensor[0 : 2·tiles]`` and ``tensor[2 : 2·tiles + 2]`` reshaped to (tile, 2):
+    contiguous reads, where stride-2 slices would gather."""
+    head = (slice(None),) * axis
+    shape = tuple(tensor.shape)
+    taps = []
+    for start in (0, TILE):
+        part = tensor[head + (slice(start, start + TILE * tiles),)]
+        part = ops.reshape(part, shape[:axis] + (tiles, TILE) + shape[axis + 1:])
+        taps.extend(part[head + (slice(None), i)] for i in range(TILE))
+    return taps
+
+
 def _input_transform(x):
     """``[B, H, W, C]`` → ``V``, ``[16, B·⌈H/2⌉·⌈W/2⌉, C]``: ``Bᵀ d B`` of every 4×4 input tile
     (stride 2, the input zero-padded by 1 as "same" padding, and at the end to whole tiles)."""
-    _, height, width, _ = x.shape
+    batch, height, width, channels = x.shape
     t_h, t_w = _tiles(height), _tiles(width)
     padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
                          (0, 0)))
-    side = TILE + 2
-    rows = _combine(_BT, [padded[:, i:i + TILE * t_h:TILE] for i in range(side)])
-    # stacked per row, then the rows: XLA fuses each small stack with its slices and sums
-    # (4 loop fusions instead of 16 plus a copy; faster to run and to compile)
-    per_row = [ops.stack(_combine(_BT, [row[:, :, j:j + TILE * t_w:TILE] for j in range(side)]),
-                         axis=0) for row in rows]
-    stacked = ops.stack(per_row, axis=0)  # [4, 4, B, t_h, t_w, C]
-    return ops.reshape(stacked, (side * side, -1, x.shape[-1]))
+    # Separably, along W, then along H, each stage one stacked tensor that XLA makes one loop
+    # fusion: faster to run and to compile than the 16 combinations of a 4×4 tile at once.
+    cols = _split_taps(padded, axis=2, tiles=t_w)  # 4 × [B, H + 2, t_w, C]
+    cols = ops.stack(_combine(_BT, cols), axis=0)  # [4 (b), B, H + 2, t_w, C]
+    rows = _split_taps(cols, axis=2, tiles=t_h)  # 4 × [4, B, t_h, t_w, C]
+    stacked = ops.stack(_combine(_BT, rows), axis=0)  # [4 (a), 4 (b), B, t_h, t_w, C]
+    return ops.reshape(stacked, (16, batch * t_h * t_w, channels))
 
 
 def _kernel_matrix():
@@ -146,12 +163,12 @@ def _output_transform_adjoint(grad_y):
                                   (0, 0)))
     blocks = ops.reshape(grad_y, (batch, t_h, TILE, t_w, TILE, channels))
     a = _transpose(_AT)
-    side = TILE + 2
-    per_row = [_combine(a, [blocks[:, :, i, :, j] for j in range(TILE)])
-               for i in range(TILE)]  # [i][b]
-    per_col = [_combine(a, [per_row[i][b] for i in range(TILE)]) for b in range(side)]  # [b][a]
-    transformed = [per_col[b][a_] for a_ in range(side) for b in range(side)]
-    return ops.reshape(ops.stack(transformed, axis=0), (side * side, -1, channels))
+    # separably, as the input transform: along the tile's columns, then its rows
+    cols = ops.stack(_combine(a, [blocks[..., j, :] for j in range(TILE)]),
+                     axis=0)  # [4 (b), B, t_h, 2 (i), t_w, C]
+    rows = ops.stack(_combine(a, [cols[:, :, :, i] for i in range(TILE)]),
+                     axis=0)  # [4 (a), 4 (b), B, t_h, t_w, C]
+    return ops.reshape(rows, (16, -1, channels))
 
 
 def _forward(x, kernel):
@@ -188,9 +205,9 @@ def conv3x3_same(x, kernel):
 
 # Module flag for A/B measurements (read at trace time): False keeps the direct convolution.
 WINOGRAD = True
-# Whether ``layers.Conv2D`` uses it in training steps (``training=True``) too: off, as measured
+# Whether ``layers.Conv2D`` uses it in training steps (``training=True``) too: on, as measured
 # (module docstring; ``benchmarks/small_conv.py --part network --switch winograd_training``).
-IN_TRAINING = False
+IN_TRAINING = True
 # Smallest output side (px) and channel count where it is used (benchmarks/results/winograd/):
 # at 4×4 the forward gained 1.11× [1.07, 1.41] but compiled 0.97 s longer; with 64 channels the
 # forward ran 0.78–1.33× and with 32 channels 1.13× [0.51, 1.32], against 1.31–1.72× from 128.

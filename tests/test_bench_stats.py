@@ -403,6 +403,35 @@ def test_vs_diffusers_peers_flag():
             vs_diffusers.parse_args(["--peers", bad])
 
 
+def test_cold_compile_workers_start_without_the_compilation_cache(monkeypatch):
+    # A parent that ran bin/_startup.tune_process() has the cache directory in its environment;
+    # a cold_compile worker (small_conv's A/B workers, first_call.py's "off" processes) must not
+    # inherit it, or its "first call" is a cache hit.
+    import harness
+
+    parent = {"JAX_COMPILATION_CACHE_DIR": "/cache/jax", "PATH": "/bin",
+              "TF_XLA_FLAGS": "--tf_xla_persistent_cache_directory=/cache/tensorflow"}
+    env = harness.without_compilation_cache(parent)
+    assert env == {"PATH": "/bin", "KERAS_ETSDM_COMPILATION_CACHE": "0"}
+    assert "JAX_COMPILATION_CACHE_DIR" in parent  # not modified
+    started = {}
+
+    class _Popen:
+        def __init__(self, argv, env, **kwargs):
+            started[argv[0]] = env
+
+    monkeypatch.setattr(harness.subprocess, "Popen", _Popen)
+    for key, value in parent.items():
+        monkeypatch.setenv(key, value)
+    for worker in (harness.Worker("cold", ["cold"], env={"KERAS_BACKEND": "jax"},
+                                  cold_compile=True),
+                   harness.Worker("warm", ["warm"], env={"KERAS_BACKEND": "jax"})):
+        worker._log.close()
+    assert "JAX_COMPILATION_CACHE_DIR" not in started["cold"]
+    assert started["cold"]["KERAS_ETSDM_COMPILATION_CACHE"] == "0"
+    assert started["warm"]["JAX_COMPILATION_CACHE_DIR"] == "/cache/jax"
+
+
 # ----- first_call.py report on fake processes ------------------------------------------------------
 def test_first_call_report_medians_per_mode():
     import first_call
@@ -593,6 +622,12 @@ def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
                                                "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
     with pytest.raises(SystemExit, match="hugetlb=0 or =1"):
         vs_diffusers.start_worker(args, "keras", "jax@hugetlb=2", "keras-jax@hugetlb=2")
+    # "<backend>@winograd_training=0": the worker's training steps keep the direct convolutions
+    vs_diffusers.start_worker(args, "keras", "jax@winograd_training=0", "keras-jax@wt0")
+    assert captured["keras-jax@wt0"] == {"KERAS_BACKEND": "jax",
+                                         vs_diffusers.WINOGRAD_TRAINING_VARIABLE: "0"}
+    with pytest.raises(SystemExit, match="winograd_training=0 or =1"):
+        vs_diffusers.start_worker(args, "keras", "jax@winograd_training=2", "keras-jax@wt2")
 
 
 def test_small_conv_rows_pair_the_two_forms_and_unknown_tasks_are_refused():

@@ -167,13 +167,9 @@ def small_unet():
     return network
 
 
-def test_unet_prediction_is_unchanged_and_training_uses_the_direct_form(small_unet,
-                                                                        monkeypatch):
+def test_unet_prediction_is_unchanged(small_unet, monkeypatch):
     # Inference (predict) traces the network's 3×3 convolutions through the Winograd form
-    # under XLA, with the same prediction as the direct form; a training step (training=True)
-    # keeps the direct convolutions.
-    from keras_etsdm import DiffusionModel
-
+    # under XLA, with the same prediction as the direct form.
     calls = _spy(monkeypatch)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 16, 16, 3)).astype("float32")
@@ -191,16 +187,37 @@ def test_unet_prediction_is_unchanged_and_training_uses_the_direct_form(small_un
             assert not calls
         calls.clear()
     np.testing.assert_allclose(outputs[True], outputs[False], rtol=1e-4, atol=1e-5)
-    model = DiffusionModel(small_unet, seed=0)
-    model.compile(optimizer="adam", jit_compile=True)
-    monkeypatch.setattr(winograd, "WINOGRAD", True)
-    model.train_on_batch(x)
-    assert not calls
+
+
+def test_training_step_uses_the_form_with_the_direct_gradients(small_unet, monkeypatch):
+    # A compiled training step traces the Winograd form (winograd.IN_TRAINING, on by default)
+    # and takes the same step as with the direct convolutions: same loss and, with plain SGD,
+    # the same updated weights (the update is the gradient itself).
+    from keras_etsdm import DiffusionModel
+
+    calls = _spy(monkeypatch)
+    x = np.random.default_rng(1).standard_normal((2, 16, 16, 3)).astype("float32")
+    start = small_unet.get_weights()
+    steps = {}
+    for in_training in (True, False):
+        monkeypatch.setattr(winograd, "IN_TRAINING", in_training)
+        small_unet.set_weights(start)
+        model = DiffusionModel(small_unet, seed=0)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), jit_compile=True)
+        loss = model.train_on_batch(x)
+        steps[in_training] = (loss, [w - w0 for w, w0 in zip(small_unet.get_weights(), start)])
+        assert (len(calls) >= 16) == in_training and (not calls) == (not in_training)
+        calls.clear()
+    np.testing.assert_allclose(steps[True][0], steps[False][0], rtol=1e-5)
+    for with_form, direct in zip(steps[True][1], steps[False][1]):
+        np.testing.assert_allclose(with_form, direct, rtol=1e-3,
+                                   atol=1e-6 + 1e-4 * np.abs(direct).max())
 
 
 def test_conv_layer_training_flag(monkeypatch):
-    # etsdm_layers.Conv2D: training=True → direct convolution; inference (False or unset) →
-    # the Winograd form under XLA; the outputs are keras.layers.Conv2D's either way.
+    # etsdm_layers.Conv2D under XLA: inference (training False or unset) → the Winograd form;
+    # training=True → the form while winograd.IN_TRAINING (default), else the direct
+    # convolution; the outputs are keras.layers.Conv2D's either way.
     calls = _spy(monkeypatch)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 8, 8, 32)).astype("float32")
@@ -227,9 +244,11 @@ def test_conv_layer_training_flag(monkeypatch):
         calls.clear()
         np.testing.assert_allclose(keras.ops.convert_to_numpy(out), expected, rtol=1e-5,
                                    atol=1e-5)
-    assert seen == {True: 0, False: 1, None: 1}
-    monkeypatch.setattr(winograd, "IN_TRAINING", True)  # the A/B switch of the benchmarks
+    assert seen == {True: 1, False: 1, None: 1}
+    monkeypatch.setattr(winograd, "IN_TRAINING", False)  # the A/B switch of the benchmarks
     compile_fn(lambda a: layer(a, training=True))(x)
+    assert not calls
+    compile_fn(lambda a: layer(a, training=False))(x)
     assert len(calls) == 1
 
 
