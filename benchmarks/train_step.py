@@ -135,8 +135,8 @@ def forward_flops_per_image(network, batch, image_size, direct_upsample=True):
     them, not in the sub-pixel form the library runs (``layers.upsample_nearest_conv3x3``,
     fewer FLOPs), and every convolution as XLA counts a convolution, not as the matmul the
     library runs for outputs smaller than the kernel (``backend.conv2d_same_as_matmul``: a
-    3×3 kernel on a 1×1 input is its centre tap) nor in the Winograd form of its inference
-    passes (``keras_etsdm.winograd``: 2.25× fewer multiplications), so that a rate in model
+    3×3 kernel on a 1×1 input is its centre tap) nor in the Winograd form its compiled passes
+    use (``keras_etsdm.winograd``: 2.25× fewer multiplications), so that a rate in model
     GFLOP/s is the same measure for the library and for its peers. ``direct_upsample=False``
     counts what the library runs."""
     import jax

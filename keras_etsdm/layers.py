@@ -89,8 +89,9 @@ class Conv2D(layers.Conv2D):
     gradient on JAX CPU with YNNPACK convolutions.
 
     ``training`` decides whether the Winograd form may be used: always at inference, in a
-    training step (``training=True``) while ``winograd.IN_TRAINING`` (on: the CIFAR-10 U-Net's
-    training step ran 1.18× as fast on JAX; ``keras_etsdm.winograd``).
+    training step (``training=True``) only while ``winograd.IN_TRAINING`` (off by default: the
+    CIFAR-10 U-Net's training step ran 1.13–1.18× as fast on JAX but compiled 13 s longer and
+    held ~0.3 GiB more; ``keras_etsdm.winograd``).
     """
 
     def call(self, inputs, training=None):

@@ -27,12 +27,15 @@ with 128–512 channels at 8–64 px ran their forward 1.31–1.72× as fast as 
 convolution; with 64 or 32 channels 0.78–1.33× (mixed), hence :data:`MIN_CHANNELS`. The DDPM
 CIFAR-10 U-Net's forward pass (the samplers' network evaluation): 1.32× [1.30, 1.34] on JAX and
 1.36× [1.32, 1.37] on TensorFlow with XLA. Its training step (forward and both gradients),
-after the transforms were made separable (two stacked stages each; 2026-12-06, second
-session): 1.18× [1.14, 1.23] on JAX, first call (cold, the network built in it) 22.5 → 28.7 s;
-1.13× [1.11, 1.30] on TensorFlow with XLA, 49.0 → 70.3 s (``benchmarks/small_conv.py --part
-network --switch winograd_training``). So training steps use it too (:data:`IN_TRAINING`);
-TensorFlow trains without XLA on AVX-512 CPUs (``backend.default_train_jit_compile``), where
-it does not apply. ``backend.conv2d_same`` uses it where :func:`applies`.
+after the transforms were made separable (two stacked stages each; 2026-12-06): 1.18× [1.14,
+1.23] on JAX, 1.13× [1.11, 1.30] on TensorFlow with XLA (``benchmarks/small_conv.py --part
+network --switch winograd_training``), and against diffusers in ``bin/train``'s recipe on JAX
+1.13× [1.10, 1.17] — but the first call took 38.8 instead of 25.8 s and the process peaked at
+2,843 instead of 2,484 MiB (XLA's temporaries for the step, 286 → 578 MiB: the transformed
+tiles of the 32×32 level are 4× its activations), past the project's limits of 30 s and 1.5×
+eager diffusers' memory. So training steps keep the direct form by default and take this one
+on request (:data:`IN_TRAINING`; ``train(winograd_training=True)``). ``backend.conv2d_same``
+uses it where :func:`applies`.
 """
 
 from fractions import Fraction
@@ -205,9 +208,10 @@ def conv3x3_same(x, kernel):
 
 # Module flag for A/B measurements (read at trace time): False keeps the direct convolution.
 WINOGRAD = True
-# Whether ``layers.Conv2D`` uses it in training steps (``training=True``) too: on, as measured
-# (module docstring; ``benchmarks/small_conv.py --part network --switch winograd_training``).
-IN_TRAINING = True
+# Whether ``layers.Conv2D`` uses it in training steps (``training=True``) too: off by default,
+# faster but slower to compile and larger in memory (module docstring); ``training.train``'s
+# ``winograd_training`` sets it for a run.
+IN_TRAINING = False
 # Smallest output side (px) and channel count where it is used (benchmarks/results/winograd/):
 # at 4×4 the forward gained 1.11× [1.07, 1.41] but compiled 0.97 s longer; with 64 channels the
 # forward ran 0.78–1.33× and with 32 channels 1.13× [0.51, 1.32], against 1.31–1.72× from 128.

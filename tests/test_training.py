@@ -361,7 +361,20 @@ def test_jit_compile_auto_is_the_measured_choice_and_bad_values_are_refused(tmp_
         assert expected is True
     elif keras.backend.backend() == "tensorflow":
         assert expected is cpu_tuning.tensorflow_train_jit_compile()  # CPU-only test machine
-    run = training.train(str(tmp_path / "auto"), max_steps=1, **run_kwargs(jit_compile="auto"))
+    # also: winograd_training sets winograd.IN_TRAINING while the run builds and traces its
+    # step (the embedded network's 8 channels keep the direct form either way), then restores it
+    from keras_etsdm import winograd
+
+    seen = []
+
+    def model_fn():
+        seen.append(winograd.IN_TRAINING)
+        return tiny_model_fn()()
+
+    run = training.train(str(tmp_path / "auto"), max_steps=1,
+                         **run_kwargs(jit_compile="auto", model_fn=model_fn,
+                                      winograd_training=True))
+    assert seen == [True] and winograd.IN_TRAINING is False
     assert run.model.jit_compile is expected
     wording = "XLA-compiled" if expected else "not XLA-compiled"
     assert f"{wording} training step" in capsys.readouterr().out
