@@ -90,7 +90,7 @@ class Conv2D(layers.Conv2D):
 
     ``training`` decides whether the Winograd form may be used: always at inference, in a
     training step (``training=True``) only while ``winograd.IN_TRAINING`` (off by default: the
-    CIFAR-10 U-Net's training step ran 1.13–1.18× as fast on JAX but compiled 13 s longer and
+    CIFAR-10 U-Net's training step ran 1.13–1.16× as fast on JAX but compiled 13 s longer and
     held ~0.3 GiB more; ``keras_etsdm.winograd``).
     """
 

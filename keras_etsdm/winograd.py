@@ -27,15 +27,15 @@ with 128–512 channels at 8–64 px ran their forward 1.31–1.72× as fast as 
 convolution; with 64 or 32 channels 0.78–1.33× (mixed), hence :data:`MIN_CHANNELS`. The DDPM
 CIFAR-10 U-Net's forward pass (the samplers' network evaluation): 1.32× [1.30, 1.34] on JAX and
 1.36× [1.32, 1.37] on TensorFlow with XLA. Its training step (forward and both gradients),
-after the transforms were made separable (two stacked stages each; 2026-12-06): 1.18× [1.14,
-1.23] on JAX, 1.13× [1.11, 1.30] on TensorFlow with XLA (``benchmarks/small_conv.py --part
+after the transforms were made separable (two stacked stages each; 2026-12-06): 1.16× [1.11,
+1.21] on JAX, 1.19× [1.18, 1.22] on TensorFlow with XLA (``benchmarks/small_conv.py --part
 network --switch winograd_training``), and against diffusers in ``bin/train``'s recipe on JAX
 1.13× [1.10, 1.17] — but the first call took 38.8 instead of 25.8 s and the process peaked at
-2,843 instead of 2,484 MiB (XLA's temporaries for the step, 286 → 578 MiB: the transformed
-tiles of the 32×32 level are 4× its activations), past the project's limits of 30 s and 1.5×
-eager diffusers' memory. So training steps keep the direct form by default and take this one
-on request (:data:`IN_TRAINING`; ``train(winograd_training=True)``). ``backend.conv2d_same``
-uses it where :func:`applies`.
+2,843 instead of 2,484 MiB (XLA's temporaries for the step 286 → 578 MiB, 394 with the form
+kept out of the 32×32 level, whose transformed tiles are 4× its activations), past the
+project's limits of 30 s and 1.5× eager diffusers' memory. So training steps keep the direct
+form by default and take this one on request (:data:`IN_TRAINING`;
+``train(winograd_training=True)``). ``backend.conv2d_same`` uses it where :func:`applies`.
 """
 
 from fractions import Fraction
