@@ -27,7 +27,7 @@ with 128–512 channels at 8–64 px ran their forward 1.31–1.72× as fast as 
 convolution; with 64 or 32 channels 0.78–1.33× (mixed), hence :data:`MIN_CHANNELS`. The DDPM
 CIFAR-10 U-Net's forward pass (the samplers' network evaluation): 1.32× [1.30, 1.34] on JAX and
 1.36× [1.32, 1.37] on TensorFlow with XLA. Its training step (forward and both gradients),
-after the transforms were made separable (two stacked stages each; 2026-12-06): 1.16× [1.11,
+with the transforms made separable (two stacked stages each, cheaper to compile): 1.16× [1.11,
 1.21] on JAX, 1.19× [1.18, 1.22] on TensorFlow with XLA (``benchmarks/small_conv.py --part
 network --switch winograd_training``), and against diffusers in ``bin/train``'s recipe on JAX
 1.13× [1.10, 1.17] — but the first call took 38.8 instead of 25.8 s and the process peaked at
@@ -111,7 +111,7 @@ def _input_transform(x):
     padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
                          (0, 0)))
     # Separably, along W, then along H, each stage one stacked tensor that XLA makes one loop
-    # fusion: faster to run and to compile than the 16 combinations of a 4×4 tile at once.
+    # fusion: cheaper to compile than the 16 combinations of a 4×4 tile at once, and no slower.
     cols = _split_taps(padded, axis=2, tiles=t_w)  # 4 × [B, H + 2, t_w, C]
     cols = ops.stack(_combine(_BT, cols), axis=0)  # [4 (b), B, H + 2, t_w, C]
     rows = _split_taps(cols, axis=2, tiles=t_h)  # 4 × [4, B, t_h, t_w, C]
