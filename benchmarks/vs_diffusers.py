@@ -188,8 +188,9 @@ def task_table(args, setup_train, setup_forward, setup_sampler):
 # "<backend>@direct_upsample": the worker runs every upsampling convolution on the upsampled
 # image (layers.SUBPIXEL_UPSAMPLE = False), the form before layers.upsample_nearest_conv3x3
 DIRECT_UPSAMPLE_VARIABLE = "ETSDM_BENCH_DIRECT_UPSAMPLE"
-# "<backend>@winograd_training=0" / "=1": winograd.IN_TRAINING set in the worker (0: training
-# steps keep the direct 3×3 convolutions, the library's behaviour before 2026-12-06)
+# "<backend>@winograd_training=0" / "=1": winograd.IN_TRAINING set in the worker (0, the
+# library's default: training steps keep the direct 3×3 convolutions; 1: what
+# train(winograd_training=True) runs)
 WINOGRAD_TRAINING_VARIABLE = "ETSDM_BENCH_WINOGRAD_TRAINING"
 
 
