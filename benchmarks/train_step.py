@@ -78,7 +78,10 @@ def parse_args(argv=None):
                         "CPU dispatch, which JAX on AVX-512 gets), wait_dispatch (JAX only, "
                         "screening: asynchronous dispatch, each step waiting for its inputs "
                         "and then 5 ms before it is dispatched), small_pages (tuned without "
-                        "glibc's huge-page tunable: GLIBC_TUNABLES=glibc.malloc.hugetlb=0)")
+                        "glibc's huge-page tunable: GLIBC_TUNABLES=glibc.malloc.hugetlb=0), "
+                        "avx512_set (JAX only: what JAX gets on AVX-512 CPUs, forced on any "
+                        "CPU: the retaining malloc on small pages, synchronous dispatch, the "
+                        "concurrency-optimized scheduler off)")
     p.add_argument("--model_variants", default="as_is",
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
@@ -319,7 +322,10 @@ def forward_flops_via_jax(args):
 
 CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "no_retain_memory",
                "retain_memory", "mimalloc", "keep_compiler_memory", "async_dispatch", "wait_dispatch",
-               "small_pages")
+               "small_pages", "avx512_set")
+# JAX only, "avx512_set": what the start-up gives JAX on AVX-512 CPUs (the retaining malloc on
+# small pages, item 4; synchronous dispatch, item 5; the concurrency-optimized scheduler off,
+# item 3) forced on any CPU, to decide on another ISA whether it should get them too
 # "small_pages": the tuning without glibc's huge-page tunable (GLIBC_TUNABLES=
 # glibc.malloc.hugetlb=0, which the start-up keeps), everything else as "tuned" gets it
 # JAX only, "async_dispatch": the tuning without its synchronous CPU dispatch (cpu_tuning item 5,
@@ -378,6 +384,12 @@ def worker_environ(backend, tuning="tuned", environ=os.environ):
         env["GLIBC_TUNABLES"] = f"{tuning_module.HUGETLB_TUNABLE}:{tuning_module.RETAIN_TUNABLES}"
     if tuning == "small_pages":
         env["GLIBC_TUNABLES"] = "glibc.malloc.hugetlb=0"
+    if tuning == "avx512_set":
+        # the user-setting paths of the start-up keep each of these as given here
+        env["GLIBC_TUNABLES"] = tuning_module.RETAIN_TUNABLES
+        env[tuning_module.SYNC_DISPATCH_VARIABLE] = "1"
+        env["XLA_FLAGS"] = " ".join(
+            f for f in (environ.get("XLA_FLAGS", ""), tuning_module.JAX_XLA_SCHEDULER_FLAG) if f)
     if tuning == "no_retain_memory":
         env[tuning_module.RETAIN_OPT_OUT_VARIABLE] = "0"
     if tuning == "keep_compiler_memory":
@@ -427,14 +439,23 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_i
 def paired_baselines(specs):
     """``(base, name)`` worker pairs to report as paired ratios base ÷ name: each start-up
     tuning against the tuned worker of the same backend, jit mode and set-up, and each set-up
-    (``--model_variants``) against as_is under the tuned start-up. ``specs``: ``(backend,
-    jit_compile, name, tuning, variant)`` tuples as ``main`` builds them."""
+    (``--model_variants``) against as_is under the tuned start-up; then each TensorFlow worker
+    of a later ``--tf_jit_compile`` value against the first value's with the same tuning and
+    set-up. ``specs``: ``(backend, jit_compile, name, tuning, variant)`` tuples as ``main``
+    builds them."""
     pairs = []
     for backend, jit, name, tuning, variant in specs:
         want = (backend, jit, "tuned", variant if tuning != "tuned" else "as_is")
         base = next((n for b, j, n, t, v in specs if (b, j, t, v) == want), None)
         if (tuning, variant) != ("tuned", "as_is") and base is not None:
             pairs.append((base, name))
+    first_jit = next((j for b, j, *_ in specs if b == "tensorflow"), None)
+    for backend, jit, name, tuning, variant in specs:
+        if backend == "tensorflow" and jit != first_jit:
+            base = next((n for b, j, n, t, v in specs
+                         if (b, j, t, v) == (backend, first_jit, tuning, variant)), None)
+            if base is not None:
+                pairs.append((base, name))
     return pairs
 
 
@@ -465,7 +486,7 @@ def main(args):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning, variant in [(t, v) for t in tunings for v in variants]:
             if (tuning in ("no_xla_flag", "concurrency_scheduler", "keep_compiler_memory",
-                           "async_dispatch", "wait_dispatch")
+                           "async_dispatch", "wait_dispatch", "avx512_set")
                     or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
                 continue
             if tuning.startswith(TF_XLA_FLAG_PREFIX) and backend != "tensorflow":

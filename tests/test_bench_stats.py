@@ -530,7 +530,8 @@ def test_train_step_pairs_each_tuning_and_each_set_up_with_its_own_baseline():
         ("jax", "jax[no_hugetlb]"),
         ("jax{no_dropout}", "jax[no_hugetlb]{no_dropout}"),  # the tuning, same set-up
         ("tf", "tf{clipped_adam}"),
-    ]  # tf-xla{clipped_adam} has no as_is worker of its jit mode: not paired
+        ("tf{clipped_adam}", "tf-xla{clipped_adam}"),  # the jit modes, same set-up
+    ]  # tf-xla{clipped_adam} has no as_is worker of its jit mode: not paired with one
     with pytest.raises(SystemExit, match="--model_variants: expected values among"):
         train_step.main(train_step.parse_args(["--model_variants", "as_is,nodropout"]))
 
@@ -558,6 +559,24 @@ def test_train_step_small_pages_keeps_the_huge_page_tunable_out():
     # the start-up keeps a hugetlb value the worker was given and adds the rest of its tuning
     assert train_step.worker_environ("jax", "small_pages", environ={}) == {
         "KERAS_BACKEND": "jax", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+
+
+def test_train_step_avx512_set_forces_what_jax_gets_on_avx512_on_any_cpu():
+    import train_step
+
+    tuning = train_step.harness._cpu_tuning()
+    env = train_step.worker_environ("jax", "avx512_set", environ={"XLA_FLAGS": "--a=1"})
+    assert env == {"KERAS_BACKEND": "jax", "GLIBC_TUNABLES": tuning.RETAIN_TUNABLES,
+                   "KERAS_ETSDM_JAX_SYNC_DISPATCH": "1",
+                   "XLA_FLAGS": "--a=1 --xla_cpu_enable_concurrency_optimized_scheduler=false"}
+    # the start-up, on an AVX2 CPU, keeps all three and adds only the convolution flag
+    worker = {**env, "KERAS_BACKEND": "jax"}
+    assert tuning.tuned_environ(worker, system="linux", glibc=(2, 36), thp_mode="madvise",
+                                backend="jax", cpu_flags={"avx2"}) is None
+    assert tuning.wants_sync_dispatch(worker, cpu_flags={"avx2"})
+    flags = tuning.tuned_xla_flags(worker, jaxlib_version=(0, 10, 2), cpu_flags={"avx2"})
+    assert flags.split() == ["--a=1", "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                             tuning.JAX_XLA_CPU_FLAG]
 
 
 def test_train_step_mimalloc_screen_preloads_the_wheels_library(tmp_path, monkeypatch):
