@@ -128,18 +128,28 @@ def rss_mib():
     return proc_mib("VmRSS")
 
 
-def cpu_description():
-    """CPU model, core count and the ISA extensions that matter for float32/bf16 matmuls."""
-    model = "unknown CPU"
+def cpu_description(cpuinfo_path="/proc/cpuinfo"):
+    """CPU model (with its family and model numbers: virtual machines often name only the
+    vendor's line, e.g. "AMD EPYC" for Zen 3 and Zen 4 alike), core count and the ISA
+    extensions that matter for float32/bf16 matmuls."""
+    model, numbers = "unknown CPU", {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo_path) as f:
             for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key in ("cpu family", "model") and key not in numbers:
+                    numbers[key] = value.strip()
+                elif not key and numbers:
+                    break  # the first processor's block ends
     except OSError:
         pass
-    flags = _cpu_tuning().cpu_isa_flags()  # the flags the library's per-ISA choices read
+    if len(numbers) == 2:
+        model += f" (family {numbers['cpu family']} model {numbers['model']})"
+    # the flags the library's per-ISA choices read
+    flags = _cpu_tuning().cpu_isa_flags(cpuinfo_path)
     isa = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
                        "amx_tile") if f in flags]
     return f"{model}, {os.cpu_count()} cores, ISA {' '.join(isa) or 'unknown'}"

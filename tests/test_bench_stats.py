@@ -561,6 +561,16 @@ def test_train_step_small_pages_keeps_the_huge_page_tunable_out():
         "KERAS_BACKEND": "jax", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
 
 
+def test_cpu_description_names_the_family_and_model_of_the_first_processor(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    block = ("processor\t: {i}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {m}\n"
+             "model name\t: AMD EPYC\nflags\t\t: fpu avx2 fma avx512f\n\n")
+    cpuinfo.write_text(block.format(i=0, m=17) + block.format(i=1, m=1))
+    text = harness.cpu_description(str(cpuinfo))
+    assert text.startswith("AMD EPYC (family 25 model 17), ")
+    assert text.endswith("ISA avx2 fma avx512f")
+
+
 def test_train_step_avx512_set_forces_what_jax_gets_on_avx512_on_any_cpu():
     import train_step
 
