@@ -63,7 +63,7 @@ def parse_args(argv=None):
                         "concurrency_scheduler (JAX only: tuned, but XLA CPU's "
                         "concurrency-optimized scheduler on, jaxlib's default), no_retain_memory "
                         "(huge pages, glibc's default arenas: without cpu_tuning's item 4, "
-                        "which JAX on AVX-512 gets), retain_memory (huge pages and item 4's "
+                        "which JAX on AVX2 / AVX-512 gets), retain_memory (huge pages and item 4's "
                         "tunables forced, as item 4 was set until 2026-12-06), "
                         "onednn_fusion=<types> (JAX only: tuned plus XLA CPU's oneDNN fusions, "
                         "types '/'-separated, e.g. dot/eltwise/reduce), xla:<flag>=<value> (JAX "
@@ -75,11 +75,11 @@ def parse_args(argv=None):
                         "keep_compiler_memory (JAX only: the first step compiled and run in one "
                         "go, without backend.compile_then_release's heap trim in between), "
                         "async_dispatch (JAX only: without cpu_tuning's item 5, synchronous "
-                        "CPU dispatch, which JAX on AVX-512 gets), wait_dispatch (JAX only, "
+                        "CPU dispatch, which JAX on AVX2 / AVX-512 gets), wait_dispatch (JAX only, "
                         "screening: asynchronous dispatch, each step waiting for its inputs "
                         "and then 5 ms before it is dispatched), small_pages (tuned without "
                         "glibc's huge-page tunable: GLIBC_TUNABLES=glibc.malloc.hugetlb=0), "
-                        "avx512_set (JAX only: what JAX gets on AVX-512 CPUs, forced on any "
+                        "avx512_set (JAX only: what JAX gets on AVX-512 and, since 2026-12-07, AVX2 CPUs, forced on any "
                         "CPU: the retaining malloc on small pages, synchronous dispatch, the "
                         "concurrency-optimized scheduler off)")
     p.add_argument("--model_variants", default="as_is",
@@ -323,9 +323,10 @@ def forward_flops_via_jax(args):
 CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "no_retain_memory",
                "retain_memory", "mimalloc", "keep_compiler_memory", "async_dispatch", "wait_dispatch",
                "small_pages", "avx512_set")
-# JAX only, "avx512_set": what the start-up gives JAX on AVX-512 CPUs (the retaining malloc on
-# small pages, item 4; synchronous dispatch, item 5; the concurrency-optimized scheduler off,
-# item 3) forced on any CPU, to decide on another ISA whether it should get them too
+# JAX only, "avx512_set": what the start-up gave JAX on AVX-512 CPUs only until 2026-12-07 (the
+# retaining malloc on small pages, item 4; synchronous dispatch, item 5; the concurrency-optimized
+# scheduler off, item 3), forced on any CPU: how they were decided for AVX2
+# (benchmarks/results/avx2), where "tuned" now includes them
 # "small_pages": the tuning without glibc's huge-page tunable (GLIBC_TUNABLES=
 # glibc.malloc.hugetlb=0, which the start-up keeps), everything else as "tuned" gets it
 # JAX only, "async_dispatch": the tuning without its synchronous CPU dispatch (cpu_tuning item 5,

@@ -1,6 +1,6 @@
 """Process start-up tuning for CPU runs: malloc on huge pages, XLA CPU convolutions on Eigen,
 XLA CPU's memory-saving scheduler, a memory-keeping malloc and synchronous dispatch for JAX on
-AVX-512.
+AVX2 and AVX-512 CPUs.
 
 1. **glibc malloc on transparent huge pages.** XLA on CPU allocates each step's temporary
    buffers with ``malloc``; glibc serves large blocks with a fresh ``mmap`` and unmaps them on
@@ -36,18 +36,19 @@ AVX-512.
    has already started, :func:`tune_xla_for_cpu` warns and leaves ``XLA_FLAGS`` alone (setting
    it then would do nothing for XLA but would mislead ``backend.conv2d_same``, which reads it).
 
-3. **JAX on AVX-512: XLA CPU's concurrency-optimized scheduler off.** jaxlib 0.10's XLA CPU
+3. **JAX on AVX2 / AVX-512: XLA CPU's concurrency-optimized scheduler off.** jaxlib 0.10's XLA CPU
    orders a program's operations so that independent ones can run at the same time, which keeps
    more temporaries alive at once. With ``--xla_cpu_enable_concurrency_optimized_scheduler=false``
    the CIFAR-10 U-Net's training process (batch 8) peaked at 2,710 / 2,701 instead of 2,867 /
    2,926 MiB (``benchmarks/memory.py``, runs alternated, ``benchmarks/results/jax_scheduler``),
    at the same speed: paired img/s default ÷ without 0.99× [0.88, 1.06], 15 rounds (3.79 vs
    3.87 img/s). The resident set between steps is unchanged (~2.15 GiB): the saving is in the
-   temporaries a step holds at once. Measured on an AVX-512 machine only (AMD EPYC, avx512f /
-   avx512_vnni / avx512_bf16), so it is applied only where ``avx512f`` is in ``/proc/cpuinfo``;
-   other CPUs keep XLA's default. Set with item 2, by the same functions.
+   temporaries a step holds at once. Measured on an AVX-512 machine (AMD EPYC, avx512f /
+   avx512_vnni / avx512_bf16), and with items 4–5 on an AVX2 one (:func:`jax_memory_tunings_apply`),
+   so it is applied where ``avx2`` is in ``/proc/cpuinfo``; other CPUs keep XLA's default. Set
+   with item 2, by the same functions.
 
-4. **JAX on AVX-512: glibc malloc keeps freed memory.** Even on huge pages, the JAX training
+4. **JAX on AVX2 / AVX-512: glibc malloc keeps freed memory.** Even on huge pages, the JAX training
    step's temporaries come back as fresh memory every step: XLA CPU allocates them from its
    worker threads, whose glibc arenas hand blocks this large to ``mmap`` and unmap them on
    ``free``. Measured (DDPM CIFAR-10 U-Net, batch 8, ``train_on_batch``): 143k minor faults per
@@ -64,8 +65,9 @@ AVX-512.
    process holds its peak (3.19 GiB, ``benchmarks/memory.py``) instead of 2.21 GiB between
    steps, and peaks 430 MiB higher (3,194 vs 2,764 MiB); the first step takes ~4 s longer
    (~20 s). So it is set for JAX processes on the CPU only (``KERAS_BACKEND`` / ``keras.json``
-   say jax, no accelerator), and only where ``avx512f`` is in ``/proc/cpuinfo`` (measured
-   there only). Set by the same re-exec as item 1; an ``arena_max``, ``mmap_max``,
+   say jax, no accelerator), and only where ``avx2`` is in ``/proc/cpuinfo`` (measured on
+   AVX-512 alone and, with items 3 and 5, on AVX2: 1.21× the img/s there,
+   :func:`jax_memory_tunings_apply`). Set by the same re-exec as item 1; an ``arena_max``, ``mmap_max``,
    ``mmap_threshold`` or ``trim_threshold`` already in ``GLIBC_TUNABLES`` leaves all four as
    the user set them. ``KERAS_ETSDM_RETAIN_MEMORY=0`` turns this item off alone (the process
    then gets item 1's huge pages), giving back the memory for the speed. Do not turn it off
@@ -89,7 +91,7 @@ AVX-512.
    8, 0.98× [0.94, 0.99] at 32; DDIM 0.99× [0.97, 1.04]), taken for the memory. ``glibc.malloc.hugetlb=1`` in the user's ``GLIBC_TUNABLES``
    brings huge pages back beside the retaining tunables.
 
-5. **JAX on AVX-512: synchronous dispatch on the CPU.** JAX's CPU client runs each step on a
+5. **JAX on AVX2 / AVX-512: synchronous dispatch on the CPU.** JAX's CPU client runs each step on a
    worker thread and frees the step's temporaries (XLA's one 605 MiB block for the CIFAR-10
    U-Net's training step, batch 8) only after it has marked the outputs ready, so the Python
    thread (``train_on_batch`` waiting for the loss) or the next step (``fit`` queues it on the
@@ -111,7 +113,7 @@ AVX-512.
    :func:`tune_xla_for_cpu`) and importing ``keras_etsdm`` applies it
    (:func:`apply_sync_dispatch`) before JAX computes anything.
    Multi-device (sharded) steps stay asynchronous, as JAX runs them. Measured on an AVX-512
-   machine only, so set only where ``avx512f`` is in ``/proc/cpuinfo``;
+   machine, and with items 3–4 on an AVX2 one, so set where ``avx2`` is in ``/proc/cpuinfo``;
    ``KERAS_ETSDM_JAX_SYNC_DISPATCH=0`` turns it off, ``=1`` on, on any CPU.
 
 Standard library only: ``bin/`` scripts load this file before importing the package (whose
@@ -181,8 +183,7 @@ def retains_freed_memory(environ, backend=None, cpu_flags=None):
     backend = backend or keras_backend(environ)
     if backend != "jax" or accelerator_run(environ):
         return False
-    cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
-    if "avx512f" not in cpu_flags:
+    if not jax_memory_tunings_apply(cpu_flags):
         return False
     tunables = environ.get("GLIBC_TUNABLES", "")
     return not any(f"glibc.malloc.{name}" in tunables for name in _RETAIN_NAMES)
@@ -286,8 +287,7 @@ def tuned_xla_flags(environ, jaxlib_version=None, cpu_flags=None):
     added = []
     if YNN_FUSION_FLAG not in flags:
         added.append(JAX_XLA_CPU_FLAG)
-    cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
-    if "avx512f" in cpu_flags and SCHEDULER_FLAG not in flags:
+    if jax_memory_tunings_apply(cpu_flags) and SCHEDULER_FLAG not in flags:
         added.append(JAX_XLA_SCHEDULER_FLAG)
     if not added:
         return None
@@ -345,7 +345,24 @@ def wants_sync_dispatch(environ, cpu_flags=None):
         return not _opted_out(environ, SYNC_DISPATCH_VARIABLE)
     if _opted_out(environ):
         return False
-    return "avx512f" in (cpu_isa_flags() if cpu_flags is None else set(cpu_flags))
+    return jax_memory_tunings_apply(cpu_flags)
+
+
+def jax_memory_tunings_apply(cpu_flags=None):
+    """Whether a JAX-on-CPU process gets items 3–5 (the concurrency-optimized scheduler off, the
+    retaining malloc, synchronous dispatch) on a CPU with ISA ``cpu_flags`` (default:
+    :func:`cpu_isa_flags` of this machine): on x86 CPUs with AVX2 (AVX-512 CPUs have it too),
+    the two ISAs they were measured on; other CPUs keep JAX's and glibc's defaults.
+
+    Measured as one set (``benchmarks/train_step.py --cpu_tuning tuned,avx512_set``, DDPM
+    CIFAR-10 U-Net, batch 8, ``bin/train``'s clipped Adam) on an AMD EPYC of family 25 model 1
+    (avx2 / fma, no AVX-512; ``benchmarks/results/avx2``): **1.21×** the img/s of huge pages
+    alone, paired over 30 rounds (3.39 vs 2.85 img/s; tuned ÷ set 0.83× [0.81, 0.86]), peak
+    RSS 2,490 vs 2,661 MiB; an earlier 15-round run 1.06× (0.94× [0.87, 1.08], undecided),
+    2,481 vs 2,622 MiB. Each item alone was measured on AVX-512 (items 3–5 above).
+    """
+    cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
+    return bool({"avx2", "avx512f"} & cpu_flags)
 
 
 def jax_xla_environ(environ, backend=None, cpu_flags=None):
@@ -485,8 +502,11 @@ def tensorflow_train_jit_compile(cpu_flags=None):
       ``bin/train`` step (paired per round 0.88×, bootstrap 95 % interval [0.85, 0.97]); the DDPM
       CIFAR-10 U-Net at batch 8 4.68 vs 3.97 img/s (1.00× [0.96, 1.02] vs 0.93× [0.88, 0.94] of
       eager diffusers), first call 34 vs 49 s, peak RSS 3.0 vs 4.1 GiB. → False.
-    - Other CPUs (AVX2 and older): XLA, the earlier default; there the comparison was only made
-      under load (XLA 1.23× less CPU time, wall time undecided). → True.
+    - AVX2 (measured on an AMD EPYC, family 25 model 1, avx2 / fma, no AVX-512): XLA beat the
+      graph on the same U-Net with ``bin/train``'s clipped Adam, 2.68 vs 2.32 img/s, paired
+      1.12× [1.06, 1.19] over 15 rounds (``benchmarks/train_step.py --tf_jit_compile
+      true,false``, ``benchmarks/results/avx2``), at a cost in first call (86 vs 39 s) and
+      peak RSS (3.9 vs 2.8 GiB). → True there and on other CPUs (not compared).
 
     Args:
       cpu_flags: a set of ISA flags (default: :func:`cpu_isa_flags` of this machine).

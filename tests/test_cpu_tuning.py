@@ -43,7 +43,16 @@ def test_nothing_to_gain(override):
     assert tuned_environ({}, **{**LINUX, **override}) is None
 
 
-def test_jax_on_avx512_keeps_freed_memory_on_small_pages():
+def test_jax_on_avx2_and_avx512_keeps_freed_memory_on_small_pages():
+    # measured on both ISAs (benchmarks/results/avx2 for AVX2), so both get it
+    for flags in ({"avx2", "fma"}, {"avx2", "fma", "avx512f"}):
+        assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**LINUX, "backend": "jax",
+                                                          "cpu_flags": flags}) == {
+            "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": RETAIN}
+        assert cpu_tuning.jax_memory_tunings_apply(flags)
+    assert not cpu_tuning.jax_memory_tunings_apply({"sse4_2", "avx"})
+    assert not cpu_tuning.jax_memory_tunings_apply({"asimd", "sve"})  # aarch64: not measured
+
     jax = {**LINUX, "backend": "jax"}
     new = tuned_environ({"JAX_PLATFORMS": "cpu"}, **jax)
     # no huge-page tunable: khugepaged would fill in the heap's trimmed pages (item 4)
@@ -66,8 +75,8 @@ def test_jax_on_avx512_keeps_freed_memory_on_small_pages():
 
 
 @pytest.mark.parametrize("override", [dict(backend="tensorflow"), dict(backend="torch"),
-                                      dict(cpu_flags={"avx2", "fma"})])
-def test_keeping_freed_memory_only_for_jax_on_avx512(override):
+                                      dict(cpu_flags={"sse4_2"}), dict(cpu_flags={"asimd"})])
+def test_keeping_freed_memory_only_for_jax_on_avx2_or_avx512(override):
     new = tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**LINUX, "backend": "jax", **override})
     assert new["GLIBC_TUNABLES"] == HUGETLB_TUNABLE
 
@@ -122,20 +131,24 @@ def test_bin_startup_reexecs_once_with_the_same_arguments(repo_root, tmp_path):
 # ----- XLA_FLAGS for JAX on CPU -----------------------------------------------------------------
 AVX2 = {"avx2", "fma"}
 AVX512 = {"avx2", "fma", "avx512f", "avx512_bf16"}
+OLDER = {"sse4_2", "avx"}  # no AVX2: the YNN flag only
 
 
 def test_xla_flag_added_for_jaxlib_0_10_and_kept_with_other_flags():
     flag = cpu_tuning.JAX_XLA_CPU_FLAG
-    assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=AVX2) == flag
+    assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=OLDER) == flag
     assert tuned_xla_flags({"XLA_FLAGS": "--xla_dump_to=/tmp/x"}, jaxlib_version=(0, 10, 2),
-                           cpu_flags=AVX2) == f"--xla_dump_to=/tmp/x {flag}"
+                           cpu_flags=OLDER) == f"--xla_dump_to=/tmp/x {flag}"
 
 
-def test_scheduler_flag_only_on_avx512_and_never_over_the_users_choice():
-    """XLA's concurrency-optimized scheduler goes off only where it was measured (AVX-512);
-    a scheduler or YNN setting of the user's stays, the other flag is still added."""
+def test_scheduler_flag_only_on_avx2_or_avx512_and_never_over_the_users_choice():
+    """XLA's concurrency-optimized scheduler goes off only where it was measured (AVX-512, and
+    with the other JAX memory tunings AVX2); a scheduler or YNN setting of the user's stays,
+    the other flag is still added."""
     ynn, scheduler = cpu_tuning.JAX_XLA_CPU_FLAG, cpu_tuning.JAX_XLA_SCHEDULER_FLAG
     assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=AVX512) == f"{ynn} {scheduler}"
+    assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=AVX2) == f"{ynn} {scheduler}"
+    assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=OLDER) == ynn
     assert tuned_xla_flags({}, jaxlib_version=(0, 10), cpu_flags=set()) == ynn  # not Linux
     user = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
     assert tuned_xla_flags({"XLA_FLAGS": user}, jaxlib_version=(0, 10), cpu_flags=AVX512) == \
@@ -156,7 +169,7 @@ def test_scheduler_flag_only_on_avx512_and_never_over_the_users_choice():
 ])
 def test_xla_flag_left_alone(environ, version, monkeypatch):
     monkeypatch.setattr(cpu_tuning, "_jaxlib_version", lambda: None)
-    assert tuned_xla_flags(environ, jaxlib_version=version, cpu_flags=AVX2) is None
+    assert tuned_xla_flags(environ, jaxlib_version=version, cpu_flags=OLDER) is None
 
 
 @pytest.mark.parametrize("flags,enabled", [
@@ -229,15 +242,16 @@ SYNC = cpu_tuning.SYNC_DISPATCH_VARIABLE
 JAX_CPU = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
 
 
-def test_sync_dispatch_asked_for_on_avx512_only_and_never_over_the_users_choice():
-    avx512, avx2 = {"avx2", "avx512f"}, {"avx2", "fma"}
+def test_sync_dispatch_asked_for_on_avx2_or_avx512_and_never_over_the_users_choice():
+    avx512, avx2, older = {"avx2", "avx512f"}, {"avx2", "fma"}, {"sse4_2", "avx"}
     assert cpu_tuning.jax_xla_environ(JAX_CPU, cpu_flags=avx512)[SYNC] == "1"
-    assert SYNC not in (cpu_tuning.jax_xla_environ(JAX_CPU, cpu_flags=avx2) or {})
+    assert cpu_tuning.jax_xla_environ(JAX_CPU, cpu_flags=avx2)[SYNC] == "1"
+    assert SYNC not in (cpu_tuning.jax_xla_environ(JAX_CPU, cpu_flags=older) or {})
     # the user's value is kept either way, and it decides on any CPU
     for value in ("0", "1"):
         new = cpu_tuning.jax_xla_environ({**JAX_CPU, SYNC: value}, cpu_flags=avx512) or {}
         assert new.get(SYNC, value) == value
-    assert cpu_tuning.wants_sync_dispatch({SYNC: "1"}, cpu_flags=avx2)
+    assert cpu_tuning.wants_sync_dispatch({SYNC: "1"}, cpu_flags=older)
     assert not cpu_tuning.wants_sync_dispatch({SYNC: "off"}, cpu_flags=avx512)
     assert not cpu_tuning.wants_sync_dispatch({OPT_OUT: "0"}, cpu_flags=avx512)
     # never for TensorFlow processes or accelerator runs
