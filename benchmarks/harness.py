@@ -266,8 +266,8 @@ def worker_loop(handlers):
 def malloc_environ(environ, mode, backend=None):
     """``environ`` for a worker under malloc ``mode``: "hugetlb" adds glibc's malloc tunables
     where they help, as the bin/ entry points do (keras_etsdm/cpu_tuning.py: huge pages; for JAX
-    on AVX2 / AVX-512 keeping freed memory instead); "default" leaves malloc as it is. ``backend``: the
-    worker's framework (default: the Keras backend ``environ`` selects)."""
+    on AVX2 / AVX-512 keeping freed memory instead); "default" leaves malloc as it is.
+    ``backend``: the worker's framework (default: the Keras backend ``environ`` selects)."""
     if mode == "default":
         return dict(environ)
     if mode != "hugetlb":

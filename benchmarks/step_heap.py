@@ -6,8 +6,9 @@
         --output_dir benchmarks/results/sync_dispatch
 
 Each configuration runs in a fresh process with the bin/ start-up tuning (``sync``: as it is,
-which on AVX2 and AVX-512 CPUs includes synchronous CPU dispatch, ``cpu_tuning`` item 5; ``async``: with
-``KERAS_ETSDM_JAX_SYNC_DISPATCH=0``) and trains the DDPM CIFAR-10 U-Net of ``memory.py``
+which on AVX2 and AVX-512 CPUs includes synchronous CPU dispatch, ``cpu_tuning`` item 5;
+``async``: with ``KERAS_ETSDM_JAX_SYNC_DISPATCH=0``) and trains the DDPM CIFAR-10 U-Net of
+``memory.py``
 (batch 8, bin/train's Adam with global-norm clipping) with ``train_on_batch``. Right after each
 step returns (its loss is on the host) it reads glibc's ``mallinfo2``: heap bytes in use plus
 mmap'ed bytes (MiB), the main arena's size, and ``VmHWM`` from ``/proc/self/status``. XLA's

@@ -79,9 +79,9 @@ def parse_args(argv=None):
                         "screening: asynchronous dispatch, each step waiting for its inputs "
                         "and then 5 ms before it is dispatched), small_pages (tuned without "
                         "glibc's huge-page tunable: GLIBC_TUNABLES=glibc.malloc.hugetlb=0), "
-                        "avx512_set (JAX only: what JAX gets on AVX-512 and, since 2026-12-07, AVX2 CPUs, forced on any "
-                        "CPU: the retaining malloc on small pages, synchronous dispatch, the "
-                        "concurrency-optimized scheduler off)")
+                        "avx512_set (JAX only: what JAX gets on AVX-512 and, since "
+                        "2026-12-07, AVX2 CPUs, forced on any CPU: the retaining malloc on small "
+                        "pages, synchronous dispatch, the concurrency-optimized scheduler off)")
     p.add_argument("--model_variants", default="as_is",
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "

@@ -2,8 +2,9 @@
 
 Loads ``keras_etsdm/cpu_tuning.py`` by path (standard library only) rather than through the
 package, whose import takes 5–10 s, re-executes the process once with glibc malloc tunables
-when they help (huge pages; for JAX on an AVX2 or AVX-512 CPU keeping freed memory instead), and for JAX on
-CPU sets the XLA flags before JAX starts (the module's docstring has the measurements). Then turns on the persistent XLA compilation cache
+when they help (huge pages; for JAX on an AVX2 or AVX-512 CPU keeping freed memory instead), and
+for JAX on CPU sets the XLA flags before JAX starts (the module's docstring has the
+measurements). Then turns on the persistent XLA compilation cache
 (``keras_etsdm/compilation_cache.py``, also loaded by path) so that a second run of the same
 model skips XLA's compilation.
 """

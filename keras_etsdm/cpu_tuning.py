@@ -44,9 +44,9 @@ AVX2 and AVX-512 CPUs.
    at the same speed: paired img/s default ÷ without 0.99× [0.88, 1.06], 15 rounds (3.79 vs
    3.87 img/s). The resident set between steps is unchanged (~2.15 GiB): the saving is in the
    temporaries a step holds at once. Measured on an AVX-512 machine (AMD EPYC, avx512f /
-   avx512_vnni / avx512_bf16), and with items 4–5 on an AVX2 one (:func:`jax_memory_tunings_apply`),
-   so it is applied where ``avx2`` is in ``/proc/cpuinfo``; other CPUs keep XLA's default. Set
-   with item 2, by the same functions.
+   avx512_vnni / avx512_bf16), and with items 4–5 on an AVX2 one
+   (:func:`jax_memory_tunings_apply`), so it is applied where ``avx2`` is in ``/proc/cpuinfo``;
+   other CPUs keep XLA's default. Set with item 2, by the same functions.
 
 4. **JAX on AVX2 / AVX-512: glibc malloc keeps freed memory.** Even on huge pages, the JAX training
    step's temporaries come back as fresh memory every step: XLA CPU allocates them from its
@@ -67,9 +67,9 @@ AVX2 and AVX-512 CPUs.
    (~20 s). So it is set for JAX processes on the CPU only (``KERAS_BACKEND`` / ``keras.json``
    say jax, no accelerator), and only where ``avx2`` is in ``/proc/cpuinfo`` (measured on
    AVX-512 alone and, with items 3 and 5, on AVX2: 1.21× the img/s there,
-   :func:`jax_memory_tunings_apply`). Set by the same re-exec as item 1; an ``arena_max``, ``mmap_max``,
-   ``mmap_threshold`` or ``trim_threshold`` already in ``GLIBC_TUNABLES`` leaves all four as
-   the user set them. ``KERAS_ETSDM_RETAIN_MEMORY=0`` turns this item off alone (the process
+   :func:`jax_memory_tunings_apply`). Set by the same re-exec as item 1; an ``arena_max``,
+   ``mmap_max``, ``mmap_threshold`` or ``trim_threshold`` already in ``GLIBC_TUNABLES`` leaves
+   all four as the user set them. ``KERAS_ETSDM_RETAIN_MEMORY=0`` turns this item off alone (the process
    then gets item 1's huge pages), giving back the memory for the speed. Do not turn it off
    by setting one of those tunables to glibc's default value: setting ``mmap_max``,
    ``mmap_threshold`` or ``trim_threshold`` at all turns off glibc's dynamic mmap threshold, a
@@ -359,7 +359,10 @@ def jax_memory_tunings_apply(cpu_flags=None):
     (avx2 / fma, no AVX-512; ``benchmarks/results/avx2``): **1.21×** the img/s of huge pages
     alone, paired over 30 rounds (3.39 vs 2.85 img/s; tuned ÷ set 0.83× [0.81, 0.86]), peak
     RSS 2,490 vs 2,661 MiB; an earlier 15-round run 1.06× (0.94× [0.87, 1.08], undecided),
-    2,481 vs 2,622 MiB. Each item alone was measured on AVX-512 (items 3–5 above).
+    2,481 vs 2,622 MiB. The price there is the first call of the training step, ~6 s longer
+    (fresh processes alternated: 37.1 / 28.1 / 31.9 s against 22.3 / 25.4 / 27.4 s; XLA's
+    compile threads share one malloc arena). Each item alone was measured on AVX-512 (items
+    3–5 above).
     """
     cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
     return bool({"avx2", "avx512f"} & cpu_flags)
@@ -505,8 +508,9 @@ def tensorflow_train_jit_compile(cpu_flags=None):
     - AVX2 (measured on an AMD EPYC, family 25 model 1, avx2 / fma, no AVX-512): XLA beat the
       graph on the same U-Net with ``bin/train``'s clipped Adam, 2.68 vs 2.32 img/s, paired
       1.12× [1.06, 1.19] over 15 rounds (``benchmarks/train_step.py --tf_jit_compile
-      true,false``, ``benchmarks/results/avx2``), at a cost in first call (86 vs 39 s) and
-      peak RSS (3.9 vs 2.8 GiB). → True there and on other CPUs (not compared).
+      true,false``, ``benchmarks/results/avx2``), at a cost in first call (86 vs 39 s there;
+      44.7 vs 29.3 s in ``vs_diffusers.py``) and peak RSS (3.9 vs 2.8 GiB; 3.7 vs 2.7). → True
+      there and on other CPUs (not compared).
 
     Args:
       cpu_flags: a set of ISA flags (default: :func:`cpu_isa_flags` of this machine).

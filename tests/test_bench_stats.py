@@ -580,7 +580,7 @@ def test_train_step_avx512_set_forces_what_jax_gets_on_avx512_on_any_cpu():
                    "KERAS_ETSDM_JAX_SYNC_DISPATCH": "1",
                    "XLA_FLAGS": "--a=1 --xla_cpu_enable_concurrency_optimized_scheduler=false"}
     # the start-up, on an AVX2 CPU, keeps all three and adds only the convolution flag
-    worker = {**env, "KERAS_BACKEND": "jax"}
+    worker = env
     assert tuning.tuned_environ(worker, system="linux", glibc=(2, 36), thp_mode="madvise",
                                 backend="jax", cpu_flags={"avx2"}) is None
     assert tuning.wants_sync_dispatch(worker, cpu_flags={"avx2"})
