@@ -81,7 +81,10 @@ def parse_args(argv=None):
                         "glibc's huge-page tunable: GLIBC_TUNABLES=glibc.malloc.hugetlb=0), "
                         "avx512_set (JAX only: what JAX gets on AVX-512 and, since "
                         "2026-12-07, AVX2 CPUs, forced on any CPU: the retaining malloc on small "
-                        "pages, synchronous dispatch, the concurrency-optimized scheduler off)")
+                        "pages, synchronous dispatch, the concurrency-optimized scheduler off), "
+                        "glibc:<name>=<value>[+...] (screening: GLIBC_TUNABLES set to those "
+                        "glibc.malloc tunables; the start-up adds hugetlb=1 unless hugetlb is "
+                        "named)")
     p.add_argument("--model_variants", default="as_is",
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
@@ -357,6 +360,12 @@ XLA_FLAG_PREFIXES = ("onednn_fusion=", "xla:")
 # fusible operations only (its convolutions stay oneDNN kernels):
 # tf_xla:tf_xla_auto_jit=2+tf_xla_cpu_global_jit=true+tf_xla_ops_to_cluster=FUSIBLE
 TF_XLA_FLAG_PREFIX = "tf_xla:"
+# Screening, "glibc:<name>=<value>+<name>=<value>...": GLIBC_TUNABLES set to those glibc.malloc
+# tunables (the start-up keeps them and adds no retaining tunables, but adds its huge-page
+# tunable unless hugetlb is named), e.g. glibc:arena_max=2+mmap_max=0+
+# trim_threshold=17179869184+hugetlb=0 (the retaining tunables with two arenas, on small pages:
+# a lead for XLA's compile time)
+GLIBC_PREFIX = "glibc:"
 
 
 def mimalloc_library(paths=None):
@@ -414,6 +423,9 @@ def worker_environ(backend, tuning="tuned", environ=os.environ):
                 if tuning.startswith("onednn_fusion=") else tuning[len("xla:"):])
         env["XLA_FLAGS"] = " ".join(
             f for f in (environ.get("XLA_FLAGS", ""), f"--{flag.replace('/', ',')}") if f)
+    if tuning.startswith(GLIBC_PREFIX):
+        env["GLIBC_TUNABLES"] = ":".join(
+            f"glibc.malloc.{t}" for t in tuning[len(GLIBC_PREFIX):].split("+"))
     if tuning.startswith(TF_XLA_FLAG_PREFIX):
         flags = " ".join(f"--{f.replace('/', ',')}"
                          for f in tuning[len(TF_XLA_FLAG_PREFIX):].split("+"))
@@ -465,11 +477,16 @@ def main(args):
         os.makedirs(args.logdir, exist_ok=True)
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
-    named = {t for t in tunings if not t.startswith(XLA_FLAG_PREFIXES + (TF_XLA_FLAG_PREFIX,))}
+    named = {t for t in tunings
+             if not t.startswith(XLA_FLAG_PREFIXES + (TF_XLA_FLAG_PREFIX, GLIBC_PREFIX))}
     for t in tunings:
         if t.startswith("xla:") and not re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", t):
             raise SystemExit(f"--cpu_tuning: {t!r} is not of the form xla:<xla_flag>=<value> "
                              f"(e.g. xla:xla_cpu_prefer_vector_width=512)")
+        if t.startswith(GLIBC_PREFIX) and not re.fullmatch(
+                r"glibc:[a-z_]+=[0-9]+(\+[a-z_]+=[0-9]+)*", t):
+            raise SystemExit(f"--cpu_tuning: {t!r} is not of the form glibc:<name>=<value>"
+                             f"[+<name>=<value>...] (e.g. glibc:arena_max=2+mmap_max=0)")
         if t.startswith(TF_XLA_FLAG_PREFIX) and not re.fullmatch(
                 r"tf_xla:tf_xla_[a-z0-9_]+=[^\s+]+(\+tf_xla_[a-z0-9_]+=[^\s+]+)*", t):
             raise SystemExit(f"--cpu_tuning: {t!r} is not of the form tf_xla:<flag>=<value>"

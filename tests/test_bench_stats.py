@@ -589,6 +589,18 @@ def test_train_step_avx512_set_forces_what_jax_gets_on_avx512_on_any_cpu():
                              tuning.JAX_XLA_CPU_FLAG]
 
 
+def test_train_step_glibc_screen_sets_only_the_named_malloc_tunables():
+    import train_step
+
+    env = train_step.worker_environ(
+        "jax", "glibc:arena_max=2+mmap_max=0+trim_threshold=17179869184", environ={})
+    assert env == {"KERAS_BACKEND": "jax", "GLIBC_TUNABLES":
+                   "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
+                   "glibc.malloc.trim_threshold=17179869184"}
+    with pytest.raises(SystemExit, match="not of the form glibc:<name>=<value>"):
+        train_step.main(train_step.parse_args(["--cpu_tuning", "tuned,glibc:arena_max"]))
+
+
 def test_train_step_mimalloc_screen_preloads_the_wheels_library(tmp_path, monkeypatch):
     import train_step
 

@@ -1,5 +1,6 @@
 #!/bin/bash
-# Screening (not adopted): the retaining tunables with two malloc arenas instead of one.
+# Screening (not adopted): the retaining tunables with two malloc arenas instead of one. The
+# start-up keeps this user setting and adds glibc.malloc.hugetlb=1 beside it (THP madvise).
 cd "$(dirname "$0")/../../../.."  # the repository root
 for r in 1 2 3; do
   GLIBC_TUNABLES=glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184 \
