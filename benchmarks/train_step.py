@@ -497,7 +497,8 @@ def main(args):
                          f"got {args.model_variants!r}")
     if not tunings or named - set(CPU_TUNINGS):
         raise SystemExit(f"--cpu_tuning: expected values among {CPU_TUNINGS}, "
-                         f"onednn_fusion=<types>, xla:<flag>=<value> or tf_xla:<flags>, "
+                         f"onednn_fusion=<types>, xla:<flag>=<value>, tf_xla:<flags> or "
+                         f"glibc:<tunables>, "
                          f"got {args.cpu_tuning!r}")
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         if backend not in ("jax", "tensorflow", "torch"):
