@@ -277,6 +277,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
     Raises:
         WorkdirInUseError: another process is training in ``workdir`` (``workdir_lock``).
     """
+    arguments = dict(locals())  # the parameters alone, for _train
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
     os.makedirs(workdir, exist_ok=True)
@@ -286,7 +287,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
     winograd.IN_TRAINING = bool(winograd_training)  # read when the step is traced
     with contextlib.ExitStack() as exit_stack:  # holds the work-directory lock
         try:
-            return _train(**locals())
+            return _train(**arguments, exit_stack=exit_stack)
         finally:
             keras.config.set_dtype_policy(previous_policy)
             winograd.IN_TRAINING = previous_winograd
@@ -297,7 +298,7 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
            grid_sampler_fn, grid_seed, grid_guidance_scale, eval_every, eval_num_samples,
            eval_reference, eval_sampler_fn, eval_seed, data_seed, distribution, seed,
            jit_compile, winograd_training, ema_tracks, ema_tracks_keep, operative_config_fn,
-           handle_signals, stream, exit_stack, previous_policy=None, previous_winograd=None):
+           handle_signals, stream, exit_stack):
     dataset_fn = dataset_fn or make_dataset
     dist = distribute.setup_distribution(distribution)
     if dist.is_chief:  # the chief writes the work directory; one chief at a time
