@@ -7,17 +7,20 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One directory per suite's backend: tests/run_all.sh runs the JAX and TensorFlow suites side by
+# side, and each suite's processes (subprocesses of the other backend included) write only its own.
+_SUITE = os.environ.get("KERAS_BACKEND", "default")
 # A persistent XLA compilation cache for JAX: tiny test models still cost one XLA compile per
 # initializer shape and per train step; identical programs across tests (and across test runs)
 # are then compiled once. Must be set before JAX is imported.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(os.path.expanduser("~"), ".cache", "keras_etsdm_tests_jax"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.expanduser("~"), ".cache", "keras_etsdm_tests_jax", _SUITE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # bin/ scripts run by tests keep their XLA caches (keras_etsdm/compilation_cache.py) apart from
 # a user's own.
-os.environ.setdefault("KERAS_ETSDM_COMPILATION_CACHE",
-                      os.path.join(os.path.expanduser("~"), ".cache", "keras_etsdm_tests_xla"))
+os.environ.setdefault("KERAS_ETSDM_COMPILATION_CACHE", os.path.join(
+    os.path.expanduser("~"), ".cache", "keras_etsdm_tests_xla", _SUITE))
 
 
 def _tune_xla_like_bin():
