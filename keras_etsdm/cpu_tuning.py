@@ -55,7 +55,8 @@ AVX2 and AVX-512 CPUs.
    step (560 MiB of 4 KiB pages) without huge pages, ~600 (2 MiB pages) with them and a step
    time that alternates between ~1.8 and ~2.3 s; with one arena (``glibc.malloc.arena_max=1``),
    no mmap'ed blocks (``mmap_max=0``) and no trimming (``trim_threshold`` 16 GiB) no faults
-   after the first step and a steady ~1.83 s. Paired img/s, 15 rounds each
+   after the first step and a steady ~1.83 s (on AVX2 CPUs without AVX-512 two arenas, which
+   compile faster at the same speed and memory: :func:`retain_tunables`). Paired img/s, 15 rounds each
    (``benchmarks/train_step.py``, ``benchmarks/results/retain_memory``): JAX 1.28× [1.08,
    1.43] against huge pages alone (4.21 vs 3.21 img/s; earlier runs 1.25× and 1.12×),
    sampling unchanged (vs diffusers: 1.03× / 0.97× eager with it, 0.99× / 1.00× without,
@@ -138,11 +139,14 @@ SYNC_DISPATCH_VARIABLE = "KERAS_ETSDM_JAX_SYNC_DISPATCH"  # item 5: "1" on, "0" 
 _ASYNC_DISPATCH_OPTION = "jax_cpu_enable_async_dispatch"  # JAX's own option (no env variable)
 THP_ENABLED_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"
 _MIN_GLIBC = (2, 35)  # first release with the glibc.malloc.hugetlb tunable
-# Item 4: one malloc arena, no mmap'ed blocks, no trimming (16 GiB threshold), so that freed
-# memory stays in the process. The four tunables exist since glibc 2.26.
+# Item 4: no mmap'ed blocks, no trimming (16 GiB threshold), so that freed memory stays in the
+# process; one malloc arena on AVX-512, two on AVX2 (see retain_tunables). The four tunables
+# exist since glibc 2.26.
 _RETAIN_NAMES = ("arena_max", "mmap_max", "trim_threshold", "mmap_threshold")
 RETAIN_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
                    "glibc.malloc.trim_threshold=17179869184")
+RETAIN_TUNABLES_TWO_ARENAS = ("glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
+                              "glibc.malloc.trim_threshold=17179869184")
 _MIN_GLIBC_RETAIN = (2, 26)
 
 
@@ -172,9 +176,34 @@ def _thp_mode(path=THP_ENABLED_PATH):
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def retain_tunables(cpu_flags=None):
+    """The retaining malloc tunables (item 4) for a CPU with ISA ``cpu_flags`` (default:
+    :func:`cpu_isa_flags`): :data:`RETAIN_TUNABLES_TWO_ARENAS` on an AVX2 CPU without AVX-512,
+    :data:`RETAIN_TUNABLES` (one arena) otherwise — each as measured on its ISA.
+
+    One arena makes XLA's compile threads wait for each other in ``malloc`` (profiled on
+    AVX-512: ~16 % of the compile in libc, ~16 % in futex waits). A second arena serves them;
+    the training step's large blocks still come from the main heap, since a second arena's
+    heaps are at most 64 MiB and ``mmap_max=0`` leaves glibc no other place. Measured on an
+    AMD EPYC of family 25 model 1 (avx2 / fma, no AVX-512; ``benchmarks/results/avx2/arena``,
+    DDPM CIFAR-10 U-Net, batch 8, small pages): paired training img/s one ÷ two arenas 0.96×
+    [0.935, 1.002] over 20 rounds (3.18 vs 3.35 img/s); peak RSS over 30 steps of
+    ``train_on_batch``, fresh processes alternated, 2,298–2,307 MiB with one, 2,277–2,298 with
+    two (5 each); over 100 steps no growth with either (one: 2,293 → 2,298 MiB; two: 2,267 →
+    2,279 and 2,316 → 2,329); building the model 1.35× [1.10, 1.52] faster with two (medians
+    16.2 vs 12.1 s, 9 pairs), the first call of the training step medians 32.8 vs 23.9 s (one
+    ÷ two 1.08× [0.96, 1.45], a noisy machine). Two arenas are not yet measured on AVX-512,
+    which keeps one.
+    """
+    cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
+    if "avx2" in cpu_flags and "avx512f" not in cpu_flags:
+        return RETAIN_TUNABLES_TWO_ARENAS
+    return RETAIN_TUNABLES
+
+
 def retains_freed_memory(environ, backend=None, cpu_flags=None):
-    """Whether a new process with ``environ`` gets :data:`RETAIN_TUNABLES` (item 4 of the
-    module docstring): JAX on the CPU of an AVX-512 machine, not opted out with
+    """Whether a new process with ``environ`` gets :func:`retain_tunables` (item 4 of the
+    module docstring): JAX on the CPU of an AVX2 or AVX-512 machine, not opted out with
     ``KERAS_ETSDM_RETAIN_MEMORY=0``, and none of those four malloc settings already in
     ``GLIBC_TUNABLES`` (a user's malloc choice is left as it is).
     ``backend`` / ``cpu_flags``: default :func:`keras_backend` and :func:`cpu_isa_flags`."""
@@ -201,7 +230,7 @@ def tuned_environ(environ, system=None, glibc=None, thp_mode=None, backend=None,
         :func:`retains_freed_memory`; detected when None.
 
     Returns:
-      A new ``dict`` whose ``GLIBC_TUNABLES`` has either :data:`RETAIN_TUNABLES` appended
+      A new ``dict`` whose ``GLIBC_TUNABLES`` has either :func:`retain_tunables` appended
       (Linux with glibc ≥ 2.26, where :func:`retains_freed_memory`; then no huge-page tunable,
       see item 4) or ``glibc.malloc.hugetlb=1`` (Linux with glibc ≥ 2.35, THP ``madvise`` —
       with ``never`` there is nothing to gain, with ``always`` the pages are already huge — and
@@ -220,14 +249,15 @@ def tuned_environ(environ, system=None, glibc=None, thp_mode=None, backend=None,
     retain = (tuple(glibc) >= _MIN_GLIBC_RETAIN
               and retains_freed_memory(environ, backend, cpu_flags))
     # A retaining heap stays on small pages (item 4): not after our own re-exec either.
-    retaining = retain or RETAIN_TUNABLES in tunables
+    retaining = retain or any(ours in tunables
+                              for ours in (RETAIN_TUNABLES, RETAIN_TUNABLES_TWO_ARENAS))
     if (tuple(glibc) >= _MIN_GLIBC and "glibc.malloc.hugetlb" not in tunables
             and not retaining):
         thp_mode = _thp_mode() if thp_mode is None else thp_mode
         if thp_mode == "madvise":
             added.append(HUGETLB_TUNABLE)
     if retain:
-        added.append(RETAIN_TUNABLES)
+        added.append(retain_tunables(cpu_flags))
     if not added:
         return None
     new = dict(environ)
@@ -237,7 +267,7 @@ def tuned_environ(environ, system=None, glibc=None, thp_mode=None, backend=None,
 
 def reexec_with_huge_page_malloc():
     """Replace this process by itself with the malloc tunables of :func:`tuned_environ` set
-    (huge pages; on JAX on AVX-512 freed memory kept instead), if any applies.
+    (huge pages; for JAX on AVX2 / AVX-512 freed memory kept instead), if any applies.
 
     Call first thing in an entry point: everything done before it is done twice. Keeps the PID
     and the interpreter's own options (``sys.orig_argv``); does nothing when

@@ -15,6 +15,7 @@ from keras_etsdm.cpu_tuning import HUGETLB_TUNABLE, tuned_environ, tuned_xla_fla
 LINUX = dict(system="linux", glibc=(2, 36), thp_mode="madvise", backend="tensorflow",
              cpu_flags={"avx2", "fma", "avx512f"})
 RETAIN = cpu_tuning.RETAIN_TUNABLES
+RETAIN_TWO = cpu_tuning.RETAIN_TUNABLES_TWO_ARENAS
 
 
 def test_adds_the_tunable_on_linux_glibc_with_thp_madvise():
@@ -44,11 +45,12 @@ def test_nothing_to_gain(override):
 
 
 def test_jax_on_avx2_and_avx512_keeps_freed_memory_on_small_pages():
-    # measured on both ISAs (benchmarks/results/avx2 for AVX2), so both get it
-    for flags in ({"avx2", "fma"}, {"avx2", "fma", "avx512f"}):
+    # measured on both ISAs (benchmarks/results/avx2 for AVX2), so both get it: with two
+    # malloc arenas on AVX2, one on AVX-512 (each as measured there)
+    for flags, ours in (({"avx2", "fma"}, RETAIN_TWO), ({"avx2", "fma", "avx512f"}, RETAIN)):
         assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**LINUX, "backend": "jax",
                                                           "cpu_flags": flags}) == {
-            "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": RETAIN}
+            "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": ours}
         assert cpu_tuning.jax_memory_tunings_apply(flags)
     assert not cpu_tuning.jax_memory_tunings_apply({"sse4_2", "avx"})
     assert not cpu_tuning.jax_memory_tunings_apply({"asimd", "sve"})  # aarch64: not measured
@@ -72,6 +74,21 @@ def test_jax_on_avx2_and_avx512_keeps_freed_memory_on_small_pages():
         "JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": RETAIN}
     assert tuned_environ({"JAX_PLATFORMS": "cpu"}, **{**jax, "glibc": (2, 25),
                                                       "thp_mode": "always"}) is None
+
+
+def test_two_malloc_arenas_on_avx2_one_on_avx512():
+    assert RETAIN_TWO == ("glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
+                          "glibc.malloc.trim_threshold=17179869184")
+    assert cpu_tuning.retain_tunables({"avx2", "fma"}) == RETAIN_TWO
+    assert cpu_tuning.retain_tunables({"avx2", "fma", "avx512f", "avx512_bf16"}) == RETAIN
+    jax_avx2 = {**LINUX, "backend": "jax", "cpu_flags": {"avx2", "fma"}}
+    new = tuned_environ({"JAX_PLATFORMS": "cpu"}, **jax_avx2)
+    assert new["GLIBC_TUNABLES"] == RETAIN_TWO
+    # after the re-exec nothing more: no second re-exec and no huge-page tunable beside them
+    assert tuned_environ(new, **jax_avx2) is None
+    # a huge-page setting of the user's is kept beside them, as with one arena
+    new = tuned_environ({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": HUGETLB_TUNABLE}, **jax_avx2)
+    assert new["GLIBC_TUNABLES"] == f"{HUGETLB_TUNABLE}:{RETAIN_TWO}"
 
 
 @pytest.mark.parametrize("override", [dict(backend="tensorflow"), dict(backend="torch"),
