@@ -40,5 +40,5 @@ def test_either_backend_failing_fails_the_run(tmp_path, serial):
     else:
         assert "KERAS_BACKEND=jax: exit 0; 2 passed" in out.stdout
         assert "KERAS_BACKEND=tensorflow: exit 1; 1 failed, 1 passed" in out.stdout
-        # every output line of the two runs names its backend
+        # the two runs' output lines are prefixed with their backend
         assert "[tensorflow] FAILED" in out.stdout and "[jax] " in out.stdout

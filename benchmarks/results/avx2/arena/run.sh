@@ -2,7 +2,10 @@
 # JAX's retaining malloc with one arena (the library's RETAIN_TUNABLES) against two, on the
 # same small pages (hugetlb=0 named, since the start-up adds hugetlb=1 beside a user's own
 # malloc setting). Fresh processes, alternated one/two: peak RSS over 30 steps (5 each), the
-# first call with the cache off (3 each), then one long process each (100 steps).
+# first call with the cache off (3 each), then one long process each (100 steps). The one-arena
+# runs here take the library's setting, which became two arenas on AVX2 while the long run was
+# pending: its output is memory_two_long_b; run_first_call_more.sh repeats it explicitly. To rerun
+# this script now, give the one-arena setting explicitly as run_first_call_more.sh does.
 cd "$(dirname "$0")/../../../.."  # the repository root
 out=benchmarks/results/avx2/arena
 TWO=glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.hugetlb=0
