@@ -71,7 +71,8 @@ def main():
     print("| directory | label | GLIBC_TUNABLES | RSS after first step | RSS after steps | peak |")
     print("|---|---|---|---:|---:|---:|")
     for row in memories():
-        print(f"| {row[0]} | {row[1]} | `{row[2]}` | {row[3]:,.0f} | {row[4]:,.0f} | {row[5]:,.0f} |")
+        print(f"| {row[0]} | {row[1]} | `{row[2]}` | {row[3]:,.0f} | {row[4]:,.0f} "
+              f"| {row[5]:,.0f} |")
 
 
 if __name__ == "__main__":
