@@ -55,8 +55,8 @@ AVX2 and AVX-512 CPUs.
    step (560 MiB of 4 KiB pages) without huge pages, ~600 (2 MiB pages) with them and a step
    time that alternates between ~1.8 and ~2.3 s; with one arena (``glibc.malloc.arena_max=1``),
    no mmap'ed blocks (``mmap_max=0``) and no trimming (``trim_threshold`` 16 GiB) no faults
-   after the first step and a steady ~1.83 s (on AVX2 CPUs without AVX-512 two arenas, which
-   build and compile faster at the same speed and memory: :func:`retain_tunables`). Paired
+   after the first step and a steady ~1.83 s (on AVX2 CPUs without AVX-512 two arenas, at the
+   same speed and no more memory: :func:`retain_tunables`). Paired
    img/s, 15 rounds each (``benchmarks/train_step.py``, ``benchmarks/results/retain_memory``):
    JAX 1.28× [1.08, 1.43] against huge pages alone (4.21 vs 3.21 img/s; earlier runs 1.25× and
    1.12×),
@@ -183,18 +183,19 @@ def retain_tunables(cpu_flags=None):
     :data:`RETAIN_TUNABLES` (one arena) otherwise — each as measured on its ISA.
 
     One arena makes XLA's compile threads wait for each other in ``malloc`` (profiled on
-    AVX-512: ~16 % of the compile in libc, ~16 % in futex waits). A second arena serves them;
-    the training step's large blocks can still only come from the main heap (glibc gives a
-    second arena heaps of at most 64 MiB, and ``mmap_max=0`` forbids the ``mmap`` it would fall
-    back to). Measured on an AMD EPYC of family 25 model 1 (avx2 / fma, no AVX-512;
-    ``benchmarks/results/avx2/arena``, DDPM CIFAR-10 U-Net, batch 8, small pages): paired
-    training img/s one ÷ two arenas 0.96× [0.935, 1.002] over 20 rounds (3.18 vs 3.35 img/s;
-    ``benchmarks/results/avx2/train_step_88``); peak RSS over 30 steps of ``train_on_batch``,
-    fresh processes alternated, 2,298–2,307 MiB with one, 2,277–2,298 with two (5 each); over
-    100 steps no growth with either (one: 2,293 → 2,298 MiB; two: 2,267 → 2,279 and 2,316 →
-    2,329); building the model 1.35× [1.10, 1.52] faster with two (medians 16.2 vs 12.1 s, 9
-    pairs), the first call of the training step medians 32.8 vs 23.9 s (one ÷ two 1.08× [0.96,
-    1.45], a noisy machine). Two arenas are not yet measured on AVX-512, which keeps one.
+    AVX-512: ~16 % of the compile in libc, ~16 % in futex waits); a second arena could serve
+    them, while the training step's large blocks can still only come from the main heap (glibc
+    gives a second arena heaps of at most 64 MiB, and ``mmap_max=0`` forbids the ``mmap`` it
+    would fall back to). Measured on an AMD EPYC of family 25 model 1 (avx2 / fma, no AVX-512;
+    ``benchmarks/results/avx2/arena``, DDPM CIFAR-10 U-Net, batch 8, small pages), at no cost:
+    paired training img/s one ÷ two arenas 0.96× [0.935, 1.002] over 20 rounds (3.18 vs 3.35
+    img/s; ``benchmarks/results/avx2/train_step_88``); peak RSS over 30 steps of
+    ``train_on_batch``, fresh processes alternated, 2,298–2,307 MiB with one, 2,277–2,298 with
+    two (5 each); over 100 steps no growth with either (one: 2,293 → 2,298 MiB; two: 2,267 →
+    2,279 and 2,316 → 2,329). A faster first call is not established: medians 32.8 vs 23.9 s
+    (9 pairs), but the machine was faster during the two-arena processes, and scaled by their
+    numpy roofs one ÷ two is 0.87× [0.63, 1.15]. Two arenas are not yet measured on AVX-512,
+    which keeps one.
     """
     cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
     if "avx2" in cpu_flags and "avx512f" not in cpu_flags:

@@ -67,6 +67,17 @@ def main():
         print(f"\n{label}: medians one {statistics.median(one):.1f} s, two "
               f"{statistics.median(two):.1f} s over {len(one)} pairs; paired one ÷ two "
               f"{ci['ratio']:.2f}× [{ci['low']:.2f}, {ci['high']:.2f}] (95 % bootstrap)")
+    roofs = [v["two"]["roof"] / v["one"]["roof"] for v in pairs.values()]
+    print(f"\nnumpy roof of the process, two ÷ one: median {statistics.median(roofs):.2f}, higher "
+          f"with two in {sum(r > 1 for r in roofs)} of {len(roofs)} pairs (roof_check.sh: the "
+          "malloc setting itself does not change it), so the machine was faster during the "
+          "two-arena processes. Scaled by each process's roof (time × roof, assuming time ∝ "
+          "1 / roof):")
+    for key, label in (("first", "first call"), ("build", "build")):
+        one = [v["one"][key] * v["one"]["roof"] for v in pairs.values()]
+        two = [v["two"][key] * v["two"]["roof"] for v in pairs.values()]
+        ci = harness.paired_ratio_ci(one, two)
+        print(f"- {label}: one ÷ two {ci['ratio']:.2f}× [{ci['low']:.2f}, {ci['high']:.2f}]")
     print("\n## Memory, `benchmarks/memory.py` (train_on_batch, one batch)\n")
     print("| directory | label | GLIBC_TUNABLES | RSS after first step | RSS after steps | peak |")
     print("|---|---|---|---:|---:|---:|")
