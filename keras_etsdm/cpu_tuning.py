@@ -56,10 +56,9 @@ AVX2 and AVX-512 CPUs.
    time that alternates between ~1.8 and ~2.3 s; with one arena (``glibc.malloc.arena_max=1``),
    no mmap'ed blocks (``mmap_max=0``) and no trimming (``trim_threshold`` 16 GiB) no faults
    after the first step and a steady ~1.83 s (on AVX2 CPUs without AVX-512 two arenas, at the
-   same speed and no more memory: :func:`retain_tunables`). Paired
-   img/s, 15 rounds each (``benchmarks/train_step.py``, ``benchmarks/results/retain_memory``):
-   JAX 1.28× [1.08, 1.43] against huge pages alone (4.21 vs 3.21 img/s; earlier runs 1.25× and
-   1.12×),
+   same speed and no more memory: :func:`retain_tunables`). Paired img/s, 15 rounds each
+   (``benchmarks/train_step.py``, ``benchmarks/results/retain_memory``): JAX 1.28× [1.08,
+   1.43] against huge pages alone (4.21 vs 3.21 img/s; earlier runs 1.25× and 1.12×),
    sampling unchanged (vs diffusers: 1.03× / 0.97× eager with it, 0.99× / 1.00× without,
    separate runs), TensorFlow 0.99× [0.95, 1.03]
    (its allocator already reuses memory); ``bin/train`` on the embedded default unchanged (JAX
@@ -144,10 +143,9 @@ _MIN_GLIBC = (2, 35)  # first release with the glibc.malloc.hugetlb tunable
 # process; one malloc arena on AVX-512, two on AVX2 (see retain_tunables). The four tunables
 # exist since glibc 2.26.
 _RETAIN_NAMES = ("arena_max", "mmap_max", "trim_threshold", "mmap_threshold")
-RETAIN_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                   "glibc.malloc.trim_threshold=17179869184")
-RETAIN_TUNABLES_TWO_ARENAS = ("glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:"
-                              "glibc.malloc.trim_threshold=17179869184")
+_KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"
+RETAIN_TUNABLES = f"glibc.malloc.arena_max=1:{_KEEP_FREED}"
+RETAIN_TUNABLES_TWO_ARENAS = f"glibc.malloc.arena_max=2:{_KEEP_FREED}"
 _MIN_GLIBC_RETAIN = (2, 26)
 
 
