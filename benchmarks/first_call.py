@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 
 MODES = ("off", "cold", "warm")
+OPTIMIZERS = ("adam", "clipped_adam", "clipped_adam_unfused")
 
 
 def parse_args(argv=None):
@@ -49,6 +50,11 @@ def parse_args(argv=None):
     p.add_argument("--jit_compile", choices=("true", "false", "auto"), default="true",
                    help="auto: what bin/train uses (keras_etsdm.backend."
                         "default_train_jit_compile)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="adam: Keras's Adam 2e-4; clipped_adam: bin/train's "
+                        "(optimizers.make_optimizer: Adam 2e-4, global-norm clipping at 1.0, "
+                        "TensorFlow's fused update); clipped_adam_unfused: the same with "
+                        "Keras's per-operation update (fused=False)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"Comma-separated subset of {', '.join(MODES)}.")
     p.add_argument("--json", default=None)
@@ -84,7 +90,14 @@ def worker(args):
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
     # Default XLA on both backends (what the cache holds); bin/train's 'auto' skips XLA for
     # TensorFlow on AVX-512 CPUs (--jit_compile auto measures that path).
-    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=jit_compile)
+    if args.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(2e-4)
+    else:
+        from keras_etsdm.optimizers import make_optimizer
+
+        optimizer = make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0,
+                                   fused=args.optimizer == "clipped_adam")
+    model.compile(optimizer=optimizer, jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     x = np.clip(rng.standard_normal((args.batch, args.image_size, args.image_size, 3)), -1, 1)
     x = x.astype(np.float32)
@@ -96,7 +109,7 @@ def worker(args):
     print("RESULT " + json.dumps({
         "backend": keras.backend.backend(), "interpreter_s": t0 - _START, "import_s": t1 - t0,
         "build_s": t2 - t1, "first_call_s": t3 - t2, "second_call_s": t4 - t3,
-        "jit_compile": jit_compile,
+        "jit_compile": jit_compile, "optimizer": args.optimizer,
         "peak_rss_mib": harness.peak_rss_mib()}), flush=True)
 
 
@@ -112,7 +125,8 @@ def run_process(args, backend, cache_root):
         env = cache.cache_environ(env, backend, cache_root)
     argv = [sys.executable, os.path.abspath(__file__), "--worker",
             "--base_channels", str(args.base_channels), "--image_size", str(args.image_size),
-            "--batch", str(args.batch), "--jit_compile", args.jit_compile]
+            "--batch", str(args.batch), "--jit_compile", args.jit_compile,
+            "--optimizer", args.optimizer]
     start = time.perf_counter()
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start

@@ -112,9 +112,10 @@ def run_config(config, args):
     ``backend.release_build_memory`` after building, which ``training.train`` calls and every
     other configuration (``@release`` says so explicitly) calls too; ``@trim`` returns the C
     heap's free memory to the OS once after the first step (``cpu_tuning.trim_heap``);
-    ``@keepcompiler`` runs JAX's first step without giving the compiler's freed memory back
-    between compiling and running it (``backend.RELEASE_COMPILER_MEMORY = False``; the library
-    does it by default, ``backend.compile_then_release``); ``@async`` keeps JAX's asynchronous
+    ``@keepcompiler`` runs the first step without giving the compiler's freed memory back
+    (``backend.RELEASE_COMPILER_MEMORY = False``; by default the library does it between
+    compiling and running on JAX, ``backend.compile_then_release``, and after the first call on
+    TensorFlow, ``backend.run_then_release``); ``@async`` keeps JAX's asynchronous
     CPU dispatch (``KERAS_ETSDM_JAX_SYNC_DISPATCH=0``; the start-up tuning makes it synchronous
     on AVX-512, ``cpu_tuning`` item 5); ``#label`` only names a repeat."""
     from harness import _compilation_cache, _cpu_tuning, malloc_environ

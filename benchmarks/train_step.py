@@ -67,13 +67,14 @@ def parse_args(argv=None):
                         "tunables forced, as item 4 was set until 2026-12-06), "
                         "onednn_fusion=<types> (JAX only: tuned plus XLA CPU's oneDNN fusions, "
                         "types '/'-separated, e.g. dot/eltwise/reduce), xla:<flag>=<value> (JAX "
-                        "only: tuned plus one XLA flag, '/' for ',' in the value), "
+                        "and TensorFlow: tuned plus one XLA flag, '/' for ',' in the value), "
                         "tf_xla:<flag>=<value>[+<flag>=<value>...] (TensorFlow only: tuned plus "
                         "TF_XLA_FLAGS, e.g. auto-clustering), mimalloc (screening: mimalloc "
                         "preloaded in place of glibc's malloc, from the cmeel-mimalloc wheel of "
                         "benchmarks/requirements.txt; the library does not use it), "
-                        "keep_compiler_memory (JAX only: the first step compiled and run in one "
-                        "go, without backend.compile_then_release's heap trim in between), "
+                        "keep_compiler_memory (the first step compiled and run in one go, without "
+                        "the library's heap trim: JAX's backend.compile_then_release between "
+                        "compiling and running, TensorFlow's backend.run_then_release after), "
                         "async_dispatch (JAX only: without cpu_tuning's item 5, synchronous "
                         "CPU dispatch, which JAX on AVX2 / AVX-512 gets), wait_dispatch (JAX only, "
                         "screening: asynchronous dispatch, each step waiting for its inputs "
@@ -89,7 +90,9 @@ def parse_args(argv=None):
                    help="comma-separated training set-ups, one worker per backend and value, "
                         "each compared with as_is: as_is (Adam 2e-4, dropout 0.1), no_dropout "
                         "(dropout 0), clipped_adam (bin/train's optimizer: "
-                        "optimizers.make_optimizer, Adam with global-norm clipping at 1.0), "
+                        "optimizers.make_optimizer, Adam with global-norm clipping at 1.0, "
+                        "TensorFlow's fused update), clipped_adam_unfused (the same with Keras's "
+                        "per-operation update, paired with clipped_adam), "
                         "direct_upsample (every upsampling convolution run on the upsampled "
                         "image, as before layers.upsample_nearest_conv3x3)")
     p.add_argument("--json", default=None, help="also write all results to this JSON file")
@@ -101,7 +104,10 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-MODEL_VARIANTS = ("as_is", "no_dropout", "clipped_adam", "direct_upsample")
+MODEL_VARIANTS = ("as_is", "no_dropout", "clipped_adam", "clipped_adam_unfused",
+                  "direct_upsample")
+# the set-up a variant is paired with (as_is unless named here)
+VARIANT_BASE = {"clipped_adam_unfused": "clipped_adam"}
 
 
 # ----- worker ---------------------------------------------------------------------------------
@@ -127,8 +133,10 @@ def build_model(args):
     kwargs = {}
     if keras.backend.backend() == "jax":
         kwargs["steps_per_execution"] = args.jax_steps_per_execution
-    optimizer = (make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0)
-                 if args.model_variant == "clipped_adam" else keras.optimizers.Adam(2e-4))
+    optimizer = (make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0,
+                                fused=args.model_variant == "clipped_adam")
+                 if args.model_variant.startswith("clipped_adam")
+                 else keras.optimizers.Adam(2e-4))
     model.compile(optimizer=optimizer, jit_compile=_jit_value(args.jit_compile), **kwargs)
     return model
 
@@ -339,8 +347,9 @@ CPU_TUNINGS = ("tuned", "no_xla_flag", "no_hugetlb", "concurrency_scheduler", "n
 # dispatched, leaving the runtime time to free the previous step's temporaries
 WAIT_DISPATCH_VARIABLE = "ETSDM_BENCH_WAIT_DISPATCH"
 WAIT_DISPATCH_S = 0.005
-# JAX only, "keep_compiler_memory": the tuning, but the first step compiled and run in one go
-# (backend.RELEASE_COMPILER_MEMORY = False in the worker), as before compile_then_release
+# "keep_compiler_memory": the tuning, but the first step compiled and run in one go with no heap
+# trim (backend.RELEASE_COMPILER_MEMORY = False in the worker), as before compile_then_release
+# (JAX) and run_then_release (TensorFlow)
 KEEP_COMPILER_MEMORY_VARIABLE = "ETSDM_BENCH_KEEP_COMPILER_MEMORY"
 # "no_retain_memory": the tuning without item 4 (huge pages, glibc malloc otherwise as it is),
 # through cpu_tuning's own switch; not by setting a malloc tunable to glibc's default value,
@@ -352,8 +361,9 @@ CONCURRENCY_SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler=true"
 # JAX only, "onednn_fusion=<types>": the tuned flags plus XLA CPU's oneDNN fusions of the given
 # types, "/"-separated ("dot/eltwise" → dot,eltwise; jaxlib 0.10 offers dot, eltwise, reduce)
 ONEDNN_FUSION_FLAG = "xla_cpu_experimental_onednn_fusion_type"
-# JAX only, "xla:<flag>=<value>": the tuned flags plus any one XLA flag ("/" → "," in the value),
-# for screening a flag before the library adopts it
+# "xla:<flag>=<value>": the tuned flags plus any one XLA flag ("/" → "," in the value), for
+# screening a flag before the library adopts it; JAX and TensorFlow (whose XLA reads XLA_FLAGS
+# too, for the jit_compile step)
 XLA_FLAG_PREFIXES = ("onednn_fusion=", "xla:")
 # TensorFlow only, "tf_xla:<flag>=<value>+<flag>=<value>...": TensorFlow's XLA flags added to
 # TF_XLA_FLAGS ("+" between flags, "/" for "," in a value), e.g. auto-clustering of the step's
@@ -452,13 +462,15 @@ def start_worker(args, backend, jit_compile, name, tuning="tuned", variant="as_i
 def paired_baselines(specs):
     """``(base, name)`` worker pairs to report as paired ratios base ÷ name: each start-up
     tuning against the tuned worker of the same backend, jit mode and set-up, and each set-up
-    (``--model_variants``) against as_is under the tuned start-up; then each TensorFlow worker
+    (``--model_variants``) against as_is (or its ``VARIANT_BASE``) under the tuned start-up;
+    then each TensorFlow worker
     of a later ``--tf_jit_compile`` value against the first value's with the same tuning and
     set-up. ``specs``: ``(backend, jit_compile, name, tuning, variant)`` tuples as ``main``
     builds them."""
     pairs = []
     for backend, jit, name, tuning, variant in specs:
-        want = (backend, jit, "tuned", variant if tuning != "tuned" else "as_is")
+        want = (backend, jit, "tuned",
+                variant if tuning != "tuned" else VARIANT_BASE.get(variant, "as_is"))
         base = next((n for b, j, n, t, v in specs if (b, j, t, v) == want), None)
         if (tuning, variant) != ("tuned", "as_is") and base is not None:
             pairs.append((base, name))
@@ -472,9 +484,9 @@ def paired_baselines(specs):
     return pairs
 
 
-def main(args):
-    if args.logdir:
-        os.makedirs(args.logdir, exist_ok=True)
+def worker_specs(args):
+    """``[(backend, jit_compile, name, tuning, variant)]``, one per worker the arguments ask for
+    (tunings a backend has no use for are left out); bad values raise ``SystemExit``."""
     specs = []
     tunings = [t.strip() for t in args.cpu_tuning.split(",") if t.strip()]
     named = {t for t in tunings
@@ -504,9 +516,12 @@ def main(args):
         if backend not in ("jax", "tensorflow", "torch"):
             raise SystemExit(f"Unknown backend {backend!r}; expected jax, tensorflow or torch.")
         for tuning, variant in [(t, v) for t in tunings for v in variants]:
-            if (tuning in ("no_xla_flag", "concurrency_scheduler", "keep_compiler_memory",
-                           "async_dispatch", "wait_dispatch", "avx512_set")
-                    or tuning.startswith(XLA_FLAG_PREFIXES)) and backend != "jax":
+            if (tuning in ("no_xla_flag", "concurrency_scheduler", "async_dispatch",
+                           "wait_dispatch", "avx512_set")
+                    or tuning.startswith("onednn_fusion=")) and backend != "jax":
+                continue
+            if ((tuning == "keep_compiler_memory" or tuning.startswith("xla:"))
+                    and backend not in ("jax", "tensorflow")):
                 continue
             if tuning.startswith(TF_XLA_FLAG_PREFIX) and backend != "tensorflow":
                 continue
@@ -519,6 +534,13 @@ def main(args):
                                   tuning, variant))
             else:
                 specs.append((backend, "auto", backend + suffix, tuning, variant))
+    return specs
+
+
+def main(args):
+    if args.logdir:
+        os.makedirs(args.logdir, exist_ok=True)
+    specs = worker_specs(args)
     print(f"machine: {harness.machine_description()}", flush=True)
     workers = []
     try:

@@ -429,12 +429,13 @@ class DiffusionModel(keras.Model):
             self.swap_ema_weights()
 
     def _make_function(self, step_function, *args, **kwargs):
-        # Keras's JAX trainer builds train / test / predict functions from the jitted step here;
-        # the first call of each compiles it, gives the compiler's freed memory back, then runs
-        # (backend.compile_then_release). TensorFlow's trainer has a method of this name too
-        # and is passed through unchanged.
-        return super()._make_function(etsdm_backend.compile_then_release(step_function),
-                                      *args, **kwargs)
+        # Both trainers build their train / test functions here. JAX: the first call of the
+        # jitted step compiles it, gives the compiler's freed memory back, then runs
+        # (backend.compile_then_release). TensorFlow traces and compiles inside the first
+        # call, so the freed memory is given back after it (backend.run_then_release).
+        function = super()._make_function(etsdm_backend.compile_then_release(step_function),
+                                          *args, **kwargs)
+        return etsdm_backend.run_then_release(function)
 
     # ----- compile: optimizer state before the first trace ---------------------------------
     def compile(self, *args, **kwargs):

@@ -6,6 +6,7 @@ Keras-serialisable, so compiled models save and load with their optimizer.
 
 import keras
 
+from keras_etsdm import backend as etsdm_backend
 from keras_etsdm import distribute
 
 
@@ -42,14 +43,21 @@ class ClippedAdam(keras.optimizers.Adam):
     would depend on the replica count; here the norm is taken of the all-reduced gradient and
     every replica scales its part by the same factor (scaling commutes with the sum).
 
+    On TensorFlow each variable's update is one fused kernel (``backend.fused_adam_update``,
+    the same arithmetic as Keras's Adam), which shortens tracing the training step and, without
+    XLA, the step itself.
+
     Args:
         clip_norm: clip the gradient to this global norm (None or 0: no clipping).
+        fused: on TensorFlow, update each variable with one fused kernel (not with AMSGrad,
+            which keeps Keras's update). False: Keras's update everywhere.
         **kwargs: ``keras.optimizers.Adam`` arguments.
     """
 
-    def __init__(self, clip_norm=None, **kwargs):
+    def __init__(self, clip_norm=None, fused=True, **kwargs):
         super().__init__(**kwargs)
         self.clip_norm = float(clip_norm) if clip_norm else None
+        self.fused = bool(fused)
 
     def build(self, variables):
         if self.built:  # Adam's build is a no-op then; a second grad_norm would be orphaned
@@ -70,15 +78,37 @@ class ClippedAdam(keras.optimizers.Adam):
         scale = keras.ops.minimum(1.0, self.clip_norm / keras.ops.maximum(norm, 1e-12))
         return [None if g is None else g * keras.ops.cast(scale, g.dtype) for g in grads]
 
+    def update_step(self, gradient, variable, learning_rate):
+        if not (self.fused and not self.amsgrad
+                and etsdm_backend.backend_name() == "tensorflow"):
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        etsdm_backend.fused_adam_update(
+            variable, self._momentums[index], self._velocities[index], gradient,
+            self._fused_scalars(learning_rate, variable.dtype))
+
+    def _fused_scalars(self, learning_rate, dtype):
+        # Once per step, not per variable: every variable of a step gets the same
+        # learning-rate tensor (held here, so its id cannot be reused by another step's).
+        cached = getattr(self, "_fused_step", None)
+        if cached is None or cached[0] is not learning_rate or cached[1] != dtype:
+            scalars = etsdm_backend.fused_adam_scalars(
+                learning_rate, self.iterations + 1, self.beta_1, self.beta_2, self.epsilon,
+                dtype)
+            cached = self._fused_step = (learning_rate, dtype, scalars)
+        return cached[2]
+
     def get_config(self):
-        return {**super().get_config(), "clip_norm": self.clip_norm}
+        return {**super().get_config(), "clip_norm": self.clip_norm, "fused": self.fused}
 
 
 def make_optimizer(learning_rate=2e-4, warmup_steps=0, grad_clip_norm=1.0, beta_1=0.9,
-                   beta_2=0.999, epsilon=1e-8, weight_decay=None):
-    """``ClippedAdam`` with a linear warm-up (the DDPM / ADM recipe: Adam, clip 1.0)."""
+                   beta_2=0.999, epsilon=1e-8, weight_decay=None, fused=True):
+    """``ClippedAdam`` with a linear warm-up (the DDPM / ADM recipe: Adam, clip 1.0);
+    ``fused``: TensorFlow's one-kernel update (``ClippedAdam``)."""
     if learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}.")
     return ClippedAdam(clip_norm=grad_clip_norm,
                        learning_rate=WarmupConstant(learning_rate, warmup_steps),
-                       beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay)
+                       beta_1=beta_1, beta_2=beta_2, epsilon=epsilon, weight_decay=weight_decay,
+                       fused=fused)

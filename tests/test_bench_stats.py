@@ -532,6 +532,11 @@ def test_train_step_pairs_each_tuning_and_each_set_up_with_its_own_baseline():
         ("tf", "tf{clipped_adam}"),
         ("tf{clipped_adam}", "tf-xla{clipped_adam}"),  # the jit modes, same set-up
     ]  # tf-xla{clipped_adam} has no as_is worker of its jit mode: not paired with one
+    # the unfused optimizer is paired with the fused one, not with as_is
+    specs = [("tensorflow", "true", "tf{clipped_adam}", "tuned", "clipped_adam"),
+             ("tensorflow", "true", "tf{clipped_adam_unfused}", "tuned", "clipped_adam_unfused")]
+    assert train_step.paired_baselines(specs) == [("tf{clipped_adam}",
+                                                   "tf{clipped_adam_unfused}")]
     with pytest.raises(SystemExit, match="--model_variants: expected values among"):
         train_step.main(train_step.parse_args(["--model_variants", "as_is,nodropout"]))
 
@@ -551,6 +556,27 @@ def test_train_step_worker_environ_adds_the_named_xla_flags_to_the_callers():
         "KERAS_BACKEND": "jax", train_step.KEEP_COMPILER_MEMORY_VARIABLE: "1"}
     with pytest.raises(SystemExit, match="not of the form tf_xla:<flag>=<value>"):
         train_step.main(train_step.parse_args(["--cpu_tuning", "tuned,tf_xla:auto_jit"]))
+
+
+def test_train_step_workers_get_only_the_tunings_their_backend_uses():
+    import train_step
+
+    flag = "xla:xla_cpu_enable_concurrency_optimized_scheduler=false"
+    args = train_step.parse_args([
+        "--backends", "jax,tensorflow,torch", "--tf_jit_compile", "true",
+        "--cpu_tuning", f"tuned,keep_compiler_memory,{flag},onednn_fusion=dot,"
+                        "tf_xla:tf_xla_auto_jit=2"])
+    names = [name for _, _, name, _, _ in train_step.worker_specs(args)]
+    assert names == [
+        "jax", "jax[keep_compiler_memory]", f"jax[{flag}]", "jax[onednn_fusion=dot]",
+        # TensorFlow's XLA reads XLA_FLAGS too, and trims after its first step
+        "tensorflow(jit_compile=true)", "tensorflow(jit_compile=true)[keep_compiler_memory]",
+        f"tensorflow(jit_compile=true)[{flag}]",
+        "tensorflow(jit_compile=true)[tf_xla:tf_xla_auto_jit=2]",
+        "torch"]
+    env = train_step.worker_environ("tensorflow", flag, environ={"XLA_FLAGS": "--a=1"})
+    assert env == {"KERAS_BACKEND": "tensorflow", "XLA_FLAGS":
+                   "--a=1 --xla_cpu_enable_concurrency_optimized_scheduler=false"}
 
 
 def test_train_step_small_pages_keeps_the_huge_page_tunable_out():

@@ -180,3 +180,94 @@ def test_diffusion_model_steps_go_through_compile_then_release(request):
     for _ in range(2):
         samples = keras.ops.convert_to_numpy(sampler.sample(model, x))
     assert np.all(np.isfinite(samples)) and counts.trims == 3  # the sampling loop, once
+
+
+# ----- backend.run_then_release: TensorFlow gives the freed memory back after the first call ----
+tensorflow_only = pytest.mark.skipif(
+    __import__("keras").backend.backend() != "tensorflow", reason="TensorFlow's steps only")
+
+
+@pytest.fixture
+def trims(monkeypatch):
+    """Counts heap trims from the moment it is requested: ``[count]``."""
+    count = [0]
+
+    def trim():
+        count[0] += 1
+        return True
+
+    monkeypatch.setattr(cpu_tuning, "trim_heap", trim)
+    return count
+
+
+@tensorflow_only
+def test_run_then_release_trims_once_after_the_first_call(monkeypatch):
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_etsdm import backend
+
+    log = []
+
+    def step(x, y=None):
+        log.append("trace")  # Python side effect: runs while tracing only
+        return x * 2.0 + tf.reduce_sum(x) + (0.0 if y is None else y)
+
+    wrapped = backend.run_then_release(tf.function(step))
+    monkeypatch.setattr(cpu_tuning, "trim_heap", lambda: log.append("trim") or True)
+    x = tf.constant([1.0, 2.0, 3.0])
+    first = wrapped(x, y=1.0)
+    assert log == ["trace", "trim"]  # traced (and compiled) and run, then trimmed
+    np.testing.assert_array_equal(first.numpy(), [9.0, 11.0, 13.0])
+    np.testing.assert_array_equal(wrapped(x, y=1.0).numpy(), first.numpy())
+    assert log == ["trace", "trim"]  # later calls: no trace, no trim
+
+
+@tensorflow_only
+def test_run_then_release_switch_off(monkeypatch, request):
+    import tensorflow as tf
+
+    from keras_etsdm import backend
+
+    monkeypatch.setattr(backend, "RELEASE_COMPILER_MEMORY", False)
+    wrapped = backend.run_then_release(tf.function(lambda x: x + 3.0))
+    trims = request.getfixturevalue("trims")
+    assert float(wrapped(tf.constant(1.0))) == 4.0
+    assert trims[0] == 0
+
+
+@jax_only
+def test_run_then_release_leaves_other_backends_alone():
+    from keras_etsdm import backend
+
+    def step(x):
+        return x
+
+    assert backend.run_then_release(step) is step
+
+
+@tensorflow_only
+def test_diffusion_model_steps_go_through_run_then_release(request):
+    import keras
+    import numpy as np
+
+    from keras_etsdm import DiffusionModel, build_unet
+
+    keras.utils.set_random_seed(0)
+    network = build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1, 2),
+                         num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+    model = DiffusionModel(network, seed=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    trims = request.getfixturevalue("trims")  # counting starts here
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype("float32")
+    loss = float(model.train_on_batch(x))
+    assert np.isfinite(loss) and trims[0] == 1
+    model.train_on_batch(x)
+    model.test_on_batch(x)
+    assert trims[0] == 2  # once for the training step, once for the test step
+    from keras_etsdm.samplers import DDIMSampler
+
+    sampler = DDIMSampler(num_steps=2, schedule=model.schedule)
+    for _ in range(2):
+        samples = keras.ops.convert_to_numpy(sampler.sample(model, x))
+    assert np.all(np.isfinite(samples)) and trims[0] == 3  # the sampling loop, once

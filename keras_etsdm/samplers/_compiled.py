@@ -147,7 +147,9 @@ class CompiledSegment:
             # function, so EMA swaps are seen without retracing.
             self.jit_compile = etsdm_backend.default_sample_jit_compile(
                 network=None if model is None else model.network)
-            call = tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=False)
+            # first call: trace and compile, run, then give the freed memory back
+            call = etsdm_backend.run_then_release(
+                tf.function(fn, jit_compile=self.jit_compile, reduce_retracing=False))
         else:
             # Other backends (torch): run eagerly; still correct, just not compiled.
             def call(tables, carry, extra, conditioning, start, stop):
