@@ -222,12 +222,14 @@ def run_then_release(function):
     Why: TensorFlow traces a ``tf.function`` and (with ``jit_compile``) XLA-compiles it inside
     its first call, and glibc keeps what tracing and compiling freed in the process for good.
     On the DDPM CIFAR-10 U-Net's training step (batch 8, XLA, AVX2 CPU) the compiler left
-    ~650 MiB free but resident: ``malloc_trim`` after the first step took the process from
-    ~2,900 to ~2,270 MiB, where it stayed over the following steps (TensorFlow allocates each
-    step's large temporaries afresh). TensorFlow offers no point between compiling and running
-    a function, so unlike :func:`compile_then_release` this lowers what the process holds after
-    its first call, not that call's own peak. Other backends: ``function`` unchanged, as when
-    :data:`RELEASE_COMPILER_MEMORY` is False.
+    ~650 MiB free but resident; trimmed, the process held 2,293–2,301 MiB after the first step
+    instead of 2,835–2,966 and 2,330–2,380 instead of 2,840–2,985 after 12 more (TensorFlow maps
+    each step's large temporaries afresh), and after a DDIM-10 call 1,634–1,636 instead of
+    1,817–1,854 MiB, at the same step speed (paired 0.985× [0.943, 1.056] over 15 rounds;
+    ``benchmarks/results/avx2/tf_release``). TensorFlow offers no point between compiling and
+    running a function, so unlike :func:`compile_then_release` this lowers what the process
+    holds after its first call, not that call's own peak. Other backends: ``function``
+    unchanged, as when :data:`RELEASE_COMPILER_MEMORY` is False.
 
     Args:
       function: the step (a ``tf.function`` or a Python function calling one).
@@ -276,11 +278,13 @@ def fused_adam_update(variable, m, v, gradient, scalars):
 
     The same arithmetic as ``keras.optimizers.Adam.update_step`` (``m += (g − m)(1 − β₁)``,
     ``v += (g² − v)(1 − β₂)``, ``var −= α m / (√v + ε)`` with ``α = lr √(1 − β₂ᵗ) / (1 −
-    β₁ᵗ)``), in one operation instead of ~25: Keras builds each of them per variable while
-    tracing the training step, which on the DDPM CIFAR-10 U-Net (304 variables) was 12 of the
-    28 s it took TensorFlow to trace it; without XLA the kernel also makes one pass over the
-    four arrays instead of one per operation. With XLA it lowers to the same fused loop.
-    TensorFlow only.
+    β₁ᵗ)``), in one operation instead of ~25 that Keras builds per variable while tracing the
+    training step (12 of the 28 s of tracing the DDPM CIFAR-10 U-Net's step, 304 variables, in a
+    profile). On that step (``benchmarks/results/avx2/tf_release``, AVX2 CPU): 18,185 traced
+    operations instead of 28,511; first call without XLA 38.6 → 17.0 s and with XLA 61.9 → 55.6
+    s (medians of 3 alternated pairs each, fused faster in all 6), peak RSS ~100 MiB (graph) and
+    ~250 MiB (XLA) lower; step speed unchanged (fused ÷ Keras's 0.995× [0.868, 1.048] without
+    XLA, 1.007× [0.913, 1.161] with it, 15 paired rounds). TensorFlow only.
 
     Args:
       variable: the model variable (a ``keras.Variable`` or ``tf.Variable``; inside a

@@ -539,8 +539,12 @@ def tensorflow_train_jit_compile(cpu_flags=None):
       graph on the same U-Net with ``bin/train``'s clipped Adam, 2.68 vs 2.32 img/s, paired
       1.12× [1.06, 1.19] over 15 rounds (``benchmarks/train_step.py --tf_jit_compile
       true,false``, ``benchmarks/results/avx2``), at a cost in first call (86 vs 39 s there;
-      44.7 vs 29.3 s in ``vs_diffusers.py``) and peak RSS (3.9 vs 2.8 GiB; 3.7 vs 2.7). → True
-      there and on other CPUs (not compared).
+      44.7 vs 29.3 s in ``vs_diffusers.py``) and peak RSS (3.9 vs 2.8 GiB; 3.7 vs 2.7). With
+      ``ClippedAdam``'s fused update (``benchmarks/results/avx2/tf_release``) the graph's first
+      call is 17–25 s and its peak over 32 ``fit`` steps 2,578 MiB against XLA's 44–59 s and
+      ~3.5 GiB, but XLA ÷ graph there was 1.090× [0.982, 1.227] (undecided; the 1.12× [1.06,
+      1.19] above stands) → True there and on other CPUs (not
+      compared); ``train.jit_compile=False`` trades that speed for the first call and memory.
 
     Args:
       cpu_flags: a set of ISA flags (default: :func:`cpu_isa_flags` of this machine).
