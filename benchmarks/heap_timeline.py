@@ -63,17 +63,11 @@ def worker(args):
     import keras
     import numpy as np
 
-    from keras_etsdm import DiffusionModel, build_unet
     from keras_etsdm import backend as etsdm_backend
+    from memory import build_training_model
 
     mark("import")
-    keras.utils.set_random_seed(0)
-    network = build_unet(image_size=32, channels=3, base_channels=args.base_channels,
-                         channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                         attention_resolutions=(16,), dropout=0.1, num_heads=1)
-    model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    jit = etsdm_backend.default_train_jit_compile()
-    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=jit)
+    model, jit = build_training_model(args.base_channels)
     etsdm_backend.release_build_memory()  # as training.train does
     etsdm_backend.RELEASE_COMPILER_MEMORY = args.release_compiler_memory == "True"
     mark("built")

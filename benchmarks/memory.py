@@ -51,23 +51,37 @@ def status_mib():
     return values
 
 
+def build_training_model(base_channels=128):
+    """``(model, jit_compile)``: the DDPM CIFAR-10 U-Net (``base_channels`` 128: 35.7 M
+    parameters) in a ``DiffusionModel`` with EMA, compiled with Keras's Adam 2e-4 and the
+    library's ``train.jit_compile='auto'`` choice."""
+    import keras
+
+    from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm import backend as etsdm_backend
+
+    keras.utils.set_random_seed(0)
+    network = build_unet(image_size=32, channels=3, base_channels=base_channels,
+                         channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+                         attention_resolutions=(16,), dropout=0.1, num_heads=1)
+    model = DiffusionModel(network, ema_decay=0.9999, seed=0)
+    jit = etsdm_backend.default_train_jit_compile()
+    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=jit)
+    return model, jit
+
+
 def worker(args):
     import numpy as np
 
     stages = {"python": status_mib()}
     import keras
 
-    from keras_etsdm import DiffusionModel, build_unet, cpu_tuning
+    from keras_etsdm import cpu_tuning
     from keras_etsdm import backend as etsdm_backend
 
     stages["import"] = status_mib()
-    keras.utils.set_random_seed(0)
-    network = build_unet(image_size=32, channels=3, base_channels=args.base_channels,
-                         channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                         attention_resolutions=(16,), dropout=0.1, num_heads=1)
-    model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    jit = etsdm_backend.default_train_jit_compile()
-    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=jit)
+    model, jit = build_training_model(args.base_channels)
+    network = model.network
     etsdm_backend.RELEASE_COMPILER_MEMORY = args.release_compiler_memory
     if args.release:  # as training.train does after building
         etsdm_backend.release_build_memory()

@@ -155,31 +155,40 @@ def test_compile_then_release_switch_off_and_non_jitted(monkeypatch, request):
     assert (counts.compiles, counts.trims) == (1, 0)
 
 
-@jax_only
-def test_diffusion_model_steps_go_through_compile_then_release(request):
+def _trims_of_a_model_life(trims):
+    """Trains twice, tests, samples twice with a tiny model; ``trims()`` (the heap trims counted
+    so far) after the first training step, after the test step and after sampling."""
     import keras
     import numpy as np
 
     from keras_etsdm import DiffusionModel, build_unet
+    from keras_etsdm.samplers import DDIMSampler
 
     keras.utils.set_random_seed(0)
     network = build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1, 2),
                          num_res_blocks=1, attention_resolutions=(), dropout=0.0)
     model = DiffusionModel(network, seed=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    counts = request.getfixturevalue("counts")  # counting starts here
+    start = trims()
     x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype("float32")
-    loss = float(model.train_on_batch(x))
-    assert np.isfinite(loss) and counts.trims == 1
+    assert np.isfinite(float(model.train_on_batch(x)))
+    counted = [trims() - start]
     model.train_on_batch(x)
     model.test_on_batch(x)
-    assert counts.trims == 2  # once for the training step, once for the test step
-    from keras_etsdm.samplers import DDIMSampler
-
+    counted.append(trims() - start)
     sampler = DDIMSampler(num_steps=2, schedule=model.schedule)
     for _ in range(2):
         samples = keras.ops.convert_to_numpy(sampler.sample(model, x))
-    assert np.all(np.isfinite(samples)) and counts.trims == 3  # the sampling loop, once
+    assert np.all(np.isfinite(samples))
+    counted.append(trims() - start)
+    return counted
+
+
+@jax_only
+def test_diffusion_model_steps_go_through_compile_then_release(request):
+    counts = request.getfixturevalue("counts")
+    # once for the training step, once for the test step, once for the sampling loop
+    assert _trims_of_a_model_life(lambda: counts.trims) == [1, 2, 3]
 
 
 # ----- backend.run_then_release: TensorFlow gives the freed memory back after the first call ----
@@ -248,26 +257,6 @@ def test_run_then_release_leaves_other_backends_alone():
 
 @tensorflow_only
 def test_diffusion_model_steps_go_through_run_then_release(request):
-    import keras
-    import numpy as np
-
-    from keras_etsdm import DiffusionModel, build_unet
-
-    keras.utils.set_random_seed(0)
-    network = build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1, 2),
-                         num_res_blocks=1, attention_resolutions=(), dropout=0.0)
-    model = DiffusionModel(network, seed=0)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    trims = request.getfixturevalue("trims")  # counting starts here
-    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)).astype("float32")
-    loss = float(model.train_on_batch(x))
-    assert np.isfinite(loss) and trims[0] == 1
-    model.train_on_batch(x)
-    model.test_on_batch(x)
-    assert trims[0] == 2  # once for the training step, once for the test step
-    from keras_etsdm.samplers import DDIMSampler
-
-    sampler = DDIMSampler(num_steps=2, schedule=model.schedule)
-    for _ in range(2):
-        samples = keras.ops.convert_to_numpy(sampler.sample(model, x))
-    assert np.all(np.isfinite(samples)) and trims[0] == 3  # the sampling loop, once
+    trims = request.getfixturevalue("trims")
+    # once for the training step, once for the test step, once for the sampling loop
+    assert _trims_of_a_model_life(lambda: trims[0]) == [1, 2, 3]
