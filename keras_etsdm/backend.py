@@ -279,8 +279,8 @@ def fused_adam_update(variable, m, v, gradient, scalars):
     The same arithmetic as ``keras.optimizers.Adam.update_step`` (``m += (g − m)(1 − β₁)``,
     ``v += (g² − v)(1 − β₂)``, ``var −= α m / (√v + ε)`` with ``α = lr √(1 − β₂ᵗ) / (1 −
     β₁ᵗ)``), in one operation instead of ~25 that Keras builds per variable while tracing the
-    training step (12 of the 28 s of tracing the DDPM CIFAR-10 U-Net's step, 304 variables, in a
-    profile). On that step (``benchmarks/results/avx2/tf_release``, AVX2 CPU): 18,185 traced
+    training step (29 % of the time tracing the DDPM CIFAR-10 U-Net's step, 304 variables, in a
+    profile, ``benchmarks/trace_ops.py --profile``). On that step (``benchmarks/results/avx2/tf_release``, AVX2 CPU): 18,185 traced
     operations instead of 28,511; first call without XLA 38.6 → 17.0 s and with XLA 61.9 → 55.6
     s (medians of 3 alternated pairs each, fused faster in all 6), peak RSS ~100 MiB (graph) and
     ~250 MiB (XLA) lower; step speed unchanged (fused ÷ Keras's 0.995× [0.868, 1.048] without

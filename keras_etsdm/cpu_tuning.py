@@ -543,8 +543,8 @@ def tensorflow_train_jit_compile(cpu_flags=None):
       ``ClippedAdam``'s fused update (``benchmarks/results/avx2/tf_release``) the graph's first
       call is 17–25 s and its peak over 32 ``fit`` steps 2,578 MiB against XLA's 44–59 s and
       ~3.5 GiB, but XLA ÷ graph there was 1.090× [0.982, 1.227] (undecided; the 1.12× [1.06,
-      1.19] above stands) → True there and on other CPUs (not
-      compared); ``train.jit_compile=False`` trades that speed for the first call and memory.
+      1.19] above stands) → True there and on other CPUs (not compared);
+      ``train.jit_compile=False`` trades that speed for the first call and memory.
 
     Args:
       cpu_flags: a set of ISA flags (default: :func:`cpu_isa_flags` of this machine).
