@@ -226,7 +226,7 @@ def test_run_then_release_trims_once_after_the_first_call(monkeypatch):
     monkeypatch.setattr(cpu_tuning, "trim_heap", lambda: log.append("trim") or True)
     x = tf.constant([1.0, 2.0, 3.0])
     first = wrapped(x, y=1.0)
-    assert log == ["trace", "trim"]  # traced (and compiled) and run, then trimmed
+    assert log == ["trace", "trim"]  # traced and run, then trimmed
     np.testing.assert_array_equal(first.numpy(), [9.0, 11.0, 13.0])
     np.testing.assert_array_equal(wrapped(x, y=1.0).numpy(), first.numpy())
     assert log == ["trace", "trim"]  # later calls: no trace, no trim
