@@ -51,10 +51,11 @@ def status_mib():
     return values
 
 
-def build_training_model(base_channels=128):
+def build_training_model(base_channels=128, optimizer=None, jit_compile=None):
     """``(model, jit_compile)``: the DDPM CIFAR-10 U-Net (``base_channels`` 128: 35.7 M
-    parameters) in a ``DiffusionModel`` with EMA, compiled with Keras's Adam 2e-4 and the
-    library's ``train.jit_compile='auto'`` choice."""
+    parameters) in a ``DiffusionModel`` with EMA, compiled with ``optimizer`` (default Keras's
+    Adam 2e-4) and ``jit_compile`` (default the library's ``train.jit_compile='auto'``
+    choice)."""
     import keras
 
     from keras_etsdm import DiffusionModel, build_unet
@@ -65,8 +66,8 @@ def build_training_model(base_channels=128):
                          channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                          attention_resolutions=(16,), dropout=0.1, num_heads=1)
     model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    jit = etsdm_backend.default_train_jit_compile()
-    model.compile(optimizer=keras.optimizers.Adam(2e-4), jit_compile=jit)
+    jit = etsdm_backend.default_train_jit_compile() if jit_compile is None else jit_compile
+    model.compile(optimizer=optimizer or keras.optimizers.Adam(2e-4), jit_compile=jit)
     return model, jit
 
 

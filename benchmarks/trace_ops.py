@@ -34,20 +34,15 @@ def main():
     import tensorflow as tf
 
     import harness
-    from keras_etsdm import DiffusionModel, build_unet
     from keras_etsdm.optimizers import make_optimizer
+    from memory import build_training_model
 
     if keras.backend.backend() != "tensorflow":
         raise SystemExit("trace_ops.py measures TensorFlow's tracing: run with "
                          "KERAS_BACKEND=tensorflow.")
-    keras.utils.set_random_seed(0)
-    network = build_unet(image_size=32, channels=3, base_channels=args.base_channels,
-                         channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                         attention_resolutions=(16,), dropout=0.1, num_heads=1)
-    model = DiffusionModel(network, ema_decay=0.9999, seed=0)
-    model.compile(optimizer=make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0,
-                                           fused=args.optimizer == "clipped_adam"),
-                  jit_compile=False)
+    optimizer = make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0,
+                               fused=args.optimizer == "clipped_adam")
+    model, _ = build_training_model(args.base_channels, optimizer=optimizer, jit_compile=False)
     step = tf.function(model.train_step)
     profile = cProfile.Profile() if args.profile else None
     start = time.perf_counter()
@@ -64,10 +59,10 @@ def main():
     if profile:
         stats = pstats.Stats(profile).stats
         total = max(v[3] for v in stats.values())  # the outermost call: the whole trace
-        for name, where in (("optimizer apply", "base_optimizer.py"),
-                            ("Adam.update_step", "adam.py")):
-            key = "apply" if name == "optimizer apply" else "update_step"
-            cum = sum(v[3] for k, v in stats.items() if k[0].endswith(where) and k[2] == key)
+        for name, where, function in (("optimizer apply", "base_optimizer.py", "apply"),
+                                      ("Adam.update_step", "adam.py", "update_step")):
+            cum = sum(v[3] for k, v in stats.items()
+                      if k[0].endswith(where) and k[2] == function)
             print(f"  {name}: {cum:.1f} s cumulative of {total:.1f} s profiled "
                   f"({100 * cum / total:.0f} %)")
 
