@@ -13,7 +13,10 @@ is warm but the OS page cache. Per backend and round, three processes in a row:
 
 Reported per process: import seconds (``import keras_etsdm``), build seconds (network +
 ``DiffusionModel`` + ``compile``), first-call and second-call seconds of ``train_on_batch``,
-peak RSS; medians over rounds.
+peak RSS; medians over rounds. On JAX the JSON also splits the build's and the first call's
+compile work into JAX's phases (``build_phases_s`` / ``first_call_phases_s``: seconds and counts
+of tracing to a jaxpr, lowering to StableHLO and XLA's backend compile, from JAX's monitoring
+events).
 
     python benchmarks/first_call.py --rounds 3 --json benchmarks/results/first_call/first_call.json
     python benchmarks/first_call.py --base_channels 32 --rounds 1      # smoke test
@@ -80,6 +83,7 @@ def worker(args):
     import keras
 
     from keras_etsdm import DiffusionModel, backend, build_unet
+    phases = _jax_phase_recorder()
     t1 = time.perf_counter()
     jit_compile = (backend.default_train_jit_compile() if args.jit_compile == "auto"
                    else args.jit_compile == "true")
@@ -101,16 +105,53 @@ def worker(args):
     rng = np.random.default_rng(0)
     x = np.clip(rng.standard_normal((args.batch, args.image_size, args.image_size, 3)), -1, 1)
     x = x.astype(np.float32)
+    build_phases = phases.take()
     t2 = time.perf_counter()
     model.train_on_batch(x)
     t3 = time.perf_counter()
+    first_call_phases = phases.take()
     model.train_on_batch(x)
     t4 = time.perf_counter()
     print("RESULT " + json.dumps({
         "backend": keras.backend.backend(), "interpreter_s": t0 - _START, "import_s": t1 - t0,
         "build_s": t2 - t1, "first_call_s": t3 - t2, "second_call_s": t4 - t3,
         "jit_compile": jit_compile, "optimizer": args.optimizer,
+        "build_phases_s": build_phases, "first_call_phases_s": first_call_phases,
         "peak_rss_mib": harness.peak_rss_mib()}), flush=True)
+
+
+class _PhaseSums:
+    """Seconds per JAX compile phase since the last ``take`` (JAX's monitoring events)."""
+
+    NAMES = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+             "/jax/core/compile/backend_compile_duration": "xla_compile"}
+
+    def __init__(self):
+        self.sums = {}
+
+    def __call__(self, event, duration, **_):
+        name = self.NAMES.get(event)
+        if name is not None:
+            self.sums[name] = self.sums.get(name, 0.0) + duration
+            self.sums[name + "_count"] = self.sums.get(name + "_count", 0) + 1
+
+    def take(self):
+        sums, self.sums = self.sums, {}
+        return sums
+
+
+def _jax_phase_recorder():
+    """A ``_PhaseSums`` listening to JAX's compile events (stays empty on other backends):
+    where a first call's seconds go — tracing to a jaxpr, lowering to StableHLO, XLA's compile."""
+    import keras
+
+    recorder = _PhaseSums()
+    if keras.backend.backend() == "jax":
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(recorder)
+    return recorder
 
 
 def run_process(args, backend, cache_root):
