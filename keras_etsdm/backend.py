@@ -64,6 +64,31 @@ def to_numpy(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
 
+# ----- a variable's initial copy without a compiled op per shape (JAX) -------------------------
+def copy_initializer(variable):
+    """Initializer: a copy of ``variable``'s current value, in a buffer of its own (JAX must not
+    alias buffers that a step donates), without a compiled copy per weight shape on JAX.
+
+    JAX runs an eager op by compiling it once per distinct shape: building the CIFAR-10 U-Net's
+    training model compiled 73 small programs, 26 of them the EMA's copies (``ops.copy``) and
+    more its zero fills; 31 with this initializer (benchmarks/results/avx2/jax_compile).
+    ``jax.device_put(..., may_alias=False)`` copies without one. The returned initializer checks
+    that the new variable has ``variable``'s shape and returns the value in ``variable``'s dtype
+    (the new variable casts it to its own).
+    """
+    def initializer(shape, dtype=None):
+        if tuple(variable.shape) != tuple(shape):
+            raise ValueError(f"copy_initializer: the variable {variable.path!r} has shape "
+                             f"{tuple(variable.shape)}, the new variable asks for {tuple(shape)}.")
+        if backend_name() == "jax":
+            import jax
+
+            return jax.device_put(variable.value, may_alias=False)  # a copy, never an alias
+        return keras.ops.copy(variable.value)
+
+    return initializer
+
+
 @functools.lru_cache(maxsize=8)
 def _flat_concat(count):
     """A compiled ``(*arrays) -> one flat float32 vector`` for ``count`` arrays (TF / JAX)."""
@@ -151,9 +176,9 @@ def default_sample_jit_compile(environ=None, network=None):
 def release_build_memory():
     """Give back host memory that building a model left behind, before training starts.
 
-    On JAX each weight initializer of a new shape (and each EMA copy) is a compiled XLA program
-    of its own, ~3.5 MB of host memory apiece on a CPU, kept in JAX's caches after the weights
-    exist: ~150 of them, about 0.5 GiB, for the DDPM CIFAR-10 U-Net. Dropping JAX's caches and
+    On JAX each weight initializer of a new shape is a compiled XLA program of its own, ~3.5 MB
+    of host memory apiece on a CPU, kept in JAX's caches after the weights exist (the EMA's copies
+    are made without: :func:`copy_initializer`). Dropping JAX's caches and
     trimming the C heap (``cpu_tuning.trim_heap``) lowers the training process's peak resident
     memory (``benchmarks/memory.py``, ``benchmarks/results/memory``). Whatever was compiled
     before is compiled again when next used, so call it once, after building and before the

@@ -133,16 +133,15 @@ class DiffusionModel(keras.Model):
         input_shape = network.input["x"].shape if isinstance(network.input, dict) else None
         self.image_shape = tuple(input_shape[1:]) if input_shape is not None else None
         self._network_weights = list(network.trainable_variables)
+        # The EMA starts at the weights, copied without a compiled op per weight shape on JAX.
         self.ema_weights = [
-            self.add_weight(shape=w.shape, initializer="zeros", trainable=False,
-                            name=f"ema_{i}", aggregation="only_first_replica")
+            self.add_weight(shape=w.shape, initializer=etsdm_backend.copy_initializer(w),
+                            trainable=False, name=f"ema_{i}", aggregation="only_first_replica")
             for i, w in enumerate(self._network_weights)
         ]
         self.ema_updates = self.add_weight(shape=(), initializer="zeros", dtype="float32",
                                            trainable=False, name="ema_updates",
                                            aggregation="only_first_replica")
-        for ema, w in zip(self.ema_weights, self._network_weights):
-            ema.assign(ops.copy(w.value))  # a copy: JAX must not alias (donated) buffers
         self.built = True
 
     # ----- the seam -------------------------------------------------------------------------

@@ -70,10 +70,12 @@ def test_release_build_memory_gives_back_memory_and_keeps_the_model():
     growth = result["built"] - result["start"]
     given_back = result["built"] - result["released"]
     if result["backend"] == "jax" and cpu_tuning._glibc_version() is not None:
-        # Every initializer shape (and EMA copy) was a compiled program kept in JAX's caches,
-        # ~2-3.5 MiB of host memory each; the weights themselves are < 1 MiB here. Measured on
-        # the development machine: building cost ~880 MiB, ~220 MiB came back.
-        assert given_back > 100, result
+        # Every initializer of a new shape is a compiled program kept in JAX's caches, ~2-3.5
+        # MiB of host memory each; the weights themselves are < 1 MiB here. Measured on the
+        # AVX2 development machine (benchmarks/results/avx2/jax_compile/build_memory.txt):
+        # building cost 841-850 MiB and 219-224 came back while the EMA's copies were compiled
+        # too; since they are not (backend.copy_initializer), 703-704 MiB and 90-93 come back.
+        assert given_back > 40, result
         assert growth > given_back, result
 
 

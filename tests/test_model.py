@@ -162,6 +162,39 @@ def test_fit_model_fixture_starts_fresh(fit_model):
         np.testing.assert_array_equal(ops.convert_to_numpy(e.value), ops.convert_to_numpy(w.value))
 
 
+def test_ema_starts_as_a_copy_of_the_weights_without_a_compile_per_weight_shape():
+    """The EMA starts equal to the weights, in buffers of its own; on JAX without an eager copy
+    (or staging op) compiled per distinct weight shape (26 for the CIFAR-10 U-Net before,
+    benchmarks/results/avx2/jax_compile). Channel counts no other test uses, so that nothing
+    is already compiled for these shapes."""
+    network = ke.build_unet(image_size=8, channels=3, base_channels=12, channel_mult=(1,),
+                            num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(kwargs.get("fun_name", ""))
+
+    if BACKEND == "jax":
+        import jax.monitoring
+
+        jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        model = ke.DiffusionModel(network, ema_decay=0.9)
+    finally:
+        if BACKEND == "jax":
+            jax.monitoring.unregister_event_duration_listener(listener)
+    per_shape = [name for name in compiled if name in ("jit(copy)", "jit(stage)")]
+    assert per_shape == [], f"compiled per weight shape: {per_shape}"
+    weights = network.trainable_variables
+    for e, w in zip(model.ema_weights, weights, strict=True):
+        assert e.dtype == w.dtype and e.shape == w.shape
+        np.testing.assert_array_equal(ops.convert_to_numpy(e.value), ops.convert_to_numpy(w.value))
+    before = ops.convert_to_numpy(model.ema_weights[0].value).copy()
+    weights[0].assign(weights[0].value + 1.0)
+    np.testing.assert_array_equal(ops.convert_to_numpy(model.ema_weights[0].value), before)
+
+
 def test_ema_matches_the_recurrence(fit_model):
     model = fit_model()  # ema_decay=0.95, Adam(1e-2)
     x = digits(16)

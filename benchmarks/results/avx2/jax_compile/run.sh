@@ -37,3 +37,22 @@ XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text" .venv/bin/python bench
   && echo "training step ($step): LLVM kernel modules $(ls $step.*kernel_module.ir-with-opt.ll | wc -l)," \
      "HLO lines before / after optimization $(wc -l < $step.jit_train_step.before_optimizations.txt) /" \
      "$(wc -l < $step.jit_train_step.cpu_after_optimizations.txt)") > $here/hlo_dump_counts.txt
+
+# 5. The EMA's copy initializer: fresh processes, library before (a1e4183) and after (build/;
+#    tried_slots/build/ was the same with the variant that also made Adam's slots so).
+git worktree add /tmp/wt_before a1e4183
+$here/alternate_build.sh "1 2 3"
+.venv/bin/python $here/summarize.py build > $here/build.md
+.venv/bin/python $here/tried_slots/peak_probe.py as_is slots_device_put > $here/tried_slots/peak_probe.txt
+
+# 6. Build memory of tests/test_memory_release.py's model (JAX), before (a1e4183) / after the
+#    EMA copy initializer, two runs each (build_memory.txt; that model uses Keras's Adam, so the
+#    tried slot variant did not touch it).
+for i in 1 2; do for side in before after; do
+  if [ $side = before ]; then tree=/tmp/wt_before; else tree=$PWD; fi
+  (cd $tree && KERAS_BACKEND=jax PYTHONPATH=$tree $OLDPWD/.venv/bin/python -c "
+from tests.test_memory_release import run_script; r = run_script()
+print('$side', 'RSS MiB at start / built / released:', round(r['start']), round(r['built']), round(r['released']),
+      '| build growth', round(r['built'] - r['start']), '| given back', round(r['built'] - r['released']))" 2>&1 | tail -1)
+done; done >> $here/build_memory.txt
+git worktree remove --force /tmp/wt_before

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Tables of screen.sh's fresh-process first calls: JAX's training step with an XLA flag added
-against cpu_tuning's flags alone (AVX2).
+against cpu_tuning's flags alone (AVX2); with ``build [folder]``, alternate_build.sh's pairs instead
+(the library before / after the EMA's copies were made without compiled ops; ``folder`` default
+``build``, ``tried_slots/build`` for the variant that also made Adam's slots so).
 
     python benchmarks/results/avx2/jax_compile/summarize.py > benchmarks/results/avx2/jax_compile/screen.md
+    python benchmarks/results/avx2/jax_compile/summarize.py build > benchmarks/results/avx2/jax_compile/build.md
 
 Each pair is one round of ``screen.sh`` (the default process first, then the flagged one). Per
 flag: every pair's seconds (first call, its XLA compile, the model build and the build's own
@@ -47,7 +50,47 @@ def pairs_by_flag():
     return {name: dict(sorted(pairs.items())) for name, pairs in sorted(flags.items())}
 
 
+def ratio_line(complete, label):
+    """``label ÷ base`` per quantity over the complete pairs (base, new), bootstrap interval."""
+    return f"{label}, median of pairs [95 % bootstrap]: " + "; ".join(
+        "{} {ratio:.2f} [{low:.2f}, {high:.2f}]".format(q, **harness.paired_ratio_ci(
+            [get(new) for _, new in complete], [get(base) for base, _ in complete]))
+        for q, get in QUANTITIES) + f" (n = {len(complete)})"
+
+
+def build_pairs(folder="build"):
+    """alternate_build.sh's pairs: the library before → after, one fresh process each."""
+    folder = os.path.join(HERE, folder)
+    pairs = {}
+    for path in glob.glob(os.path.join(folder, "before_*.json")):
+        pair = int(re.match(r"before_(\d+)\.json", os.path.basename(path)).group(1))
+        after = os.path.join(folder, f"after_{pair}.json")
+        if os.path.exists(after):
+            pairs[pair] = (load(path), load(after))
+    print(f"# JAX's build and first call: `{os.path.relpath(folder, HERE)}` (AVX2)\n")
+    print("\n".join(f"- {cpu}" for cpu in sorted({r["cpu"] for p in pairs.values() for r in p})))
+    print("\nDDPM CIFAR-10 U-Net, batch 8, bin/train's optimizer (`--optimizer clipped_adam`), "
+          "`train_on_batch` under XLA, a fresh process each (`alternate_build.sh`: the library "
+          "at a1e4183, then as changed). Seconds; build's XLA: the sum and the number of JAX's "
+          "backend compiles while the model and optimizer are made; peak RSS of the process "
+          "(first and second call). Per pair: before → after.\n")
+    print("| pair | " + " | ".join(q for q, _ in QUANTITIES)
+          + " | build's compiles | peak RSS MiB | numpy roof GFLOP/s |")
+    print("|---|" + "---:|" * (len(QUANTITIES) + 3))
+    for pair, (before, after) in sorted(pairs.items()):
+        print(f"| {pair} | " + " | ".join(f"{get(before):.1f} → {get(after):.1f}"
+                                          for _, get in QUANTITIES)
+              + f" | {before['build_phases_s']['xla_compile_count']} → "
+                f"{after['build_phases_s']['xla_compile_count']}"
+              + f" | {before['peak_rss_mib']:.0f} → {after['peak_rss_mib']:.0f}"
+              + f" | {before['roof']:.0f} → {after['roof']:.0f} |")
+    if len(pairs) >= 2:
+        print("\n" + ratio_line(list(pairs.values()), "after ÷ before"))
+
+
 def main():
+    if sys.argv[1:2] == ["build"]:
+        return build_pairs(*sys.argv[2:3])
     flags = pairs_by_flag()
     cpus = sorted({run["cpu"] for pairs in flags.values() for pair in pairs.values()
                    for run in pair if run is not None})
@@ -77,11 +120,7 @@ def main():
             print("\nNo flagged process finished (XLA does not know the flag).\n")
             continue
         if len(complete) >= 2:
-            print("\nflag ÷ default, median of pairs [95 % bootstrap]: " + "; ".join(
-                "{} {ratio:.2f} [{low:.2f}, {high:.2f}]".format(q, **harness.paired_ratio_ci(
-                    [get(f) for _, f in complete.values()],
-                    [get(d) for d, _ in complete.values()]))
-                for q, get in QUANTITIES) + f" (n = {len(complete)})")
+            print("\n" + ratio_line(list(complete.values()), "flag ÷ default"))
         print()
 
 
