@@ -80,11 +80,14 @@ def copy_initializer(variable):
         if tuple(variable.shape) != tuple(shape):
             raise ValueError(f"copy_initializer: the variable {variable.path!r} has shape "
                              f"{tuple(variable.shape)}, the new variable asks for {tuple(shape)}.")
-        if backend_name() == "jax":
+        value = variable.value
+        # jax.device_put copies arrays this process holds whole; an array spread over several
+        # processes (multi-host training) is copied by a compiled op, as before.
+        if backend_name() == "jax" and getattr(value, "is_fully_addressable", False):
             import jax
 
-            return jax.device_put(variable.value, may_alias=False)  # a copy, never an alias
-        return keras.ops.copy(variable.value)
+            return jax.device_put(value, may_alias=False)  # a copy, never an alias
+        return keras.ops.copy(value)
 
     return initializer
 
