@@ -50,6 +50,23 @@ SWITCHES = {"small_conv": [("keras_etsdm.backend", "SMALL_CONV_AS_MATMUL")],
             # Winograd in the training step too (off: the direct form everywhere)
             "winograd_training": [("keras_etsdm.winograd", "WINOGRAD"),
                                   ("keras_etsdm.winograd", "IN_TRAINING")]}
+# Switches whose two settings are values other than False / True: {name: [(module, attribute,
+# value off, value on)]}.
+VALUE_SWITCHES = {
+    # Winograd in training steps at outputs of at most 16×16 only, against the direct form
+    "winograd_training_max16": [("keras_etsdm.winograd", "IN_TRAINING", False, True),
+                                ("keras_etsdm.winograd", "TRAINING_MAX_SIZE", None, 16)],
+    # ... against Winograd at every size
+    "winograd_training_all_vs_max16": [("keras_etsdm.winograd", "IN_TRAINING", True, True),
+                                       ("keras_etsdm.winograd", "TRAINING_MAX_SIZE", None, 16)],
+}
+
+
+def switch_settings(name):
+    """``[(module, attribute, value off, value on)]`` of the ``--switch`` called ``name``."""
+    if name in VALUE_SWITCHES:
+        return VALUE_SWITCHES[name]
+    return [(module, flag, False, True) for module, flag in SWITCHES[name]]
 
 
 def parse_args(argv=None):
@@ -63,10 +80,15 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="forward,train",
                    help="comma-separated: forward, train (--part network)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--switch", default="small_conv", choices=sorted(SWITCHES),
+    p.add_argument("--switch", default="small_conv",
+                   choices=sorted(SWITCHES) + sorted(VALUE_SWITCHES),
                    help="--part network: the module switch turned off in one worker and on in "
                         "the other (small_conv: backend.SMALL_CONV_AS_MATMUL, winograd: "
-                        "winograd.WINOGRAD, winograd_training: it and winograd.IN_TRAINING)")
+                        "winograd.WINOGRAD, winograd_training: it and winograd.IN_TRAINING; "
+                        "winograd_training_max16: direct form off, Winograd in training at "
+                        "outputs up to 16×16 on (winograd.TRAINING_MAX_SIZE); "
+                        "winograd_training_all_vs_max16: Winograd in training at every size "
+                        "off, up to 16×16 on)")
     p.add_argument("--setting", default="on", choices=("on", "off"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -124,8 +146,8 @@ def network_worker(args):
     from keras_etsdm import backend as etsdm_backend
     from keras_etsdm.optimizers import make_optimizer
 
-    for module, flag in SWITCHES[args.switch]:
-        setattr(importlib.import_module(module), flag, args.setting == "on")
+    for module, attribute, off, on in switch_settings(args.switch):
+        setattr(importlib.import_module(module), attribute, on if args.setting == "on" else off)
     jit = True if keras.backend.backend() == "jax" else args.tf_jit_compile == "true"
     built = {}
 

@@ -90,8 +90,9 @@ def parse_args(argv=None):
                         "(layers.SUBPIXEL_UPSAMPLE = False); 'jax@xla:<xla_flag>=<value>' "
                         "adds one XLA flag (kept over the library's start-up flags); "
                         "'<backend>@hugetlb=0' (or =1) forces glibc's huge-page tunable; "
-                        "'<backend>@winograd_training=0' (or =1) sets winograd.IN_TRAINING "
-                        "(0: training steps keep the direct 3×3 convolutions); a "
+                        "'<backend>@winograd_training=0' (or =1, or =N ≥ 8: up to N×N) sets "
+                        "winograd.IN_TRAINING (0: training steps keep the direct 3×3 "
+                        "convolutions); a "
                         "variant is also reported "
                         "against its backend's plain worker")
     p.add_argument("--tasks", default="train,forward,ddim,dpm")
@@ -188,9 +189,10 @@ def task_table(args, setup_train, setup_forward, setup_sampler):
 # "<backend>@direct_upsample": the worker runs every upsampling convolution on the upsampled
 # image (layers.SUBPIXEL_UPSAMPLE = False), the form before layers.upsample_nearest_conv3x3
 DIRECT_UPSAMPLE_VARIABLE = "ETSDM_BENCH_DIRECT_UPSAMPLE"
-# "<backend>@winograd_training=0" / "=1": winograd.IN_TRAINING set in the worker (0, the
+# "<backend>@winograd_training=0" / "=1" / "=N": winograd.IN_TRAINING set in the worker (0, the
 # library's default: training steps keep the direct 3×3 convolutions; 1: what
-# train(winograd_training=True) runs)
+# train(winograd_training=True) runs; N ≥ 8: train(winograd_training=N), the form only at
+# outputs of at most N×N)
 WINOGRAD_TRAINING_VARIABLE = "ETSDM_BENCH_WINOGRAD_TRAINING"
 
 
@@ -204,8 +206,10 @@ def keras_worker(args):
 
     if os.environ.get(DIRECT_UPSAMPLE_VARIABLE) == "1":  # "<backend>@direct_upsample"
         etsdm_layers.SUBPIXEL_UPSAMPLE = False
-    if os.environ.get(WINOGRAD_TRAINING_VARIABLE) in ("0", "1"):  # "@winograd_training=0/1"
-        winograd.IN_TRAINING = os.environ[WINOGRAD_TRAINING_VARIABLE] == "1"
+    setting = os.environ.get(WINOGRAD_TRAINING_VARIABLE)  # "@winograd_training=0/1/N"
+    if setting is not None:
+        value = {"0": False, "1": True}.get(setting) if setting in ("0", "1") else int(setting)
+        winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(value)
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
     if args.precision == "bf16":
@@ -441,8 +445,9 @@ def start_worker(args, kind, backend, name, peer="eager"):
         env["KERAS_BACKEND"] = backend
         if option == "direct_upsample":
             env[DIRECT_UPSAMPLE_VARIABLE] = "1"
-        elif option in ("winograd_training=0", "winograd_training=1"):
-            env[WINOGRAD_TRAINING_VARIABLE] = option[-1]
+        elif (re.fullmatch(r"winograd_training=\d+", option)
+              and int(option.partition("=")[2]) not in range(2, 8)):
+            env[WINOGRAD_TRAINING_VARIABLE] = option.partition("=")[2]
         elif option in ("hugetlb=0", "hugetlb=1"):
             # glibc's huge-page tunable forced off / on; the start-up adds the rest of its tuning
             env["GLIBC_TUNABLES"] = f"glibc.malloc.{option}"
@@ -456,7 +461,7 @@ def start_worker(args, kind, backend, name, peer="eager"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
                                  f"expected tensorflow@sample_xla=0 or =1 (JAX always jits), "
                                  f"jax@xla:<xla_flag>=<value>, <backend>@hugetlb=0 or =1, "
-                                 f"<backend>@winograd_training=0 or =1 "
+                                 f"<backend>@winograd_training=0, =1 or =N (N ≥ 8) "
                                  f"or <backend>@direct_upsample")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value
     return harness.Worker(name, argv, env=env, log_path=log, malloc=args.malloc,

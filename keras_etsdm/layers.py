@@ -89,14 +89,14 @@ class Conv2D(layers.Conv2D):
     gradient on JAX CPU with YNNPACK convolutions.
 
     ``training`` decides whether the Winograd form may be used: always at inference, in a
-    training step (``training=True``) only while ``winograd.IN_TRAINING`` (off by default: the
+    training step (``training=True``) only where ``winograd.in_training`` (off by default: the
     CIFAR-10 U-Net's training step ran 1.13–1.16× as fast on JAX but compiled 13 s longer and
     held ~0.3 GiB more; ``keras_etsdm.winograd``).
     """
 
     def call(self, inputs, training=None):
         # read by convolution_op, while this call is traced
-        self._winograd = not training or winograd.IN_TRAINING
+        self._winograd = not training or winograd.in_training(inputs.shape)
         try:
             return super().call(inputs)
         finally:

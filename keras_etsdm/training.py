@@ -255,10 +255,12 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
         winograd_training: run the training step's 3×3 convolutions of 128 or more channels by
             Winograd's F(2×2, 3×3) where XLA compiles for a CPU, as inference does
             (``keras_etsdm.winograd.IN_TRAINING``, set for this call): on the DDPM CIFAR-10
-            U-Net on JAX 1.13× [1.10, 1.17] the training speed, but a first call of 38.8
-            instead of 25.8 s and a peak of 2,843 instead of 2,484 MiB (README, "Winograd
-            convolutions"); off by default. No effect where the step is not XLA-compiled
-            (TensorFlow on an AVX-512 CPU) or on accelerators.
+            U-Net on JAX 1.13× [1.10, 1.17] the training speed on an AVX-512 CPU and 1.20–1.25×
+            on an AVX2 one, but a first call of ~38 instead of ~26 s and a peak ~0.4 GiB higher
+            (README, "Winograd convolutions"); off by default. An int N (≥ 8) uses it only at
+            outputs of at most N×N, e.g. 16 to keep a 32×32 level direct (less memory, less
+            speed). No effect where the step is not XLA-compiled (TensorFlow on an AVX-512
+            CPU) or on accelerators. Raises ValueError for other values.
         ema_tracks: extra EMA profiles to keep beside the model's own EMA, e.g.
             ``["decay:0.9995", "sigma_rel:0.1"]`` (``keras_etsdm.ema``): updated every step,
             written to ``<workdir>/ema_tracks/step-<step>.npz`` with every checkpoint and
@@ -280,17 +282,19 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
     arguments = dict(locals())  # the parameters alone, for _train
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+    winograd_setting = winograd.training_setting(winograd_training)  # ValueError if unknown
     os.makedirs(workdir, exist_ok=True)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(mixed_precision or "float32")
-    previous_winograd = winograd.IN_TRAINING
-    winograd.IN_TRAINING = bool(winograd_training)  # read when the step is traced
+    previous_winograd = (winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE)
+    # read when the step is traced
+    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd_setting
     with contextlib.ExitStack() as exit_stack:  # holds the work-directory lock
         try:
             return _train(**arguments, exit_stack=exit_stack)
         finally:
             keras.config.set_dtype_policy(previous_policy)
-            winograd.IN_TRAINING = previous_winograd
+            winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = previous_winograd
 
 
 def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,

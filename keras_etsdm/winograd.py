@@ -33,9 +33,17 @@ network --switch winograd_training``), and against diffusers in ``bin/train``'s 
 1.13× [1.10, 1.17] — but the first call took 38.8 instead of 25.8 s and the process peaked at
 2,843 instead of 2,484 MiB (XLA's temporaries for the step 286 → 578 MiB, 394 with the form
 kept out of the 32×32 level, whose transformed tiles are 4× its activations), past the
-project's limits of 30 s and 1.5× eager diffusers' memory. So training steps keep the direct
-form by default and take this one on request (:data:`IN_TRAINING`;
-``train(winograd_training=True)``). ``backend.conv2d_same`` uses it where :func:`applies`.
+project's limits of 30 s and 1.5× eager diffusers' memory. On an AVX2 CPU (AMD EPYC Zen 3, 2
+cores; ``benchmarks/results/avx2/winograd/``) it gains more: single convolutions' forward +
+backward 1.21–1.78× at the U-Net's shapes, the training step 1.24× [1.20, 1.30], and beside
+eager diffusers in ``bin/train``'s recipe 1.42× [1.33, 1.46] and 1.39× [1.32, 1.44] its speed
+(two runs; 1.08× and 1.13× with the direct form) — at a first call of 37.5–39.8 instead of
+25.0–28.0 s and a peak of 2,771–2,826 instead of 2,391–2,407 MiB (1.57–1.59× eager
+diffusers'; XLA's temporaries 599 → 896 MiB). So training steps keep the direct form by default
+and take this one on request (:data:`IN_TRAINING`; ``train(winograd_training=True)``), or only
+at the smaller levels (:data:`TRAINING_MAX_SIZE`; ``train(winograd_training=16)`` on the
+CIFAR-10 U-Net: 1.26× [1.23, 1.29] eager diffusers, peak 2,585 MiB = 1.45×, first call 35.8 s).
+``backend.conv2d_same`` uses it where :func:`applies`.
 """
 
 from fractions import Fraction
@@ -212,11 +220,53 @@ WINOGRAD = True
 # faster but slower to compile and larger in memory (module docstring); ``training.train``'s
 # ``winograd_training`` sets it for a run.
 IN_TRAINING = False
+# Largest output side (px) at which a training step uses it while :data:`IN_TRAINING` (None:
+# every size from :data:`MIN_SIZE`). The largest levels hold the most transformed tiles (4× the
+# activations), so capping the size trades part of the speed for memory: on the CIFAR-10 U-Net
+# (AVX2) 16 kept XLA's temporaries at 695 instead of 896 MiB (599 direct) for 1.14× [1.05, 1.30]
+# the direct step's speed instead of 1.24×; it did not shorten the compile.
+TRAINING_MAX_SIZE = None
 # Smallest output side (px) and channel count where it is used (benchmarks/results/winograd/):
 # at 4×4 the forward gained 1.11× [1.07, 1.41] but compiled 0.97 s longer; with 64 channels the
 # forward ran 0.78–1.33× and with 32 channels 1.13× [0.51, 1.32], against 1.31–1.72× from 128.
 MIN_SIZE = 8
 MIN_CHANNELS = 128
+
+
+def training_setting(winograd_training):
+    """``(IN_TRAINING, TRAINING_MAX_SIZE)`` for ``train(winograd_training=...)``.
+
+    Args:
+        winograd_training: False or None (the direct form in training steps), True (the form at
+            every size it applies to), or an int ≥ :data:`MIN_SIZE`: the form only where the
+            output's height and width are at most that many pixels (e.g. 16: the CIFAR-10
+            U-Net's 16×16 and 8×8 levels, not its 32×32 one).
+    Raises:
+        ValueError: anything else.
+    """
+    if winograd_training is None or winograd_training is False:
+        return False, None
+    if winograd_training is True:
+        return True, None
+    if (isinstance(winograd_training, (int, np.integer))
+            and winograd_training >= MIN_SIZE):
+        return True, int(winograd_training)
+    raise ValueError(f"winograd_training must be True, False or a largest output side in "
+                     f"pixels of at least {MIN_SIZE} (the form's smallest size), got "
+                     f"{winograd_training!r}.")
+
+
+def in_training(input_shape):
+    """Whether a training step's convolution of a ``[B, H, W, C]`` input may use the form:
+    :data:`IN_TRAINING`, and H and W at most :data:`TRAINING_MAX_SIZE` (when set and known).
+    :func:`applies` still decides for the shapes."""
+    if not IN_TRAINING:
+        return False
+    if TRAINING_MAX_SIZE is None:
+        return True
+    height, width = input_shape[1], input_shape[2]
+    return (height is not None and width is not None
+            and max(height, width) <= TRAINING_MAX_SIZE)
 
 
 def applies(input_shape, kernel_shape, strides, dtype, xla_cpu):

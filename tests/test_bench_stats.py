@@ -693,8 +693,13 @@ def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
     vs_diffusers.start_worker(args, "keras", "jax@winograd_training=0", "keras-jax@wt0")
     assert captured["keras-jax@wt0"] == {"KERAS_BACKEND": "jax",
                                          vs_diffusers.WINOGRAD_TRAINING_VARIABLE: "0"}
-    with pytest.raises(SystemExit, match="winograd_training=0 or =1"):
-        vs_diffusers.start_worker(args, "keras", "jax@winograd_training=2", "keras-jax@wt2")
+    # "=N": the form only at outputs up to N×N (train(winograd_training=N)); N from 8
+    vs_diffusers.start_worker(args, "keras", "jax@winograd_training=16", "keras-jax@wt16")
+    assert captured["keras-jax@wt16"] == {"KERAS_BACKEND": "jax",
+                                          vs_diffusers.WINOGRAD_TRAINING_VARIABLE: "16"}
+    for bad in ("2", "7", "x"):
+        with pytest.raises(SystemExit, match=r"winograd_training=0, =1 or =N \(N ≥ 8\)"):
+            vs_diffusers.start_worker(args, "keras", f"jax@winograd_training={bad}", "bad")
 
 
 def test_small_conv_rows_pair_the_two_forms_and_unknown_tasks_are_refused():
@@ -724,6 +729,14 @@ def test_winograd_network_part_is_small_conv_with_the_winograd_switch(monkeypatc
             args.repeats) == ("network", "winograd", "cifar10", "32", "forward", 3)
     assert dict(small_conv.SWITCHES)["winograd_training"] == [
         ("keras_etsdm.winograd", "WINOGRAD"), ("keras_etsdm.winograd", "IN_TRAINING")]
+    # the workers' settings: off / on values per module attribute
+    assert small_conv.switch_settings("winograd") == [
+        ("keras_etsdm.winograd", "WINOGRAD", False, True)]
+    assert small_conv.switch_settings("winograd_training_max16") == [
+        ("keras_etsdm.winograd", "IN_TRAINING", False, True),
+        ("keras_etsdm.winograd", "TRAINING_MAX_SIZE", None, 16)]
+    assert small_conv.parse_args(["--switch", "winograd_training_all_vs_max16"]).switch == \
+        "winograd_training_all_vs_max16"
 
 
 def test_report_from_a_saved_run_recounts_only_the_flops(tmp_path):

@@ -368,13 +368,26 @@ def test_jit_compile_auto_is_the_measured_choice_and_bad_values_are_refused(tmp_
     seen = []
 
     def model_fn():
-        seen.append(winograd.IN_TRAINING)
+        seen.append((winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE))
         return tiny_model_fn()()
 
     run = training.train(str(tmp_path / "auto"), max_steps=1,
                          **run_kwargs(jit_compile="auto", model_fn=model_fn,
                                       winograd_training=True))
-    assert seen == [True] and winograd.IN_TRAINING is False
+    assert seen == [(True, None)] and winograd.IN_TRAINING is False
+    # an int: the form only at outputs up to that side; a bad value is refused before the run
+    # touches its work directory
+    seen.clear()
+    training.train(str(tmp_path / "auto"), max_steps=2,
+                   **run_kwargs(jit_compile="auto", model_fn=model_fn, winograd_training=16))
+    assert seen == [(True, 16)]
+    assert (winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE) == (False, None)
+    for bad in (4, "yes", 1.5):
+        with pytest.raises(ValueError, match="winograd_training must be True, False or a "
+                                             "largest output side"):
+            training.train(str(tmp_path / "refused"), max_steps=1,
+                           **run_kwargs(model_fn=model_fn, winograd_training=bad))
+    assert not (tmp_path / "refused").exists()
     assert run.model.jit_compile is expected
     wording = "XLA-compiled" if expected else "not XLA-compiled"
     assert f"{wording} training step" in capsys.readouterr().out

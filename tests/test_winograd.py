@@ -193,26 +193,55 @@ def test_training_step_uses_the_form_with_the_direct_gradients(small_unet, monke
     # With winograd.IN_TRAINING (off by default; train(winograd_training=True)) a compiled
     # training step traces the Winograd form and takes the same step as with the direct
     # convolutions: same loss and, with plain SGD, the same updated weights (the update is the
-    # gradient itself). Without it the step traces none.
+    # gradient itself). winograd.TRAINING_MAX_SIZE keeps the larger levels direct. Without
+    # IN_TRAINING the step traces none.
     from keras_etsdm import DiffusionModel
 
     calls = _spy(monkeypatch)
     x = np.random.default_rng(1).standard_normal((2, 16, 16, 3)).astype("float32")
     start = small_unet.get_weights()
     steps = {}
-    for in_training in (True, False):
+    # (IN_TRAINING, TRAINING_MAX_SIZE): every qualifying size, the 8×8 level only, none
+    for in_training, max_size in ((True, None), (True, 8), (False, None)):
         monkeypatch.setattr(winograd, "IN_TRAINING", in_training)
+        monkeypatch.setattr(winograd, "TRAINING_MAX_SIZE", max_size)
         small_unet.set_weights(start)
         model = DiffusionModel(small_unet, seed=0)
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=1.0), jit_compile=True)
         loss = model.train_on_batch(x)
-        steps[in_training] = (loss, [w - w0 for w, w0 in zip(small_unet.get_weights(), start)])
-        assert (len(calls) >= 16) == in_training and (not calls) == (not in_training)
+        steps[in_training, max_size] = (
+            loss, [w - w0 for w, w0 in zip(small_unet.get_weights(), start)])
+        sizes = sorted({shape[1] for shape in calls})
+        assert sizes == {(True, None): [8, 16], (True, 8): [8], (False, None): []}[
+            in_training, max_size]
         calls.clear()
-    np.testing.assert_allclose(steps[True][0], steps[False][0], rtol=1e-5)
-    for with_form, direct in zip(steps[True][1], steps[False][1]):
-        np.testing.assert_allclose(with_form, direct, rtol=1e-3,
-                                   atol=1e-6 + 1e-4 * np.abs(direct).max())
+    direct = steps[False, None]
+    for setting in ((True, None), (True, 8)):
+        np.testing.assert_allclose(steps[setting][0], direct[0], rtol=1e-5)
+        for with_form, plain in zip(steps[setting][1], direct[1]):
+            np.testing.assert_allclose(with_form, plain, rtol=1e-3,
+                                       atol=1e-6 + 1e-4 * np.abs(plain).max())
+
+
+def test_training_setting_and_the_size_cap(monkeypatch):
+    # train(winograd_training=...) → (IN_TRAINING, TRAINING_MAX_SIZE); in_training reads both
+    assert winograd.training_setting(False) == (False, None)
+    assert winograd.training_setting(None) == (False, None)
+    assert winograd.training_setting(True) == (True, None)
+    assert winograd.training_setting(16) == (True, 16)
+    assert winograd.training_setting(np.int64(8)) == (True, 8)
+    for bad in (0, 1, 7, 16.0, "16", -8):
+        with pytest.raises(ValueError, match=f"at least {winograd.MIN_SIZE}"):
+            winograd.training_setting(bad)
+    assert (winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE) == (False, None)  # defaults
+    assert not winograd.in_training((8, 8, 8, 128))
+    monkeypatch.setattr(winograd, "IN_TRAINING", True)
+    assert winograd.in_training((8, 32, 32, 128)) and winograd.in_training((8, None, None, 4))
+    monkeypatch.setattr(winograd, "TRAINING_MAX_SIZE", 16)
+    assert winograd.in_training((8, 16, 16, 256)) and winograd.in_training((8, 8, 16, 256))
+    assert not winograd.in_training((8, 32, 32, 128))
+    assert not winograd.in_training((8, 16, 32, 128))  # either side over the cap
+    assert not winograd.in_training((8, None, 16, 128))  # unknown size: direct
 
 
 def test_conv_layer_training_flag(monkeypatch):
@@ -249,6 +278,15 @@ def test_conv_layer_training_flag(monkeypatch):
     monkeypatch.setattr(winograd, "IN_TRAINING", True)  # train(winograd_training=True)
     compile_fn(lambda a: layer(a, training=True))(x)
     assert len(calls) == 1
+    # winograd.TRAINING_MAX_SIZE caps the training step's sizes (8×8 here), not inference's
+    for max_size, expected_calls in ((4, 0), (7, 0), (8, 1), (16, 1)):
+        monkeypatch.setattr(winograd, "TRAINING_MAX_SIZE", max_size)
+        calls.clear()
+        compile_fn(lambda a: layer(a, training=True))(x)
+        assert len(calls) == expected_calls, max_size
+        calls.clear()
+        compile_fn(lambda a: layer(a, training=False))(x)
+        assert len(calls) == 1
 
 
 def test_sampling_loop_runs_the_winograd_form_and_samples_alike(small_unet, monkeypatch):
