@@ -1,0 +1,26 @@
+#!/bin/bash
+# Winograd convolutions in JAX's training step on AVX2 (issue 19), one benchmark at a time.
+set -e
+cd "$(dirname "$0")/../../../.."
+here=benchmarks/results/avx2/winograd
+export KERAS_BACKEND=jax
+# single convolutions: direct ÷ Winograd, forward and forward + backward
+.venv/bin/python benchmarks/winograd.py --repeats 15 > $here/ops_jax.txt 2>&1
+# the whole training step, two workers: direct / Winograd at every size, then direct / up to 16x16
+.venv/bin/python benchmarks/small_conv.py --part network --network cifar10 --resolutions 32 \
+  --tasks train --switch winograd_training --repeats 15 > $here/network_train_jax.txt 2>&1
+.venv/bin/python benchmarks/small_conv.py --part network --network cifar10 --resolutions 32 \
+  --tasks train --switch winograd_training_max16 --repeats 15 > $here/network_train_max16_jax.txt 2>&1
+# beside diffusers, bin/train's recipe
+venv-bench/bin/python benchmarks/vs_diffusers.py --backends "jax,jax@winograd_training=1" \
+  --peers eager,tuned --tasks train --grad_clip_norm 1.0 --repeats 15 --order_seed 83 \
+  --json $here/vs_diffusers_83.json --markdown $here/vs_diffusers_83.md > $here/vs_diffusers_83.log 2>&1
+# XLA's buffer sizes and peak RSS per variant (fresh processes)
+$here/temp_probe.sh
+# a variant tried: the per-tap kernel gradient, paired in one process
+.venv/bin/python $here/kernel_gradient_pair.py --rounds 15 --json $here/kernel_gradient_pair.json
+# the three settings beside eager diffusers
+venv-bench/bin/python benchmarks/vs_diffusers.py \
+  --backends "jax,jax@winograd_training=1,jax@winograd_training=16" --peers eager --tasks train \
+  --grad_clip_norm 1.0 --repeats 15 --order_seed 84 \
+  --json $here/vs_diffusers_84.json --markdown $here/vs_diffusers_84.md > $here/vs_diffusers_84.log 2>&1

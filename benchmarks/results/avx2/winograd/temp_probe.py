@@ -1,0 +1,115 @@
+"""XLA's buffer sizes for the JAX training step, Winograd in training or not (one process).
+
+    KERAS_BACKEND=jax python benchmarks/results/avx2/winograd/temp_probe.py --setting direct
+    ... --setting all      # winograd.IN_TRAINING
+    ... --setting max16    # and winograd.TRAINING_MAX_SIZE = 16
+
+The DDPM CIFAR-10 U-Net (small_conv.py's "cifar10"), batch 8, bin/train's optimizer, started
+as bin/ starts (cpu_tuning's XLA flags and malloc, set by re-executing like bin/_startup).
+Prints the compiled step's ``memory_analysis()`` (temporaries, arguments, outputs), the time
+to lower + compile it, and the process's peak RSS after one step.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def patch_per_tap_kernel_gradient(winograd):
+    from keras import ops
+
+    @ops.custom_gradient
+    def conv3x3_same(x, kernel):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            turned = ops.transpose(ops.flip(ops.flip(kernel, axis=0), axis=1), (0, 1, 3, 2))
+            grad_x = winograd._forward(upstream, turned)
+            _, height, width, _ = x.shape
+            padded = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            taps = [ops.einsum("bhwi,bhwo->io", padded[:, i:i + height, j:j + width, :], upstream)
+                    for i in range(3) for j in range(3)]
+            grad_kernel = ops.reshape(ops.stack(taps, axis=0), kernel.shape)
+            return grad_x, grad_kernel
+
+        return winograd._forward(x, kernel), grad
+
+    winograd.conv3x3_same = conv3x3_same
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--setting", choices=("direct", "all", "max16"), required=True)
+    p.add_argument("--max_input", type=int, default=0,
+                   help="a variant tried here: Winograd in training only for convolutions whose "
+                        "input has at most this many values per image (H·W·C_in; 0: no limit)")
+    p.add_argument("--kernel_gradient", choices=("winograd", "per_tap"), default="winograd",
+                   help="per_tap: a variant tried here, the Winograd form's kernel gradient "
+                        "as 9 matmuls of shifted inputs with the output gradient")
+    p.add_argument("--batch", type=int, default=8)
+    args = p.parse_args()
+    from keras_etsdm import cpu_tuning
+
+    cpu_tuning.reexec_with_huge_page_malloc()  # as bin/_startup: malloc, then XLA flags
+    cpu_tuning.tune_xla_for_cpu()
+
+    import numpy as np
+    import keras
+    from keras_etsdm import DiffusionModel, build_unet, winograd
+    from keras_etsdm import backend as etsdm_backend
+    from keras_etsdm.optimizers import make_optimizer
+    from small_conv import NETWORKS
+
+    if args.kernel_gradient == "per_tap":
+        patch_per_tap_kernel_gradient(winograd)
+    if args.max_input:
+        unlimited = winograd.in_training
+        winograd.in_training = lambda shape: (
+            unlimited(shape) and shape[1] * shape[2] * shape[3] <= args.max_input)
+    winograd.IN_TRAINING = args.setting != "direct"
+    winograd.TRAINING_MAX_SIZE = 16 if args.setting == "max16" else None
+    found = {}
+
+    def spy(jitted):
+        def step(*call_args):
+            if "temp" not in found:
+                start = time.perf_counter()
+                compiled = jitted.lower(*call_args).compile()
+                found["compile_s"] = time.perf_counter() - start
+                analysis = compiled.memory_analysis()
+                for name in ("temp", "argument", "output", "alias", "generated_code"):
+                    found[name] = getattr(analysis, f"{name}_size_in_bytes") / 2**20
+                cpu_tuning.trim_heap()
+            return jitted(*call_args)
+        return step
+
+    etsdm_backend.compile_then_release = spy
+    keras.utils.set_random_seed(0)
+    network = build_unet(image_size=32, channels=3, **NETWORKS["cifar10"])
+    model = DiffusionModel(network, seed=0)
+    model.compile(optimizer=make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0),
+                  jit_compile=True)
+    etsdm_backend.release_build_memory()
+    x = np.clip(np.random.default_rng(0).standard_normal((args.batch, 32, 32, 3)), -1, 1)
+    start = time.perf_counter()
+    model.train_on_batch(x.astype("float32"))
+    found["first_call_s"] = time.perf_counter() - start
+    found["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    found["setting"] = args.setting
+    found["kernel_gradient"] = args.kernel_gradient
+    found["max_input"] = args.max_input
+    found["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    found["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+    print(json.dumps(found))
+
+
+if __name__ == "__main__":
+    main()
