@@ -58,6 +58,10 @@ def parse_args(argv=None):
                         "(optimizers.make_optimizer: Adam 2e-4, global-norm clipping at 1.0, "
                         "TensorFlow's fused update); clipped_adam_unfused: the same with "
                         "Keras's per-operation update (fused=False)")
+    p.add_argument("--winograd_training", default="0",
+                   help="train(winograd_training=...) in the worker: 0 (the default, direct "
+                        "convolutions in the training step), 1 (Winograd at every size) or N ≥ 8 "
+                        "(Winograd at outputs up to N×N)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"Comma-separated subset of {', '.join(MODES)}.")
     p.add_argument("--json", default=None)
@@ -82,8 +86,11 @@ def worker(args):
     t0 = time.perf_counter()
     import keras
 
-    from keras_etsdm import DiffusionModel, backend, build_unet
+    from keras_etsdm import DiffusionModel, backend, build_unet, winograd
     phases = _jax_phase_recorder()
+    setting = {"0": False, "1": True}.get(args.winograd_training)
+    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(
+        int(args.winograd_training) if setting is None else setting)
     t1 = time.perf_counter()
     jit_compile = (backend.default_train_jit_compile() if args.jit_compile == "auto"
                    else args.jit_compile == "true")
@@ -116,7 +123,7 @@ def worker(args):
         "backend": keras.backend.backend(), "interpreter_s": t0 - _START, "import_s": t1 - t0,
         "build_s": t2 - t1, "first_call_s": t3 - t2, "second_call_s": t4 - t3,
         "jit_compile": jit_compile, "optimizer": args.optimizer,
-        "build_phases_s": build_phases, "first_call_phases_s": first_call_phases,
+        "winograd_training": args.winograd_training, "build_phases_s": build_phases, "first_call_phases_s": first_call_phases,
         "peak_rss_mib": harness.peak_rss_mib()}), flush=True)
 
 
@@ -167,7 +174,7 @@ def run_process(args, backend, cache_root):
     argv = [sys.executable, os.path.abspath(__file__), "--worker",
             "--base_channels", str(args.base_channels), "--image_size", str(args.image_size),
             "--batch", str(args.batch), "--jit_compile", args.jit_compile,
-            "--optimizer", args.optimizer]
+            "--optimizer", args.optimizer, "--winograd_training", args.winograd_training]
     start = time.perf_counter()
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
@@ -189,7 +196,9 @@ def report(results, args, header):
     lines = [header, "",
              f"DDPM CIFAR-10 U-Net (base_channels {args.base_channels}, "
              f"{args.image_size}×{args.image_size}), batch {args.batch}, float32, "
-             f"`train_on_batch` with jit_compile={args.jit_compile}; {args.rounds} round(s), "
+             f"`train_on_batch` with jit_compile={args.jit_compile}, optimizer "
+             f"{args.optimizer}, winograd_training {args.winograd_training}; "
+             f"{args.rounds} round(s), "
              f"each a fresh process per mode ({' → '.join(modes_of(args))}). Medians over "
              f"rounds; the last column lists the first call of every round.", "",
              "| backend | XLA | cache | import s | build s | first call s | second call s | "

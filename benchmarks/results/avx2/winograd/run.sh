@@ -24,3 +24,13 @@ venv-bench/bin/python benchmarks/vs_diffusers.py \
   --backends "jax,jax@winograd_training=1,jax@winograd_training=16" --peers eager --tasks train \
   --grad_clip_norm 1.0 --repeats 15 --order_seed 84 \
   --json $here/vs_diffusers_84.json --markdown $here/vs_diffusers_84.md > $here/vs_diffusers_84.log 2>&1
+# first call with bin/train's persistent compilation cache: cold (fills it) then warm (reads it)
+for w in 1 0; do
+  .venv/bin/python benchmarks/first_call.py --backends jax --rounds 2 --modes cold,warm \
+    --jit_compile auto --optimizer clipped_adam --winograd_training $w \
+    --json $here/first_call_winograd_$w.json --markdown $here/first_call_winograd_$w.md
+done
+# resident set per stage (build, compile, trim, step), direct and Winograd at every size
+for s in direct all; do
+  KERAS_BACKEND=jax .venv/bin/python $here/temp_probe.py --setting $s 2>/dev/null | tail -1
+done > $here/temp_probe_stages.jsonl

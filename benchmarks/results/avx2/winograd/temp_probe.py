@@ -7,7 +7,8 @@
 The DDPM CIFAR-10 U-Net (small_conv.py's "cifar10"), batch 8, bin/train's optimizer, started
 as bin/ starts (cpu_tuning's XLA flags and malloc, set by re-executing like bin/_startup).
 Prints the compiled step's ``memory_analysis()`` (temporaries, arguments, outputs), the time
-to lower + compile it, and the process's peak RSS after one step.
+to lower + compile it, the process's peak RSS after one step, and its resident set after the
+build, after the compile, after the heap trim that follows, and after the step.
 """
 
 import argparse
@@ -67,6 +68,7 @@ def main():
     from keras_etsdm import backend as etsdm_backend
     from keras_etsdm.optimizers import make_optimizer
     from small_conv import NETWORKS
+    import harness
 
     if args.kernel_gradient == "per_tap":
         patch_per_tap_kernel_gradient(winograd)
@@ -87,7 +89,9 @@ def main():
                 analysis = compiled.memory_analysis()
                 for name in ("temp", "argument", "output", "alias", "generated_code"):
                     found[name] = getattr(analysis, f"{name}_size_in_bytes") / 2**20
+                found["rss_compiled_mib"] = harness.rss_mib()
                 cpu_tuning.trim_heap()
+                found["rss_trimmed_mib"] = harness.rss_mib()
             return jitted(*call_args)
         return step
 
@@ -98,11 +102,13 @@ def main():
     model.compile(optimizer=make_optimizer(learning_rate=2e-4, grad_clip_norm=1.0),
                   jit_compile=True)
     etsdm_backend.release_build_memory()
+    found["rss_built_mib"] = harness.rss_mib()
     x = np.clip(np.random.default_rng(0).standard_normal((args.batch, 32, 32, 3)), -1, 1)
     start = time.perf_counter()
     model.train_on_batch(x.astype("float32"))
     found["first_call_s"] = time.perf_counter() - start
     found["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    found["rss_after_step_mib"] = harness.rss_mib()
     found["setting"] = args.setting
     found["kernel_gradient"] = args.kernel_gradient
     found["max_input"] = args.max_input
