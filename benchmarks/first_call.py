@@ -58,10 +58,11 @@ def parse_args(argv=None):
                         "(optimizers.make_optimizer: Adam 2e-4, global-norm clipping at 1.0, "
                         "TensorFlow's fused update); clipped_adam_unfused: the same with "
                         "Keras's per-operation update (fused=False)")
-    p.add_argument("--winograd_training", default="0",
-                   help="train(winograd_training=...) in the worker: 0 (the default, direct "
-                        "convolutions in the training step), 1 (Winograd at every size) or N ≥ 8 "
-                        "(Winograd at outputs up to N×N)")
+    p.add_argument("--winograd_training", default="auto",
+                   help="train(winograd_training=...) in the worker: auto (the default, "
+                        "bin/train's per-ISA choice), 0 (direct convolutions in the training "
+                        "step), 1 (Winograd at every size) or N ≥ 8 (Winograd at outputs up to "
+                        "N×N)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"Comma-separated subset of {', '.join(MODES)}.")
     p.add_argument("--json", default=None)
@@ -88,9 +89,12 @@ def worker(args):
 
     from keras_etsdm import DiffusionModel, backend, build_unet, winograd
     phases = _jax_phase_recorder()
-    setting = {"0": False, "1": True}.get(args.winograd_training)
-    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(
-        int(args.winograd_training) if setting is None else setting)
+    setting = {"0": False, "1": True, "auto": None}.get(args.winograd_training, "N")
+    if setting is None:
+        setting = backend.default_winograd_training()
+    elif setting == "N":
+        setting = int(args.winograd_training)
+    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(setting)
     t1 = time.perf_counter()
     jit_compile = (backend.default_train_jit_compile() if args.jit_compile == "auto"
                    else args.jit_compile == "true")

@@ -189,10 +189,11 @@ def task_table(args, setup_train, setup_forward, setup_sampler):
 # "<backend>@direct_upsample": the worker runs every upsampling convolution on the upsampled
 # image (layers.SUBPIXEL_UPSAMPLE = False), the form before layers.upsample_nearest_conv3x3
 DIRECT_UPSAMPLE_VARIABLE = "ETSDM_BENCH_DIRECT_UPSAMPLE"
-# "<backend>@winograd_training=0" / "=1" / "=N": winograd.IN_TRAINING set in the worker (0, the
-# library's default: training steps keep the direct 3×3 convolutions; 1: what
-# train(winograd_training=True) runs; N ≥ 8: train(winograd_training=N), the form only at
-# outputs of at most N×N)
+# "<backend>@winograd_training=0" / "=1" / "=N": winograd.IN_TRAINING set in the worker (0:
+# training steps keep the direct 3×3 convolutions; 1: what train(winograd_training=True) runs;
+# N ≥ 8: train(winograd_training=N), the form only at outputs of at most N×N). Without it the
+# worker runs bin/train's default, train(winograd_training="auto"): on for JAX on an AVX2 CPU
+# without AVX-512 since 2026-12-07, off elsewhere.
 WINOGRAD_TRAINING_VARIABLE = "ETSDM_BENCH_WINOGRAD_TRAINING"
 
 
@@ -207,9 +208,13 @@ def keras_worker(args):
     if os.environ.get(DIRECT_UPSAMPLE_VARIABLE) == "1":  # "<backend>@direct_upsample"
         etsdm_layers.SUBPIXEL_UPSAMPLE = False
     setting = os.environ.get(WINOGRAD_TRAINING_VARIABLE)  # "@winograd_training=0/1/N"
-    if setting is not None:
+    if setting is None:  # as bin/train: train(winograd_training="auto")
+        from keras_etsdm import backend as etsdm_backend
+
+        value = etsdm_backend.default_winograd_training()
+    else:
         value = {"0": False, "1": True}.get(setting) if setting in ("0", "1") else int(setting)
-        winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(value)
+    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(value)
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
     if args.precision == "bf16":

@@ -141,6 +141,26 @@ def default_train_jit_compile():
     return cpu_tuning.tensorflow_train_jit_compile()
 
 
+def default_winograd_training():
+    """``winograd_training`` for ``train`` when the user leaves it to the library (``"auto"``):
+    True for JAX on a CPU where it was measured to pay (``cpu_tuning.jax_winograd_training``:
+    AVX2 without AVX-512), False elsewhere (other backends, accelerators, other CPUs)."""
+    return (backend_name() == "jax" and xla_compiles_for_a_cpu()
+            and cpu_tuning.jax_winograd_training())
+
+
+def xla_compiles_for_a_cpu():
+    """Whether an XLA-compiled function of this process runs on the CPU: JAX's default backend
+    is the CPU, or TensorFlow sees no GPU / TPU. Other backends: False."""
+    if backend_name() == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend_name() == "tensorflow":
+        return not _tensorflow_sees_an_accelerator()
+    return False
+
+
 def _tensorflow_sees_an_accelerator():
     import tensorflow as tf
 

@@ -219,7 +219,7 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
           grid_sampler_fn=default_grid_sampler, grid_seed=0, grid_guidance_scale=0.0,
           eval_every=0, eval_num_samples=1000, eval_reference="mnist32_test",
           eval_sampler_fn=default_grid_sampler, eval_seed=0, data_seed=0, distribution="auto",
-          seed=0, jit_compile="auto", winograd_training=False, ema_tracks=(), ema_tracks_keep=0,
+          seed=0, jit_compile="auto", winograd_training="auto", ema_tracks=(), ema_tracks_keep=0,
           operative_config_fn=None, handle_signals=True, stream=None):
     """Train (or resume) a diffusion model in ``workdir``.
 
@@ -255,9 +255,11 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
         winograd_training: run the training step's 3×3 convolutions of 128 or more channels by
             Winograd's F(2×2, 3×3) where XLA compiles for a CPU, as inference does
             (``keras_etsdm.winograd.IN_TRAINING``, set for this call): on the DDPM CIFAR-10
-            U-Net on JAX 1.13× [1.10, 1.17] the training speed on an AVX-512 CPU and 1.20–1.25×
-            on an AVX2 one, but a first call of ~38 instead of ~26 s and a peak ~0.4 GiB higher
-            (README, "Winograd convolutions"); off by default. An int N (≥ 8) uses it only at
+            U-Net on JAX 1.13× [1.10, 1.17] the training speed on an AVX-512 CPU and 1.19–1.25×
+            on an AVX2 one, but a first call ~10 s longer and a higher peak (AVX2: 2,564
+            instead of 2,405 MiB; README, "Winograd convolutions"). ``"auto"`` (default):
+            the library's measured choice (``backend.default_winograd_training``: on for JAX
+            on an AVX2 CPU without AVX-512, off elsewhere). An int N (≥ 8) uses it only at
             outputs of at most N×N, e.g. 16 to keep a 32×32 level direct (less memory, less
             speed). No effect where the step is not XLA-compiled (TensorFlow on an AVX-512
             CPU) or on accelerators. Raises ValueError for other values.
@@ -282,6 +284,8 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
     arguments = dict(locals())  # the parameters alone, for _train
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+    if isinstance(winograd_training, str) and winograd_training == "auto":
+        winograd_training = backend.default_winograd_training()
     winograd_setting = winograd.training_setting(winograd_training)  # ValueError if unknown
     os.makedirs(workdir, exist_ok=True)
     previous_policy = keras.config.dtype_policy()
@@ -295,6 +299,16 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
         finally:
             keras.config.set_dtype_policy(previous_policy)
             winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = previous_winograd
+
+
+def _winograd_note(network, jit_compile):
+    """", 3×3 convolutions by Winograd's algorithm[ up to N×N]" when the step will use them."""
+    if not (winograd.IN_TRAINING and jit_compile and winograd.network_uses_it(network)
+            and backend.xla_compiles_for_a_cpu()):
+        return ""
+    size = winograd.TRAINING_MAX_SIZE
+    return (", 3×3 convolutions by Winograd's algorithm"
+            + (f" up to {size}×{size}" if size is not None else ""))
 
 
 def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, mixed_precision,
@@ -409,8 +423,9 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
     backend.release_build_memory()
     print(f"Training {model.network.count_params():,} parameters on {dist.num_replicas} "
           f"replica(s), global batch {batch_size}, steps {start_step} → {max_steps}, "
-          f"{'XLA-compiled' if jit_compile else 'not XLA-compiled'} training step.",
-          file=stream or sys.stdout, flush=True)
+          f"{'XLA-compiled' if jit_compile else 'not XLA-compiled'} training step"
+          f"{_winograd_note(model.network, jit_compile)}.", file=stream or sys.stdout,
+          flush=True)
     try:
         with _stop_on_signals(flag, handle_signals):
             model.fit(dataset, epochs=1, steps_per_epoch=max_steps - start_step,

@@ -32,18 +32,25 @@ with the transforms made separable (two stacked stages each, cheaper to compile)
 network --switch winograd_training``), and against diffusers in ``bin/train``'s recipe on JAX
 1.13× [1.10, 1.17] — but the first call took 38.8 instead of 25.8 s and the process peaked at
 2,843 instead of 2,484 MiB (XLA's temporaries for the step 286 → 578 MiB, 394 with the form
-kept out of the 32×32 level, whose transformed tiles are 4× its activations), past the
-project's limits of 30 s and 1.5× eager diffusers' memory. On an AVX2 CPU (AMD EPYC Zen 3, 2
+kept out of the 32×32 level, whose transformed tiles are 4× its activations; measured before
+the fix below, not since), past the project's limits of 30 s and 1.5× eager diffusers' memory.
+On an AVX2 CPU (AMD EPYC Zen 3, 2
 cores; ``benchmarks/results/avx2/winograd/``) it gains more: single convolutions' forward +
 backward 1.21–1.78× at the U-Net's shapes, the training step 1.24× [1.20, 1.30], and beside
-eager diffusers in ``bin/train``'s recipe 1.42× [1.33, 1.46] and 1.39× [1.32, 1.44] its speed
-(two runs; 1.08× and 1.13× with the direct form) — at a first call of 37.5–39.8 instead of
-25.0–28.0 s and a peak of 2,771–2,826 instead of 2,391–2,407 MiB (1.57–1.59× eager
-diffusers'; XLA's temporaries 599 → 896 MiB). So training steps keep the direct form by default
-and take this one on request (:data:`IN_TRAINING`; ``train(winograd_training=True)``), or only
-at the smaller levels (:data:`TRAINING_MAX_SIZE`; ``train(winograd_training=16)`` on the
-CIFAR-10 U-Net: 1.26× [1.23, 1.29] eager diffusers, peak 2,585 MiB = 1.45×, first call 35.8 s).
-``backend.conv2d_same`` uses it where :func:`applies`.
+eager diffusers in ``bin/train``'s recipe 1.39–1.44× its speed in three runs (1.08–1.20× with
+the direct form). The memory figures above were inflated: the backward pass recomputed ``V`` by the
+forward's own transform, which XLA's common-subexpression elimination merged with the forward's
+``V``, keeping every convolution's tiles alive from the forward to the backward pass. The
+backward transform now runs its two stages in the other order (:func:`conv3x3_same`):
+the step's XLA temporaries 896 → 651 MiB (599 direct), peak RSS beside diffusers 2,564 MiB
+(1.45× eager diffusers', within the project's 1.5×) against 2,771–2,826 before. The first call
+stays longer (37.5–44.5 instead of 25.0–35.5 s cold; with ``bin/train``'s persistent
+compilation cache warm ~16 s). So ``train`` uses the form in JAX's training steps by default
+on AVX2 CPUs without AVX-512 (``train(winograd_training="auto")``,
+``cpu_tuning.jax_winograd_training``); elsewhere training steps keep the direct form and take
+this one on request (:data:`IN_TRAINING`; ``train(winograd_training=True)``), or only at the
+smaller levels (:data:`TRAINING_MAX_SIZE`; ``train(winograd_training=16)``, measured before the fix:
+1.26× [1.23, 1.29] eager diffusers). ``backend.conv2d_same`` uses it where :func:`applies`.
 """
 
 from fractions import Fraction
@@ -124,6 +131,22 @@ def _input_transform(x):
     cols = ops.stack(_combine(_BT, cols), axis=0)  # [4 (b), B, H + 2, t_w, C]
     rows = _split_taps(cols, axis=2, tiles=t_h)  # 4 × [4, B, t_h, t_w, C]
     stacked = ops.stack(_combine(_BT, rows), axis=0)  # [4 (a), 4 (b), B, t_h, t_w, C]
+    return ops.reshape(stacked, (16, batch * t_h * t_w, channels))
+
+
+def _input_transform_rows_first(x):
+    """:func:`_input_transform` with its two stages in the other order (along H, then W): the
+    same ``V`` up to float summation order, for the backward pass. Computed the same way as
+    the forward's, XLA's common-subexpression elimination would merge the two and keep the
+    forward's ``V`` (4× the input) alive until the backward pass instead of recomputing it."""
+    batch, height, width, channels = x.shape
+    t_h, t_w = _tiles(height), _tiles(width)
+    padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
+                         (0, 0)))
+    rows = _split_taps(padded, axis=1, tiles=t_h)  # 4 × [B, t_h, W + 2, C]
+    rows = ops.stack(_combine(_BT, rows), axis=0)  # [4 (a), B, t_h, W + 2, C]
+    cols = _split_taps(rows, axis=3, tiles=t_w)  # 4 × [4, B, t_h, t_w, C]
+    stacked = ops.stack(_combine(_BT, cols), axis=1)  # [4 (a), 4 (b), B, t_h, t_w, C]
     return ops.reshape(stacked, (16, batch * t_h * t_w, channels))
 
 
@@ -208,7 +231,8 @@ def conv3x3_same(x, kernel):
         turned = ops.transpose(ops.flip(ops.flip(kernel, axis=0), axis=1), (0, 1, 3, 2))
         grad_x = _forward(upstream, turned)
         grad_m = _output_transform_adjoint(upstream)  # [16, P, C_out]
-        grad_u = ops.einsum("tpi,tpo->tio", _input_transform(x), grad_m)
+        # V recomputed in the other stage order, which XLA cannot merge with the forward's
+        grad_u = ops.einsum("tpi,tpo->tio", _input_transform_rows_first(x), grad_m)
         return grad_x, _kernel_transform_adjoint(grad_u)
 
     return _forward(x, kernel), grad
@@ -216,15 +240,16 @@ def conv3x3_same(x, kernel):
 
 # Module flag for A/B measurements (read at trace time): False keeps the direct convolution.
 WINOGRAD = True
-# Whether ``layers.Conv2D`` uses it in training steps (``training=True``) too: off by default,
-# faster but slower to compile and larger in memory (module docstring); ``training.train``'s
-# ``winograd_training`` sets it for a run.
+# Whether ``layers.Conv2D`` uses it in training steps (``training=True``) too: off here,
+# faster but slower to compile (module docstring); ``training.train``'s ``winograd_training``
+# sets it for a run ("auto": on for JAX on AVX2 CPUs without AVX-512).
 IN_TRAINING = False
 # Largest output side (px) at which a training step uses it while :data:`IN_TRAINING` (None:
 # every size from :data:`MIN_SIZE`). The largest levels hold the most transformed tiles (4× the
 # activations), so capping the size trades part of the speed for memory: on the CIFAR-10 U-Net
-# (AVX2) 16 kept XLA's temporaries at 695 instead of 896 MiB (599 direct) for 1.14× [1.05, 1.30]
-# the direct step's speed instead of 1.24×; it did not shorten the compile.
+# (AVX2; measured before the backward transform was reordered, with 896 MiB for every size)
+# 16 kept XLA's temporaries at 695 MiB (599 direct) for 1.14× [1.05, 1.30] the direct step's
+# speed instead of 1.24×; it did not shorten the compile.
 TRAINING_MAX_SIZE = None
 # Smallest output side (px) and channel count where it is used (benchmarks/results/winograd/):
 # at 4×4 the forward gained 1.11× [1.07, 1.41] but compiled 0.97 s longer; with 64 channels the
@@ -251,8 +276,8 @@ def training_setting(winograd_training):
     if (isinstance(winograd_training, (int, np.integer))
             and winograd_training >= MIN_SIZE):
         return True, int(winograd_training)
-    raise ValueError(f"winograd_training must be True, False or a largest output side in "
-                     f"pixels of at least {MIN_SIZE} (the form's smallest size), got "
+    raise ValueError(f"winograd_training must be 'auto', True, False or a largest output "
+                     f"side in pixels of at least {MIN_SIZE} (the form's smallest size), got "
                      f"{winograd_training!r}.")
 
 

@@ -359,6 +359,16 @@ def test_keras_backend_as_keras_chooses_it(tmp_path):
     assert cpu_tuning.keras_backend({"KERAS_HOME": str(tmp_path / "none")}) == "tensorflow"
 
 
+def test_jax_winograd_training_choice_per_isa():
+    """Winograd convolutions in JAX's training step by default only where measured to pay: AVX2
+    without AVX-512 (benchmarks/results/avx2/winograd); AVX-512 (1.13×) and unknown CPUs keep
+    the direct form."""
+    assert cpu_tuning.jax_winograd_training({"avx2", "fma"}) is True
+    assert cpu_tuning.jax_winograd_training({"avx2", "fma", "avx512f", "avx512_bf16"}) is False
+    assert cpu_tuning.jax_winograd_training(set()) is False
+    assert cpu_tuning.jax_winograd_training({"neon"}) is False
+
+
 def test_tensorflow_jit_choice_per_isa(tmp_path):
     """XLA for TensorFlow's training step off AVX-512; TensorFlow's own graph on AVX-512, where
     it was measured faster (benchmarks/results/bin_train_speed_tf_xla_vs_onednn)."""

@@ -382,9 +382,17 @@ def test_jit_compile_auto_is_the_measured_choice_and_bad_values_are_refused(tmp_
                    **run_kwargs(jit_compile="auto", model_fn=model_fn, winograd_training=16))
     assert seen == [(True, 16)]
     assert (winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE) == (False, None)
+    # "auto" (the default): the library's per-ISA choice, on for JAX on an AVX2 CPU without
+    # AVX-512 only (cpu_tuning.jax_winograd_training)
+    seen.clear()
+    training.train(str(tmp_path / "auto"), max_steps=3,
+                   **run_kwargs(jit_compile="auto", model_fn=model_fn))
+    expected_auto = (keras.backend.backend() == "jax" and cpu_tuning.jax_winograd_training())
+    assert backend.default_winograd_training() is expected_auto
+    assert seen == [(expected_auto, None)]
     for bad in (4, "yes", 1.5):
-        with pytest.raises(ValueError, match="winograd_training must be True, False or a "
-                                             "largest output side"):
+        with pytest.raises(ValueError, match="winograd_training must be 'auto', True, False or "
+                                             "a largest output side"):
             training.train(str(tmp_path / "refused"), max_steps=1,
                            **run_kwargs(model_fn=model_fn, winograd_training=bad))
     assert not (tmp_path / "refused").exists()

@@ -4,7 +4,9 @@
 
 Builds the DDPM CIFAR-10 U-Net twice (same weights) with Winograd in training
 (winograd.IN_TRAINING): model A with the library's kernel gradient (16 matmuls over the
-transformed tiles), model B with temp_probe.py's per-tap variant (9 matmuls of shifted inputs);
+transformed tiles), model B with one of temp_probe.py's variants (``--variant per_tap``: 9
+matmuls of shifted inputs; ``forward_order``: the library's gradient before its backward
+transform of the input was reordered, which XLA merged with the forward's);
 then times one train_on_batch of each per round, in a random order per round. Prints per-round
 seconds, medians and the paired ratio A ÷ B with a 95 % bootstrap interval.
 """
@@ -26,6 +28,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=("per_tap", "forward_order"), default="per_tap",
+                   help="model B's kernel gradient (temp_probe.py's patches)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     from keras_etsdm import cpu_tuning
@@ -47,7 +51,7 @@ def main():
     original = winograd.conv3x3_same
     for name in ("A", "B"):
         if name == "B":
-            temp_probe.patch_per_tap_kernel_gradient(winograd)
+            getattr(temp_probe, f"patch_{args.variant}_kernel_gradient")(winograd)
         keras.utils.set_random_seed(0)
         network = build_unet(image_size=32, channels=3, **NETWORKS["cifar10"])
         model = DiffusionModel(network, seed=0)
@@ -68,7 +72,8 @@ def main():
             times[name].append(time.perf_counter() - start)
     a, b = np.asarray(times["A"]), np.asarray(times["B"])
     ci = harness.paired_ratio_ci(a, b)
-    result = {"machine": harness.machine_description(), "first_call_s": first,
+    result = {"machine": harness.machine_description(), "variant_b": args.variant,
+              "first_call_s": first,
               "seconds": times,
               "median_s": {"A": float(np.median(a)), "B": float(np.median(b))},
               "ratio_a_over_b": ci}

@@ -34,3 +34,15 @@ done
 for s in direct all; do
   KERAS_BACKEND=jax .venv/bin/python $here/temp_probe.py --setting $s 2>/dev/null | tail -1
 done > $here/temp_probe_stages.jsonl
+# what holds the compile's memory: after the step, gc + trim, JAX's staging caches, all caches
+for s in direct all; do
+  KERAS_BACKEND=jax .venv/bin/python $here/temp_probe.py --setting $s --release_probe 2>/dev/null | tail -1
+done > $here/temp_probe_release.jsonl
+# after the fix (backward transform reordered): XLA temporaries, and speed against the old gradient
+KERAS_BACKEND=jax .venv/bin/python $here/temp_probe.py --setting all 2>/dev/null | tail -1 > $here/temp_probe_fixed.jsonl
+KERAS_BACKEND=jax .venv/bin/python $here/temp_probe.py --setting all --kernel_gradient forward_order 2>/dev/null | tail -1 >> $here/temp_probe_fixed.jsonl
+.venv/bin/python $here/kernel_gradient_pair.py --rounds 15 --variant forward_order --json $here/kernel_gradient_pair_forward_order.json
+venv-bench/bin/python benchmarks/vs_diffusers.py --backends "jax,jax@winograd_training=1" --peers eager \
+  --tasks train --grad_clip_norm 1.0 --repeats 15 --order_seed 85 \
+  --json $here/vs_diffusers_85.json --markdown $here/vs_diffusers_85.md > $here/vs_diffusers_85.log 2>&1
+python benchmarks/heap_timeline.py --configs jax --steps 2 --output_dir /tmp/heap_jax && cp /tmp/heap_jax/timeline.md $here/heap_timeline_jax.md && cp /tmp/heap_jax/timeline.json $here/heap_timeline_jax.json

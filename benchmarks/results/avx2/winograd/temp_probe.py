@@ -46,15 +46,42 @@ def patch_per_tap_kernel_gradient(winograd):
     winograd.conv3x3_same = conv3x3_same
 
 
+def patch_forward_order_kernel_gradient(winograd):
+    """The library's gradient as it was: V recomputed by the forward's own transform."""
+    from keras import ops
+
+    @ops.custom_gradient
+    def conv3x3_same(x, kernel):
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            turned = ops.transpose(ops.flip(ops.flip(kernel, axis=0), axis=1), (0, 1, 3, 2))
+            grad_x = winograd._forward(upstream, turned)
+            grad_m = winograd._output_transform_adjoint(upstream)
+            grad_u = ops.einsum("tpi,tpo->tio", winograd._input_transform(x), grad_m)
+            return grad_x, winograd._kernel_transform_adjoint(grad_u)
+
+        return winograd._forward(x, kernel), grad
+
+    winograd.conv3x3_same = conv3x3_same
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--setting", choices=("direct", "all", "max16"), required=True)
+    p.add_argument("--release_probe", action="store_true",
+                   help="after the step: gc + heap trim, then jax.clear_caches() + gc + trim, "
+                        "reading the resident set after each (what holds the compile's memory)")
     p.add_argument("--max_input", type=int, default=0,
                    help="a variant tried here: Winograd in training only for convolutions whose "
                         "input has at most this many values per image (H·W·C_in; 0: no limit)")
-    p.add_argument("--kernel_gradient", choices=("winograd", "per_tap"), default="winograd",
+    p.add_argument("--kernel_gradient", choices=("winograd", "per_tap", "forward_order"),
+                   default="winograd",
                    help="per_tap: a variant tried here, the Winograd form's kernel gradient "
-                        "as 9 matmuls of shifted inputs with the output gradient")
+                        "as 9 matmuls of shifted inputs with the output gradient; "
+                        "forward_order: the library before 2026-12-07 evening, its backward "
+                        "transform of the input computed like the forward's (which XLA merged "
+                        "with it)")
     p.add_argument("--batch", type=int, default=8)
     args = p.parse_args()
     from keras_etsdm import cpu_tuning
@@ -72,6 +99,8 @@ def main():
 
     if args.kernel_gradient == "per_tap":
         patch_per_tap_kernel_gradient(winograd)
+    elif args.kernel_gradient == "forward_order":
+        patch_forward_order_kernel_gradient(winograd)
     if args.max_input:
         unlimited = winograd.in_training
         winograd.in_training = lambda shape: (
@@ -109,6 +138,30 @@ def main():
     found["first_call_s"] = time.perf_counter() - start
     found["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     found["rss_after_step_mib"] = harness.rss_mib()
+    if args.release_probe:
+        import gc
+
+        import jax
+
+        gc.collect()
+        cpu_tuning.trim_heap()
+        found["rss_after_gc_trim_mib"] = harness.rss_mib()
+        from jax._src import util as jax_util
+
+        jax_util.clear_all_caches()  # JAX's Python-level staging caches only
+        gc.collect()
+        cpu_tuning.trim_heap()
+        found["rss_after_staging_caches_mib"] = harness.rss_mib()
+        start = time.perf_counter()
+        model.train_on_batch(x.astype("float32"))
+        found["step_after_staging_clear_s"] = time.perf_counter() - start
+        gc.collect()
+        cpu_tuning.trim_heap()
+        found["rss_after_that_step_trim_mib"] = harness.rss_mib()
+        jax.clear_caches()  # drops the compiled step and JAX's lowering / tracing caches
+        gc.collect()
+        cpu_tuning.trim_heap()
+        found["rss_after_clear_caches_mib"] = harness.rss_mib()
     found["setting"] = args.setting
     found["kernel_gradient"] = args.kernel_gradient
     found["max_input"] = args.max_input
