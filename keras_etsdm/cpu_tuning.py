@@ -510,7 +510,7 @@ def apply_sync_dispatch(environ=None):
     return True
 
 
-# ----- XLA or not for TensorFlow's training step on CPU -------------------------------------------
+# ----- Winograd convolutions in JAX's training step on CPU ----------------------------------------
 def jax_winograd_training(cpu_flags=None):
     """Whether JAX training steps on this CPU use Winograd's F(2×2, 3×3) for their 3×3
     convolutions by default (``train(winograd_training="auto")``; ``keras_etsdm.winograd``):
@@ -529,6 +529,7 @@ def jax_winograd_training(cpu_flags=None):
     return "avx2" in cpu_flags and "avx512f" not in cpu_flags
 
 
+# ----- XLA or not for TensorFlow's training step on CPU -------------------------------------------
 def cpu_isa_flags(path="/proc/cpuinfo"):
     """The CPU's ISA flags (``avx2``, ``avx512f``, ``avx512_bf16``, ...) from ``/proc/cpuinfo``;
     an empty set where that file cannot be read (not Linux)."""

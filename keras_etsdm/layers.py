@@ -89,9 +89,9 @@ class Conv2D(layers.Conv2D):
     gradient on JAX CPU with YNNPACK convolutions.
 
     ``training`` decides whether the Winograd form may be used: always at inference, in a
-    training step (``training=True``) only where ``winograd.in_training`` (off by default: the
-    CIFAR-10 U-Net's training step ran 1.13–1.16× as fast on JAX but compiled 13 s longer and
-    held ~0.3 GiB more; ``keras_etsdm.winograd``).
+    training step (``training=True``) only where ``winograd.in_training`` (off unless set;
+    ``train(winograd_training="auto")`` sets it for JAX on AVX2 CPUs without AVX-512, where
+    the CIFAR-10 U-Net's training step ran 1.19–1.25× as fast; ``keras_etsdm.winograd``).
     """
 
     def call(self, inputs, training=None):

@@ -34,23 +34,24 @@ network --switch winograd_training``), and against diffusers in ``bin/train``'s 
 2,843 instead of 2,484 MiB (XLA's temporaries for the step 286 → 578 MiB, 394 with the form
 kept out of the 32×32 level, whose transformed tiles are 4× its activations; measured before
 the fix below, not since), past the project's limits of 30 s and 1.5× eager diffusers' memory.
-On an AVX2 CPU (AMD EPYC Zen 3, 2
-cores; ``benchmarks/results/avx2/winograd/``) it gains more: single convolutions' forward +
-backward 1.21–1.78× at the U-Net's shapes, the training step 1.24× [1.20, 1.30], and beside
-eager diffusers in ``bin/train``'s recipe 1.39–1.44× its speed in three runs (1.08–1.20× with
-the direct form). The memory figures above were inflated: the backward pass recomputed ``V`` by the
-forward's own transform, which XLA's common-subexpression elimination merged with the forward's
-``V``, keeping every convolution's tiles alive from the forward to the backward pass. The
-backward transform now runs its two stages in the other order (:func:`conv3x3_same`):
-the step's XLA temporaries 896 → 651 MiB (599 direct), peak RSS beside diffusers 2,564 MiB
-(1.45× eager diffusers', within the project's 1.5×) against 2,771–2,826 before. The first call
+On an AVX2 CPU (AMD EPYC Zen 3, 2 cores; ``benchmarks/results/avx2/winograd/``) it gains more:
+single convolutions' forward + backward 1.21–1.78× at the U-Net's shapes, the training step
+1.24× [1.20, 1.30], and beside eager diffusers in ``bin/train``'s recipe 1.39–1.44× its speed
+in three runs (1.08–1.20× with the direct form). The memory figures above were inflated: the
+backward pass recomputed ``V`` by the forward's own transform, which XLA's
+common-subexpression elimination merged with the forward's ``V``, keeping every convolution's
+tiles alive from the forward to the backward pass. The backward transform now runs its two
+stages in the other order (:func:`conv3x3_same`): the step's XLA temporaries 896 → 651 MiB
+(599 direct), peak RSS beside diffusers 2,564 MiB (1.45× eager diffusers', within the
+project's 1.5×) against 2,771–2,826 before. The first call
 stays longer (37.5–44.5 instead of 25.0–35.5 s cold; with ``bin/train``'s persistent
 compilation cache warm ~16 s). So ``train`` uses the form in JAX's training steps by default
 on AVX2 CPUs without AVX-512 (``train(winograd_training="auto")``,
 ``cpu_tuning.jax_winograd_training``); elsewhere training steps keep the direct form and take
 this one on request (:data:`IN_TRAINING`; ``train(winograd_training=True)``), or only at the
-smaller levels (:data:`TRAINING_MAX_SIZE`; ``train(winograd_training=16)``, measured before the fix:
-1.26× [1.23, 1.29] eager diffusers). ``backend.conv2d_same`` uses it where :func:`applies`.
+smaller levels (:data:`TRAINING_MAX_SIZE`; ``train(winograd_training=16)``, measured before
+the fix: 1.26× [1.23, 1.29] eager diffusers). ``backend.conv2d_same`` uses it where
+:func:`applies`.
 """
 
 from fractions import Fraction
@@ -259,7 +260,8 @@ MIN_CHANNELS = 128
 
 
 def training_setting(winograd_training):
-    """``(IN_TRAINING, TRAINING_MAX_SIZE)`` for ``train(winograd_training=...)``.
+    """``(IN_TRAINING, TRAINING_MAX_SIZE)`` for ``train(winograd_training=...)`` (which
+    resolves ``"auto"`` first: ``backend.default_winograd_training``).
 
     Args:
         winograd_training: False or None (the direct form in training steps), True (the form at
