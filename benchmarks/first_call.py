@@ -127,7 +127,8 @@ def worker(args):
         "backend": keras.backend.backend(), "interpreter_s": t0 - _START, "import_s": t1 - t0,
         "build_s": t2 - t1, "first_call_s": t3 - t2, "second_call_s": t4 - t3,
         "jit_compile": jit_compile, "optimizer": args.optimizer,
-        "winograd_training": args.winograd_training, "build_phases_s": build_phases, "first_call_phases_s": first_call_phases,
+        "winograd_training": args.winograd_training, "build_phases_s": build_phases,
+        "first_call_phases_s": first_call_phases,
         "peak_rss_mib": harness.peak_rss_mib()}), flush=True)
 
 

@@ -1,5 +1,8 @@
 #!/bin/bash
 # Winograd convolutions in JAX's training step on AVX2 (issue 19), one benchmark at a time.
+# As run on 2026-12-07, before the library made the form JAX's AVX2 default (d7054c7): since
+# then vs_diffusers.py's plain "jax" worker runs it too on AVX2, so name the direct worker
+# "jax@winograd_training=0" to reproduce the "direct" rows.
 set -e
 cd "$(dirname "$0")/../../../.."
 here=benchmarks/results/avx2/winograd
