@@ -284,21 +284,22 @@ def train(workdir, model_fn=build_model, dataset_fn=None, optimizer_fn=make_opti
     arguments = dict(locals())  # the parameters alone, for _train
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
-    if isinstance(winograd_training, str) and winograd_training == "auto":
-        winograd_training = backend.default_winograd_training()
-    winograd_setting = winograd.training_setting(winograd_training)  # ValueError if unknown
+    if not _is_auto(winograd_training):
+        winograd.training_setting(winograd_training)  # ValueError now, before the workdir
     os.makedirs(workdir, exist_ok=True)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(mixed_precision or "float32")
-    previous_winograd = (winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE)
-    # read when the step is traced
-    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd_setting
+    previous_winograd = (winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE)  # _train sets them
     with contextlib.ExitStack() as exit_stack:  # holds the work-directory lock
         try:
             return _train(**arguments, exit_stack=exit_stack)
         finally:
             keras.config.set_dtype_policy(previous_policy)
             winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = previous_winograd
+
+
+def _is_auto(value):
+    return isinstance(value, str) and value == "auto"
 
 
 def _winograd_note(network, jit_compile):
@@ -319,6 +320,12 @@ def _train(workdir, model_fn, dataset_fn, optimizer_fn, batch_size, max_steps, m
            handle_signals, stream, exit_stack):
     dataset_fn = dataset_fn or make_dataset
     dist = distribute.setup_distribution(distribution)
+    # "auto" asks JAX for its backend, which must wait for a multi-process setup above
+    if _is_auto(winograd_training):
+        winograd_training = backend.default_winograd_training()
+    # read when the step is traced; train() restores them
+    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(
+        winograd_training)
     if dist.is_chief:  # the chief writes the work directory; one chief at a time
         exit_stack.enter_context(workdir_lock(workdir))
         remove_stale_temporaries(workdir)  # a live writer's temporaries are never removed
