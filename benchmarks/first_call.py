@@ -89,12 +89,8 @@ def worker(args):
 
     from keras_etsdm import DiffusionModel, backend, build_unet, winograd
     phases = _jax_phase_recorder()
-    setting = {"0": False, "1": True, "auto": None}.get(args.winograd_training, "N")
-    if setting is None:
-        setting = backend.default_winograd_training()
-    elif setting == "N":
-        setting = int(args.winograd_training)
-    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(setting)
+    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(
+        harness.winograd_training_value(args.winograd_training))
     t1 = time.perf_counter()
     jit_compile = (backend.default_train_jit_compile() if args.jit_compile == "auto"
                    else args.jit_compile == "true")

@@ -363,6 +363,18 @@ def interleave(workers, cmd, repeats, orders=None, **kwargs):
     return results
 
 
+def winograd_training_value(text):
+    """``train(winograd_training=...)`` from a benchmark's option text: "auto" → the library's
+    choice for this process (``backend.default_winograd_training``), "0" / "1" → False / True,
+    other digits → that int; anything else is returned as is, for ``winograd.training_setting``
+    to refuse."""
+    if text == "auto":
+        from keras_etsdm import backend
+
+        return backend.default_winograd_training()
+    return {"0": False, "1": True}.get(text, int(text) if text.isdigit() else text)
+
+
 def write_json_atomic(path, data):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -207,14 +207,10 @@ def keras_worker(args):
 
     if os.environ.get(DIRECT_UPSAMPLE_VARIABLE) == "1":  # "<backend>@direct_upsample"
         etsdm_layers.SUBPIXEL_UPSAMPLE = False
-    setting = os.environ.get(WINOGRAD_TRAINING_VARIABLE)  # "@winograd_training=0/1/N"
-    if setting is None:  # as bin/train: train(winograd_training="auto")
-        from keras_etsdm import backend as etsdm_backend
-
-        value = etsdm_backend.default_winograd_training()
-    else:
-        value = {"0": False, "1": True}.get(setting) if setting in ("0", "1") else int(setting)
-    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(value)
+    # "@winograd_training=0/1/N"; without it as bin/train: train(winograd_training="auto")
+    setting = os.environ.get(WINOGRAD_TRAINING_VARIABLE, "auto")
+    winograd.IN_TRAINING, winograd.TRAINING_MAX_SIZE = winograd.training_setting(
+        harness.winograd_training_value(setting))
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
     if args.precision == "bf16":

@@ -119,13 +119,21 @@ def _split_taps(tensor, axis, tiles):
     return taps
 
 
-def _input_transform(x):
-    """``[B, H, W, C]`` → ``V``, ``[16, B·⌈H/2⌉·⌈W/2⌉, C]``: ``Bᵀ d B`` of every 4×4 input tile
-    (stride 2, the input zero-padded by 1 as "same" padding, and at the end to whole tiles)."""
-    batch, height, width, channels = x.shape
+def _padded_to_tiles(x):
+    """``x`` zero-padded by 1 ("same" padding) and at the end to whole tiles, with the tile
+    counts: ``([B, 2·t_h + 2, 2·t_w + 2, C], t_h, t_w)``."""
+    height, width = x.shape[1], x.shape[2]
     t_h, t_w = _tiles(height), _tiles(width)
     padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
                          (0, 0)))
+    return padded, t_h, t_w
+
+
+def _input_transform(x):
+    """``[B, H, W, C]`` → ``V``, ``[16, B·⌈H/2⌉·⌈W/2⌉, C]``: ``Bᵀ d B`` of every 4×4 input tile
+    (stride 2, the input zero-padded by 1 as "same" padding, and at the end to whole tiles)."""
+    batch, _, _, channels = x.shape
+    padded, t_h, t_w = _padded_to_tiles(x)
     # Separably, along W, then along H, each stage one stacked tensor that XLA makes one loop
     # fusion: cheaper to compile than the 16 combinations of a 4×4 tile at once, and no slower.
     cols = _split_taps(padded, axis=2, tiles=t_w)  # 4 × [B, H + 2, t_w, C]
@@ -140,10 +148,8 @@ def _input_transform_rows_first(x):
     same ``V`` up to float summation order, for the backward pass. Computed the same way as
     the forward's, XLA's common-subexpression elimination would merge the two and keep the
     forward's ``V`` (4× the input) alive until the backward pass instead of recomputing it."""
-    batch, height, width, channels = x.shape
-    t_h, t_w = _tiles(height), _tiles(width)
-    padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
-                         (0, 0)))
+    batch, _, _, channels = x.shape
+    padded, t_h, t_w = _padded_to_tiles(x)
     rows = _split_taps(padded, axis=1, tiles=t_h)  # 4 × [B, t_h, W + 2, C]
     rows = ops.stack(_combine(_BT, rows), axis=0)  # [4 (a), B, t_h, W + 2, C]
     cols = _split_taps(rows, axis=3, tiles=t_w)  # 4 × [4, B, t_h, t_w, C]

@@ -24,7 +24,9 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
-def patch_per_tap_kernel_gradient(winograd):
+def _patch_kernel_gradient(winograd, kernel_gradient):
+    """Replace ``winograd.conv3x3_same`` by the same form whose kernel gradient is
+    ``kernel_gradient(x, kernel, upstream)`` (the input gradient stays the library's)."""
     from keras import ops
 
     @ops.custom_gradient
@@ -33,37 +35,37 @@ def patch_per_tap_kernel_gradient(winograd):
             if upstream is None:
                 (upstream,) = args
             turned = ops.transpose(ops.flip(ops.flip(kernel, axis=0), axis=1), (0, 1, 3, 2))
-            grad_x = winograd._forward(upstream, turned)
-            _, height, width, _ = x.shape
-            padded = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            taps = [ops.einsum("bhwi,bhwo->io", padded[:, i:i + height, j:j + width, :], upstream)
-                    for i in range(3) for j in range(3)]
-            grad_kernel = ops.reshape(ops.stack(taps, axis=0), kernel.shape)
-            return grad_x, grad_kernel
+            return winograd._forward(upstream, turned), kernel_gradient(x, kernel, upstream)
 
         return winograd._forward(x, kernel), grad
 
     winograd.conv3x3_same = conv3x3_same
+
+
+def patch_per_tap_kernel_gradient(winograd):
+    """The kernel gradient as 9 matmuls of shifted inputs with the output gradient."""
+    from keras import ops
+
+    def kernel_gradient(x, kernel, upstream):
+        _, height, width, _ = x.shape
+        padded = ops.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        taps = [ops.einsum("bhwi,bhwo->io", padded[:, i:i + height, j:j + width, :], upstream)
+                for i in range(3) for j in range(3)]
+        return ops.reshape(ops.stack(taps, axis=0), kernel.shape)
+
+    _patch_kernel_gradient(winograd, kernel_gradient)
 
 
 def patch_forward_order_kernel_gradient(winograd):
     """The library's gradient as it was: V recomputed by the forward's own transform."""
     from keras import ops
 
-    @ops.custom_gradient
-    def conv3x3_same(x, kernel):
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            turned = ops.transpose(ops.flip(ops.flip(kernel, axis=0), axis=1), (0, 1, 3, 2))
-            grad_x = winograd._forward(upstream, turned)
-            grad_m = winograd._output_transform_adjoint(upstream)
-            grad_u = ops.einsum("tpi,tpo->tio", winograd._input_transform(x), grad_m)
-            return grad_x, winograd._kernel_transform_adjoint(grad_u)
+    def kernel_gradient(x, kernel, upstream):
+        grad_m = winograd._output_transform_adjoint(upstream)
+        grad_u = ops.einsum("tpi,tpo->tio", winograd._input_transform(x), grad_m)
+        return winograd._kernel_transform_adjoint(grad_u)
 
-        return winograd._forward(x, kernel), grad
-
-    winograd.conv3x3_same = conv3x3_same
+    _patch_kernel_gradient(winograd, kernel_gradient)
 
 
 def main():
