@@ -521,9 +521,12 @@ def jax_winograd_training(cpu_flags=None):
     clipped Adam: the training step 1.19–1.25× as fast as with direct convolutions (paired, four
     runs), beside eager diffusers 1.44× [1.34, 1.51] against 1.20× [1.14, 1.22] (seed 85, after
     the backward pass's transform was reordered), peak RSS 2,564 against 2,405 MiB (1.45× eager
-    diffusers'); the price is the first call, ~10 s longer when nothing is cached (37.5–44.5
-    against 25.0–35.5 s), ~16 s with ``bin/``'s persistent compilation cache warm. On AVX-512 it
-    gained 1.13× and is not the default there; TensorFlow with XLA on AVX2 was not measured.
+    diffusers'); the price is the first call, longer when nothing is cached: ~7 s with the
+    transforms as additions, ~3 s since they are matmuls (27.3 against 24.3 s, alternated in one
+    process, ``benchmarks/results/avx2/winograd_transforms``; 27.7 s beside diffusers in seed 86,
+    1.40× [1.37, 1.48] eager diffusers' speed, peak 1.46×), ~16 s with ``bin/``'s persistent
+    compilation cache warm. On AVX-512 it gained 1.13× and is not the default there; TensorFlow
+    with XLA on AVX2 was not measured.
     """
     cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
     return "avx2" in cpu_flags and "avx512f" not in cpu_flags

@@ -6,7 +6,12 @@ Winograd's F(2×2, 3×3) (Lavin & Gray, "Fast Algorithms for Convolutional Neura
 are carried to a 4×4 transform domain by small fixed matrices (``Bᵀ d B`` and ``G g Gᵀ``),
 multiplied pointwise, and brought back by ``Aᵀ · A``. Over channels the pointwise products are
 16 matmuls ``[tiles, C_in] × [C_in, C_out]``, so the multiply count of the convolution falls by
-9 / 4 = 2.25×; the transforms are additions (and halvings) over the tiles.
+9 / 4 = 2.25×. The input's transform is additions over the tiles in the forward pass
+(:func:`_input_transform`); the output's transform, its adjoint and the backward pass's input
+transform are small constant matmuls (``Aᵀ ⊗ Aᵀ``, ``[4, 16]``; ``Bᵀ ⊗ Bᵀ``, ``[16, 16]``:
+entries 0 and ±1), memory-bound like the additions they stand for, but compiled by XLA as
+library calls rather than arithmetic loops, one set per convolution shape: the CIFAR-10 U-Net's
+training step compiles ~4 s sooner (:func:`_input_transform_by_matmul`).
 
 The entries of the three matrices are 0, ±1 and ±1/2, so in float32 the result differs from a
 direct convolution only by summation order (relative error ~1e-6, like two direct algorithms).
@@ -40,12 +45,19 @@ single convolutions' forward + backward 1.21–1.78× at the U-Net's shapes, the
 in three runs (1.08–1.20× with the direct form). The memory figures above were inflated: the
 backward pass recomputed ``V`` by the forward's own transform, which XLA's
 common-subexpression elimination merged with the forward's ``V``, keeping every convolution's
-tiles alive from the forward to the backward pass. The backward transform now runs its two
-stages in the other order (:func:`conv3x3_same`): the step's XLA temporaries 896 → 651 MiB
-(599 direct), peak RSS beside diffusers 2,564 MiB (1.45× eager diffusers', within the
-project's 1.5×) against 2,771–2,826 before. The first call
-stays longer (37.5–44.5 instead of 25.0–35.5 s cold; with ``bin/train``'s persistent
-compilation cache warm ~16 s). So ``train`` uses the form in JAX's training steps by default
+tiles alive from the forward to the backward pass. The backward transform was then made to
+run its two stages in the other order: the step's XLA temporaries 896 → 651 MiB (599 direct),
+peak RSS beside diffusers 2,564 MiB (1.45× eager diffusers', within the project's 1.5×)
+against 2,771–2,826 before; the first call stayed longer (37.5–44.5 instead of 25.0–35.5 s
+cold in single fresh processes; with ``bin/train``'s persistent compilation cache warm ~16 s).
+Since then the backward pass recomputes ``V`` by a matmul (:func:`_input_transform_by_matmul`,
+also kept apart from the forward's ``V`` by XLA) and the output transforms are matmuls: in one
+process, alternated with the additions' form and the direct one (5–6 rounds each,
+``benchmarks/results/avx2/winograd_transforms/``), the first call 27.3 s against 31.3 (×0.87
+[0.82, 0.94]) and 24.3 direct, the step's speed unchanged (1.00× [0.98, 1.05]) and the forward
+pass's too (JAX 1.01× [0.98, 1.03], TensorFlow 1.02× [0.96, 1.05]); XLA's temporaries 698 MiB
+(the backward's raw tiles of one convolution, ~48 MiB, live beside its ``V``).
+So ``train`` uses the form in JAX's training steps by default
 on AVX2 CPUs without AVX-512 (``train(winograd_training="auto")``,
 ``cpu_tuning.jax_winograd_training``); elsewhere training steps keep the direct form and take
 this one on request (:data:`IN_TRAINING`; ``train(winograd_training=True)``), or only at the
@@ -74,8 +86,26 @@ _AT = ((1, 1, 1, 0),
        (0, 1, -1, -1))
 
 
-def _transpose(matrix):
-    return tuple(zip(*matrix))
+def _kron_square(matrix):
+    """``M ⊗ M`` as float32: row ``r·a + b``, column ``c·i + j`` holds ``M[a][i] · M[b][j]``
+    for an ``r × c`` matrix ``M``, so ``(M ⊗ M) · vec(X) = vec(M X Mᵀ)`` for a ``c × c`` tile
+    ``X`` flattened row by row."""
+    m = np.array([[float(c) for c in row] for row in matrix], dtype="float32")
+    return np.kron(m, m)
+
+
+def _tiles(size):
+    return -(-size // TILE)
+
+
+def _padded_to_tiles(x):
+    """``x`` zero-padded by 1 ("same" padding) and at the end to whole tiles, with the tile
+    counts: ``([B, 2·t_h + 2, 2·t_w + 2, C], t_h, t_w)``."""
+    height, width = x.shape[1], x.shape[2]
+    t_h, t_w = _tiles(height), _tiles(width)
+    padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
+                         (0, 0)))
+    return padded, t_h, t_w
 
 
 def _combine(matrix, items):
@@ -100,10 +130,6 @@ def _combine(matrix, items):
     return out
 
 
-def _tiles(size):
-    return -(-size // TILE)
-
-
 def _split_taps(tensor, axis, tiles):
     """The 4 taps of every tile along ``axis``: 4 tensors like ``tensor`` with that axis
     replaced by ``tiles``, the i-th holding entries ``2·t + i``. Taps 0–1 and 2–3 are the two
@@ -119,23 +145,18 @@ def _split_taps(tensor, axis, tiles):
     return taps
 
 
-def _padded_to_tiles(x):
-    """``x`` zero-padded by 1 ("same" padding) and at the end to whole tiles, with the tile
-    counts: ``([B, 2·t_h + 2, 2·t_w + 2, C], t_h, t_w)``."""
-    height, width = x.shape[1], x.shape[2]
-    t_h, t_w = _tiles(height), _tiles(width)
-    padded = ops.pad(x, ((0, 0), (1, 1 + TILE * t_h - height), (1, 1 + TILE * t_w - width),
-                         (0, 0)))
-    return padded, t_h, t_w
-
-
 def _input_transform(x):
     """``[B, H, W, C]`` → ``V``, ``[16, B·⌈H/2⌉·⌈W/2⌉, C]``: ``Bᵀ d B`` of every 4×4 input tile
-    (stride 2, the input zero-padded by 1 as "same" padding, and at the end to whole tiles)."""
+    (stride 2, the input zero-padded by 1 as "same" padding, and at the end to whole tiles).
+
+    As additions over the tiles, separably (along W, then along H), each stage one stacked
+    tensor that XLA makes one loop fusion: the forward pass's transform, where it reads the
+    input once and writes ``V`` once. As a matmul of the raw tiles
+    (:func:`_input_transform_by_matmul`) it compiles faster but runs the forward pass ~4 %
+    slower (one more pass over 4× the input).
+    """
     batch, _, _, channels = x.shape
     padded, t_h, t_w = _padded_to_tiles(x)
-    # Separably, along W, then along H, each stage one stacked tensor that XLA makes one loop
-    # fusion: cheaper to compile than the 16 combinations of a 4×4 tile at once, and no slower.
     cols = _split_taps(padded, axis=2, tiles=t_w)  # 4 × [B, H + 2, t_w, C]
     cols = ops.stack(_combine(_BT, cols), axis=0)  # [4 (b), B, H + 2, t_w, C]
     rows = _split_taps(cols, axis=2, tiles=t_h)  # 4 × [4, B, t_h, t_w, C]
@@ -143,24 +164,40 @@ def _input_transform(x):
     return ops.reshape(stacked, (16, batch * t_h * t_w, channels))
 
 
-def _input_transform_rows_first(x):
-    """:func:`_input_transform` with its two stages in the other order (along H, then W): the
-    same ``V`` up to float summation order, for the backward pass. Computed the same way as
-    the forward's, XLA's common-subexpression elimination would merge the two and keep the
-    forward's ``V`` (4× the input) alive until the backward pass instead of recomputing it."""
+def _raw_tiles(x):
+    """The 4×4 input tiles ``d`` (stride 2, "same" padding), one row per tap: ``([16,
+    B·t_h·t_w·C], taps)``, row ``r`` holding tap ``taps[r] = (i, j)`` (input row ``2·t + i``,
+    column ``2·s + j`` of tile ``(t, s)``), channels last within a row.
+
+    Tap ``i = 2·half + phase``: with the padded input viewed as 2×2 blocks, ``[B, t_h + 1, 2,
+    t_w + 1, 2, C]``, the taps of a tile are the phases of blocks ``t`` and ``t + 1``. So the
+    phases are moved to the front (a transpose) and the 4 (half along H, half along W) shifts
+    of that stacked: XLA makes the pad, the transpose and the stack one copy loop.
+    """
     batch, _, _, channels = x.shape
     padded, t_h, t_w = _padded_to_tiles(x)
-    rows = _split_taps(padded, axis=1, tiles=t_h)  # 4 × [B, t_h, W + 2, C]
-    rows = ops.stack(_combine(_BT, rows), axis=0)  # [4 (a), B, t_h, W + 2, C]
-    cols = _split_taps(rows, axis=3, tiles=t_w)  # 4 × [4, B, t_h, t_w, C]
-    stacked = ops.stack(_combine(_BT, cols), axis=1)  # [4 (a), 4 (b), B, t_h, t_w, C]
-    return ops.reshape(stacked, (16, batch * t_h * t_w, channels))
+    blocks = ops.reshape(padded, (batch, t_h + 1, TILE, t_w + 1, TILE, channels))
+    phases = ops.transpose(blocks, (2, 4, 0, 1, 3, 5))  # [p_h, p_w, B, t_h + 1, t_w + 1, C]
+    d = ops.stack([phases[:, :, :, h_h:h_h + t_h, h_w:h_w + t_w]
+                   for h_h in range(2) for h_w in range(2)], axis=0)
+    taps = [(2 * h_h + p_h, 2 * h_w + p_w) for h_h in range(2) for h_w in range(2)
+            for p_h in range(2) for p_w in range(2)]
+    return ops.reshape(d, (16, batch * t_h * t_w * channels)), taps
 
 
-def _kernel_matrix():
-    """``G ⊗ G``, ``[16, 9]``: row ``4a + b``, column ``3i + j`` is ``G[a][i] · G[b][j]``."""
-    g = np.array([[float(c) for c in row] for row in _G], dtype="float32")
-    return np.kron(g, g)
+def _input_transform_by_matmul(x):
+    """:func:`_input_transform` as one ``[16, 16] × [16, B·t_h·t_w·C]`` matmul of ``Bᵀ ⊗ Bᵀ``
+    with the raw tiles (:func:`_raw_tiles`): the same ``V`` up to float summation order, for
+    the backward pass. Computed differently from the forward's, it cannot be merged with it by
+    XLA's common-subexpression elimination, which would keep the forward's ``V`` (4× the
+    input) alive until the backward pass instead of recomputing it; and XLA compiles it as a
+    library call instead of two arithmetic loops (``benchmarks/results/avx2/winograd_transforms/``)."""
+    channels = x.shape[-1]
+    d, taps = _raw_tiles(x)
+    # the columns of Bᵀ ⊗ Bᵀ (tap 4·i + j) in the row order of d
+    matrix = _kron_square(_BT)[:, [4 * i + j for i, j in taps]]
+    v = ops.matmul(ops.convert_to_tensor(matrix, dtype=x.dtype), d)
+    return ops.reshape(v, (16, -1, channels))
 
 
 def _kernel_transform(kernel):
@@ -168,7 +205,7 @@ def _kernel_transform(kernel):
     (one small op to compile per convolution instead of 16)."""
     _, _, c_in, c_out = kernel.shape
     flat = ops.reshape(kernel, (9, c_in * c_out))
-    u = ops.matmul(ops.convert_to_tensor(_kernel_matrix(), dtype=kernel.dtype), flat)
+    u = ops.matmul(ops.convert_to_tensor(_kron_square(_G), dtype=kernel.dtype), flat)
     return ops.reshape(u, (16, c_in, c_out))
 
 
@@ -176,20 +213,21 @@ def _kernel_transform_adjoint(grad_u):
     """The adjoint of :func:`_kernel_transform`: ``[16, C_in, C_out]`` → ``[3, 3, C_in, C_out]``."""
     _, c_in, c_out = grad_u.shape
     flat = ops.reshape(grad_u, (16, c_in * c_out))
-    matrix = ops.convert_to_tensor(_kernel_matrix().T, dtype=grad_u.dtype)
+    matrix = ops.convert_to_tensor(_kron_square(_G).T, dtype=grad_u.dtype)
     return ops.reshape(ops.matmul(matrix, flat), (3, 3, c_in, c_out))
 
 
 def _output_transform(m, batch, height, width):
     """``M``, ``[16, B·t_h·t_w, C]`` → ``Aᵀ m A`` of every tile, assembled and cropped to
-    ``[B, H, W, C]``."""
-    side = TILE + 2
+    ``[B, H, W, C]``: one ``[4, 16]`` matmul of ``Aᵀ ⊗ Aᵀ``, then the 2×2 blocks put in place
+    (a transpose)."""
     t_h, t_w = _tiles(height), _tiles(width)
-    m = ops.reshape(m, (side, side, batch, t_h, t_w, m.shape[-1]))
-    rows = _combine(_AT, [m[i] for i in range(side)])  # [2] of [4, B, t_h, t_w, C]
-    blocks = [_combine(_AT, [row[j] for j in range(side)]) for row in rows]  # [2][2]
-    out = ops.stack([ops.stack(block, axis=3) for block in blocks], axis=2)
-    out = ops.reshape(out, (batch, TILE * t_h, TILE * t_w, out.shape[-1]))
+    channels = m.shape[-1]
+    matrix = ops.convert_to_tensor(_kron_square(_AT), dtype=m.dtype)
+    y = ops.matmul(matrix, ops.reshape(m, (16, -1)))  # [4 (2i + j), B·t_h·t_w·C]
+    y = ops.reshape(y, (TILE, TILE, batch, t_h, t_w, channels))
+    y = ops.transpose(y, (2, 3, 0, 4, 1, 5))  # [B, t_h, i, t_w, j, C]
+    out = ops.reshape(y, (batch, TILE * t_h, TILE * t_w, channels))
     if TILE * t_h != height or TILE * t_w != width:
         out = out[:, :height, :width]
     return out
@@ -203,13 +241,10 @@ def _output_transform_adjoint(grad_y):
         grad_y = ops.pad(grad_y, ((0, 0), (0, TILE * t_h - height), (0, TILE * t_w - width),
                                   (0, 0)))
     blocks = ops.reshape(grad_y, (batch, t_h, TILE, t_w, TILE, channels))
-    a = _transpose(_AT)
-    # separably, as the input transform: along the tile's columns, then its rows
-    cols = ops.stack(_combine(a, [blocks[..., j, :] for j in range(TILE)]),
-                     axis=0)  # [4 (b), B, t_h, 2 (i), t_w, C]
-    rows = ops.stack(_combine(a, [cols[:, :, :, i] for i in range(TILE)]),
-                     axis=0)  # [4 (a), 4 (b), B, t_h, t_w, C]
-    return ops.reshape(rows, (16, -1, channels))
+    blocks = ops.transpose(blocks, (2, 4, 0, 1, 3, 5))  # [i, j, B, t_h, t_w, C]
+    blocks = ops.reshape(blocks, (TILE * TILE, -1))
+    matrix = ops.convert_to_tensor(_kron_square(_AT).T, dtype=grad_y.dtype)
+    return ops.reshape(ops.matmul(matrix, blocks), (16, -1, channels))
 
 
 def _forward(x, kernel):
@@ -238,8 +273,8 @@ def conv3x3_same(x, kernel):
         turned = ops.transpose(ops.flip(ops.flip(kernel, axis=0), axis=1), (0, 1, 3, 2))
         grad_x = _forward(upstream, turned)
         grad_m = _output_transform_adjoint(upstream)  # [16, P, C_out]
-        # V recomputed in the other stage order, which XLA cannot merge with the forward's
-        grad_u = ops.einsum("tpi,tpo->tio", _input_transform_rows_first(x), grad_m)
+        # V recomputed, by a matmul XLA cannot merge with the forward's additions
+        grad_u = ops.einsum("tpi,tpo->tio", _input_transform_by_matmul(x), grad_m)
         return grad_x, _kernel_transform_adjoint(grad_u)
 
     return _forward(x, kernel), grad
