@@ -191,7 +191,8 @@ def _input_transform_by_matmul(x):
     the backward pass. Computed differently from the forward's, it cannot be merged with it by
     XLA's common-subexpression elimination, which would keep the forward's ``V`` (4× the
     input) alive until the backward pass instead of recomputing it; and XLA compiles it as a
-    library call instead of two arithmetic loops (``benchmarks/results/avx2/winograd_transforms/``)."""
+    library call instead of two arithmetic loops
+    (``benchmarks/results/avx2/winograd_transforms/``)."""
     channels = x.shape[-1]
     d, taps = _raw_tiles(x)
     # the columns of Bᵀ ⊗ Bᵀ (tap 4·i + j) in the row order of d
