@@ -526,7 +526,9 @@ def jax_winograd_training(cpu_flags=None):
     process, ``benchmarks/results/avx2/winograd_transforms``; 27.7 s beside diffusers in seed 86,
     1.40× [1.37, 1.48] eager diffusers' speed, peak 1.46×), ~16 s with ``bin/``'s persistent
     compilation cache warm. On AVX-512 it gained 1.13× and is not the default there; TensorFlow
-    with XLA on AVX2 was not measured.
+    with XLA on AVX2 ran its training step slower with it (direct ÷ form 0.76× [0.70, 0.86] of
+    the time, first call 64 vs 55 s; ``benchmarks/results/avx2/winograd_transforms``), so this is
+    JAX's only.
     """
     cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
     return "avx2" in cpu_flags and "avx512f" not in cpu_flags

@@ -20,3 +20,8 @@ done > $here/temp_probe.jsonl
 venv-bench/bin/python benchmarks/vs_diffusers.py --backends "jax,jax@winograd_training=0" --peers eager \
   --tasks train --grad_clip_norm 1.0 --repeats 15 --order_seed 86 \
   --json $here/vs_diffusers_86.json --markdown $here/vs_diffusers_86.md > $here/vs_diffusers_86.log 2>&1
+# TensorFlow with XLA: the form in its training step against the direct form
+for r in 15 20; do
+  KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/small_conv.py --part network --network cifar10 --resolutions 32 \
+    --tasks train --switch winograd_training --repeats $r --tf_jit_compile true > $here/network_train_tf_$r.txt
+done
