@@ -117,7 +117,7 @@ def test_input_transform_is_bt_d_b_of_every_tile(transform):
 
 
 def test_kron_square_is_the_two_sided_product_on_a_flattened_tile():
-    # (M ⊗ M) vec(X) = vec(M X Mᵀ), rows of X flattened in order: for the 2×4 Aᵀ and the 4×3 G.
+    # (M ⊗ M) vec(X) = vec(M X Mᵀ), rows of X flattened in order: for Aᵀ (2×4), G (4×3), Bᵀ.
     rng = np.random.default_rng(9)
     for matrix in (winograd._AT, winograd._G, winograd._BT):
         m = _float64(matrix)

@@ -1,6 +1,7 @@
 """The training step's compile, three forms alternated in ONE process: direct convolutions, the
-Winograd form with elementwise transforms (commit f306f3f) and with matmul transforms (the
-library now).
+Winograd form with elementwise transforms (commit f306f3f) and "matmul", the library's form now
+(its output transforms and the backward pass's input transform as matmuls; the forward pass's
+input transform still additions).
 
     KERAS_BACKEND=jax python benchmarks/results/avx2/winograd_transforms/compile_pair.py --rounds 6
 

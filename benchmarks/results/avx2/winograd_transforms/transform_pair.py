@@ -1,12 +1,14 @@
-"""The Winograd form's transforms as matmuls (the library now) against the elementwise ones
-before (commit f306f3f): speed of the CIFAR-10 U-Net's training step and forward pass, paired.
+"""The Winograd form's transforms as matmuls (the library now: the output transforms and the
+backward pass's input transform; the forward pass's input transform stays additions) against the
+elementwise ones before (commit f306f3f): speed of the CIFAR-10 U-Net's training step and forward
+pass, paired.
 
     python benchmarks/results/avx2/winograd_transforms/transform_pair.py --backend jax --rounds 15
 
 Two worker processes, started as ``benchmarks/small_conv.py``'s are (bin/'s malloc tunables and
 XLA flags, no persistent compilation cache), both with Winograd in training steps
-(``winograd.IN_TRAINING``): "matmul" runs the library as it is; "elementwise" replaces
-``winograd.conv3x3_same`` with that of ``keras_etsdm/winograd.py`` at f306f3f (read with ``git
+(``winograd.IN_TRAINING``): "matmul" runs the library as it is (or ``--variant``);
+"elementwise" replaces ``winograd.conv3x3_same`` with that of ``keras_etsdm/winograd.py`` at f306f3f (read with ``git
 show``, not committed here), whose transforms were additions over the tiles. Prints the first
 call of each task in each worker (trace + compile + run; in-process, so a compile screen only:
 ``first_call.py`` measures fresh processes) and per task the medians and the paired ratio
