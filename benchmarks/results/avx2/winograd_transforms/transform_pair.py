@@ -8,8 +8,9 @@ pass, paired.
 Two worker processes, started as ``benchmarks/small_conv.py``'s are (bin/'s malloc tunables and
 XLA flags, no persistent compilation cache), both with Winograd in training steps
 (``winograd.IN_TRAINING``): "matmul" runs the library as it is (or ``--variant``);
-"elementwise" replaces ``winograd.conv3x3_same`` with that of ``keras_etsdm/winograd.py`` at f306f3f (read with ``git
-show``, not committed here), whose transforms were additions over the tiles. Prints the first
+"elementwise" replaces ``winograd.conv3x3_same`` with that of ``keras_etsdm/winograd.py`` at
+f306f3f (read with ``git show``, not committed here), whose transforms were additions over the
+tiles. Prints the first
 call of each task in each worker (trace + compile + run; in-process, so a compile screen only:
 ``first_call.py`` measures fresh processes) and per task the medians and the paired ratio
 elementwise ÷ matmul of the time with a 95 % bootstrap interval, over rounds in a random order.
