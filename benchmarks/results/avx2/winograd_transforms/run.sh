@@ -25,3 +25,11 @@ for r in 15 20; do
   KERAS_BACKEND=tensorflow .venv/bin/python benchmarks/small_conv.py --part network --network cifar10 --resolutions 32 \
     --tasks train --switch winograd_training --repeats $r --tf_jit_compile true > $here/network_train_tf_$r.txt
 done
+# fresh processes with the library's default (the form on AVX2), then one pair direct / default
+.venv/bin/python benchmarks/first_call.py --backends jax --rounds 3 --modes off --jit_compile auto \
+  --optimizer clipped_adam --winograd_training auto --json $here/first_call_default.json --markdown $here/first_call_default.md
+for w in 0 auto; do
+  name=$([ $w = 0 ] && echo direct || echo default)
+  .venv/bin/python benchmarks/first_call.py --backends jax --rounds 1 --modes off --jit_compile auto \
+    --optimizer clipped_adam --winograd_training $w --json $here/first_call_pair_$name.json --markdown /dev/null
+done
