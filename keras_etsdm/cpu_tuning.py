@@ -524,11 +524,11 @@ def jax_winograd_training(cpu_flags=None):
     diffusers'); the price is the first call, longer when nothing is cached: ~7 s with the
     transforms as additions, ~3 s since they are matmuls (27.3 against 24.3 s, alternated in one
     process, ``benchmarks/results/avx2/winograd_transforms``; 27.7 s beside diffusers in seed 86,
-    1.40× [1.37, 1.48] eager diffusers' speed, peak 1.46×), ~16 s with ``bin/``'s persistent
-    compilation cache warm. On AVX-512 it gained 1.13× and is not the default there; TensorFlow
-    with XLA on AVX2 ran its training step slower with it (direct ÷ form 0.76× [0.70, 0.86] of
-    the time, first call 64 vs 55 s; ``benchmarks/results/avx2/winograd_transforms``), so this is
-    JAX's only.
+    1.40× [1.37, 1.48] eager diffusers' speed, peak 1.46×; but 35.1–37.6 s in four later fresh
+    processes, 29.6 s direct), ~16 s with ``bin/``'s persistent compilation cache warm. On
+    AVX-512 it gained 1.13× and is not the default there; TensorFlow with XLA on AVX2 ran its
+    training step slower with it (direct ÷ form 0.76× [0.70, 0.86] of the time, first call 64 vs
+    55 s; ``benchmarks/results/avx2/winograd_transforms``), so this is JAX's only.
     """
     cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
     return "avx2" in cpu_flags and "avx512f" not in cpu_flags

@@ -54,7 +54,8 @@ Since then the backward pass recomputes ``V`` by a matmul (:func:`_input_transfo
 also kept apart from the forward's ``V`` by XLA) and the output transforms are matmuls: in one
 process, alternated with the additions' form and the direct one (5–6 rounds each,
 ``benchmarks/results/avx2/winograd_transforms/``), the first call 27.3 s against 31.3 (×0.87
-[0.82, 0.94]) and 24.3 direct, the step's speed unchanged (1.00× [0.98, 1.05]) and the forward
+[0.82, 0.94]) and 24.3 direct (fresh processes: 27.7–37.6 s, 29.6 direct in a pair), the step's
+speed unchanged (1.00× [0.98, 1.05]) and the forward
 pass's too (JAX 1.01× [0.98, 1.03], TensorFlow 1.02× [0.96, 1.05]); XLA's temporaries 698 MiB
 (the backward's raw tiles of one convolution, ~48 MiB, live beside its ``V``).
 So ``train`` uses the form in JAX's training steps by default
