@@ -110,8 +110,9 @@ def _padded_to_tiles(x):
 
 
 def _combine(matrix, items):
-    """``[Σ_j matrix[i][j] · items[j] for each row i]`` with the zero terms left out and ±1
-    applied as a sign: the fixed small matrices of the transforms, over whole tensors."""
+    """``[Σ_j matrix[i][j] · items[j] for each row i]`` for a matrix of 0 and ±1 (``Bᵀ``, the
+    forward pass's input transform; the others are matmuls now): sums and differences of
+    whole tensors, the zero terms left out."""
     out = []
     for row in matrix:
         total = None
@@ -119,14 +120,9 @@ def _combine(matrix, items):
             if coefficient == 0:
                 continue
             if total is None:
-                total = (item if coefficient == 1 else -item if coefficient == -1
-                         else item * float(coefficient))
-            elif coefficient == 1:
-                total = total + item
-            elif coefficient == -1:
-                total = total - item
+                total = item if coefficient == 1 else -item
             else:
-                total = total + item * float(coefficient)
+                total = total + item if coefficient == 1 else total - item
         out.append(total)
     return out
 
