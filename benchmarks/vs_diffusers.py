@@ -89,6 +89,9 @@ def parse_args(argv=None):
                         "upsampling convolutions in their direct form "
                         "(layers.SUBPIXEL_UPSAMPLE = False); 'jax@xla:<xla_flag>=<value>' "
                         "adds one XLA flag (kept over the library's start-up flags); "
+                        "'jax@train_opt_level=N' (0-3) sets LLVM's optimization level for the "
+                        "training step (KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL; default: the library's "
+                        "per-ISA choice, cpu_tuning.jax_train_compiler_options); "
                         "'<backend>@hugetlb=0' (or =1) forces glibc's huge-page tunable; "
                         "'<backend>@winograd_training=0' (or =1, or =N ≥ 8: up to N×N) sets "
                         "winograd.IN_TRAINING (0: training steps keep the direct 3×3 "
@@ -452,6 +455,9 @@ def start_worker(args, kind, backend, name, peer="eager"):
         elif option in ("hugetlb=0", "hugetlb=1"):
             # glibc's huge-page tunable forced off / on; the start-up adds the rest of its tuning
             env["GLIBC_TUNABLES"] = f"glibc.malloc.{option}"
+        elif backend == "jax" and re.fullmatch(r"train_opt_level=[0-3]", option):
+            # LLVM's optimization level for the training step (cpu_tuning's per-ISA default)
+            env["KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL"] = option.partition("=")[2]
         elif backend == "jax" and re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", option):
             # one XLA flag beside the library's start-up flags (which keep a flag set here)
             env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --"
@@ -461,7 +467,8 @@ def start_worker(args, kind, backend, name, peer="eager"):
             if backend != "tensorflow" or key != "sample_xla" or value not in ("0", "1"):
                 raise SystemExit(f"--backends: unknown option {option!r} of {backend!r}; "
                                  f"expected tensorflow@sample_xla=0 or =1 (JAX always jits), "
-                                 f"jax@xla:<xla_flag>=<value>, <backend>@hugetlb=0 or =1, "
+                                 f"jax@xla:<xla_flag>=<value>, jax@train_opt_level=0..3, "
+                                 f"<backend>@hugetlb=0 or =1, "
                                  f"<backend>@winograd_training=0, =1 or =N (N ≥ 8) "
                                  f"or <backend>@direct_upsample")
             env["KERAS_ETSDM_SAMPLE_JIT_COMPILE"] = value

@@ -217,6 +217,35 @@ def release_build_memory():
     cpu_tuning.trim_heap()
 
 
+def with_train_compiler_options(jitted, train_step):
+    """Keras's ``jax.jit``-ed training step, jitted again with the CPU's training compiler
+    options (``cpu_tuning.jax_train_compiler_options``), or ``jitted`` unchanged.
+
+    Why here: XLA flags are per process, so a lower LLVM optimization level set in ``XLA_FLAGS``
+    would also slow the samplers; ``jax.jit``'s ``compiler_options`` confine it to this step.
+
+    Args:
+      jitted: the step Keras's JAX trainer jitted (``jax.jit(train_step, donate_argnums=0)``).
+      train_step: the function it jits (the model's bound ``train_step``).
+
+    Returns:
+      ``jax.jit(train_step, donate_argnums=0, compiler_options=...)`` for JAX on the CPU, when
+      ``jitted`` jits exactly ``train_step`` (not an NNX wrapper), no ``keras.distribution`` is
+      set (its shardings are Keras's to pass) and the options are not empty; else ``jitted``.
+    """
+    if backend_name() != "jax" or getattr(jitted, "__wrapped__", None) != train_step:
+        return jitted
+    import jax
+
+    if jax.default_backend() != "cpu" or keras.distribution.distribution() is not None:
+        return jitted
+    options = cpu_tuning.jax_train_compiler_options()
+    if not options:
+        return jitted
+    # donate_argnums=0 as Keras's trainer: the state's buffers are reused for the new state.
+    return jax.jit(train_step, donate_argnums=0, compiler_options=options)
+
+
 # Module flag so benchmarks can A/B it in one process (read when a step function is first
 # called): False calls the jitted step directly, compiling and running in one go (JAX), and
 # skips the heap trim after a TensorFlow step's first call.

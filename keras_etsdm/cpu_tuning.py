@@ -534,6 +534,45 @@ def jax_winograd_training(cpu_flags=None):
     return "avx2" in cpu_flags and "avx512f" not in cpu_flags
 
 
+# ----- LLVM's optimization level for JAX's training step on CPU -----------------------------------
+TRAIN_OPT_LEVEL_VARIABLE = "KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL"
+OPT_LEVEL_OPTION = "xla_backend_optimization_level"  # XLA's default: 3
+
+
+def jax_train_compiler_options(environ=None, cpu_flags=None):
+    """XLA compiler options for JAX's compiled training step on this CPU (a dict for
+    ``jax.jit(..., compiler_options=...)``; empty: XLA's defaults).
+
+    ``{"xla_backend_optimization_level": 1}`` on x86 CPUs with AVX2 and without AVX-512: LLVM
+    optimizes the step's ~430 kernels (elementwise fusions: the optimizer's and EMA's updates,
+    normalizations, the Winograd form's transforms) at level 1 instead of 3, which shortens
+    the step's compile at the step's speed. Measured on an AMD EPYC of family 25 model 1 (avx2
+    / fma, no AVX-512; ``benchmarks/results/avx2/train_opt_level``), DDPM CIFAR-10 U-Net,
+    batch 8, bin/train's clipped Adam, the Winograd form: see that folder's README for the
+    compile and speed figures. Only the training step gets it: as a process-wide XLA flag it
+    made DDIM sampling ~11 % slower there (``benchmarks/results/avx2/jax_compile``). Other CPUs
+    (AVX-512 not measured) keep XLA's default.
+
+    ``$KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL`` = ``0``–``3`` forces that level on any CPU (``3``:
+    XLA's default); unset or ``auto``: as above.
+
+    Args:
+      environ: the environment to read (default ``os.environ``).
+      cpu_flags: a set of ISA flags (default: :func:`cpu_isa_flags` of this machine).
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get(TRAIN_OPT_LEVEL_VARIABLE, "auto").strip().lower()
+    if value in ("0", "1", "2", "3"):
+        return {OPT_LEVEL_OPTION: int(value)}
+    if value != "auto":
+        raise ValueError(f"{TRAIN_OPT_LEVEL_VARIABLE} must be 0, 1, 2, 3 or auto (LLVM's "
+                         f"optimization level for JAX's training step); got {value!r}.")
+    cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
+    if "avx2" in cpu_flags and "avx512f" not in cpu_flags:
+        return {OPT_LEVEL_OPTION: 1}
+    return {}
+
+
 # ----- XLA or not for TensorFlow's training step on CPU -------------------------------------------
 def cpu_isa_flags(path="/proc/cpuinfo"):
     """The CPU's ISA flags (``avx2``, ``avx512f``, ``avx512_bf16``, ...) from ``/proc/cpuinfo``;

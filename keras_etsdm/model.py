@@ -431,7 +431,10 @@ class DiffusionModel(keras.Model):
         # Both trainers build their train / test functions here. JAX: the first call of the
         # jitted step compiles it, gives the compiler's freed memory back, then runs
         # (backend.compile_then_release). TensorFlow traces and compiles inside the first
-        # call, so the freed memory is given back after it (backend.run_then_release).
+        # call, so the freed memory is given back after it (backend.run_then_release). JAX's
+        # training step on the CPU is compiled with the CPU's compiler options
+        # (backend.with_train_compiler_options).
+        step_function = etsdm_backend.with_train_compiler_options(step_function, self.train_step)
         function = super()._make_function(etsdm_backend.compile_then_release(step_function),
                                           *args, **kwargs)
         return etsdm_backend.run_then_release(function)

@@ -683,6 +683,13 @@ def test_direct_upsample_variant_reaches_the_worker_environment(monkeypatch):
         vs_diffusers.start_worker(args, "keras", f"tensorflow@{flag}", "keras-tensorflow@flag")
     with pytest.raises(SystemExit, match="jax@xla:<xla_flag>=<value>"):
         vs_diffusers.start_worker(args, "keras", "jax@xla:not a flag", "keras-jax@bad")
+    # "jax@train_opt_level=N": LLVM's level for JAX's training step, 0-3, JAX only
+    vs_diffusers.start_worker(args, "keras", "jax@train_opt_level=3", "keras-jax@level3")
+    assert captured["keras-jax@level3"] == {"KERAS_BACKEND": "jax",
+                                            "KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL": "3"}
+    for bad in ("jax@train_opt_level=4", "tensorflow@train_opt_level=1"):
+        with pytest.raises(SystemExit, match="jax@train_opt_level=0..3"):
+            vs_diffusers.start_worker(args, "keras", bad, "keras-bad")
     # "<backend>@hugetlb=1": glibc's huge-page tunable given to the worker (kept by the start-up)
     vs_diffusers.start_worker(args, "keras", "jax@hugetlb=1", "keras-jax@hugetlb=1")
     assert captured["keras-jax@hugetlb=1"] == {"KERAS_BACKEND": "jax",

@@ -157,6 +157,76 @@ def test_compile_then_release_switch_off_and_non_jitted(monkeypatch, request):
     assert (counts.compiles, counts.trims) == (1, 0)
 
 
+# ----- backend.with_train_compiler_options: the training step's own XLA options ----------------
+def _one_training_step(seed=0):
+    """A tiny model's loss and weights after one ``train_on_batch`` (the model, for its step)."""
+    import keras
+    import numpy as np
+
+    from keras_etsdm import DiffusionModel, build_unet
+
+    keras.utils.set_random_seed(seed)
+    network = build_unet(image_size=8, channels=1, base_channels=8, channel_mult=(1, 2),
+                         num_res_blocks=1, attention_resolutions=(), dropout=0.0)
+    model = DiffusionModel(network, seed=seed)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    x = np.random.default_rng(seed).uniform(-1, 1, (2, 8, 8, 1)).astype("float32")
+    loss = float(model.train_on_batch(x))
+    return model, loss, [keras.ops.convert_to_numpy(w) for w in network.weights]
+
+
+@jax_only
+def test_training_step_is_jitted_with_the_cpu_compiler_options(monkeypatch):
+    import jax
+    import numpy as np
+
+    jits = []
+    real_jit = jax.jit
+
+    def spy(fun, **kwargs):
+        jits.append((fun, kwargs))
+        return real_jit(fun, **kwargs)
+
+    monkeypatch.setattr(jax, "jit", spy)  # Keras's trainer holds its own reference to jax.jit
+    monkeypatch.setenv(cpu_tuning.TRAIN_OPT_LEVEL_VARIABLE, "1")
+    model, loss_1, weights_1 = _one_training_step()
+    ours = [(fun, kwargs) for fun, kwargs in jits if "compiler_options" in kwargs]
+    assert len(ours) == 1  # the training step only (not the test step, not the samplers)
+    fun, kwargs = ours[0]
+    assert fun == model.train_step
+    assert kwargs == {"donate_argnums": 0,
+                      "compiler_options": {"xla_backend_optimization_level": 1}}
+    # The same step at XLA's default level: LLVM's level changes the machine code, not the math
+    # (up to float32 rounding where LLVM contracts or reorders differently).
+    monkeypatch.setenv(cpu_tuning.TRAIN_OPT_LEVEL_VARIABLE, "3")
+    _, loss_3, weights_3 = _one_training_step()
+    np.testing.assert_allclose(loss_1, loss_3, rtol=1e-5)
+    for w1, w3 in zip(weights_1, weights_3):
+        np.testing.assert_allclose(w1, w3, rtol=1e-5, atol=1e-6)
+
+
+@jax_only
+def test_with_train_compiler_options_leaves_other_steps_alone(monkeypatch):
+    import jax
+
+    from keras_etsdm import backend
+
+    def train_step(state, data):
+        return state + data
+
+    def other_step(state, data):
+        return state - data
+
+    jitted = jax.jit(other_step, donate_argnums=0)
+    monkeypatch.setenv(cpu_tuning.TRAIN_OPT_LEVEL_VARIABLE, "1")
+    assert backend.with_train_compiler_options(jitted, train_step) is jitted  # not the step
+    assert backend.with_train_compiler_options(other_step, other_step) is other_step  # not jitted
+    rejitted = backend.with_train_compiler_options(jitted, other_step)
+    assert rejitted is not jitted and float(rejitted(1.0, 2.0)) == -1.0
+    monkeypatch.setattr(cpu_tuning, "jax_train_compiler_options", lambda: {})
+    assert backend.with_train_compiler_options(jitted, other_step) is jitted  # no options
+
+
 def _trims_of_a_model_life(trims):
     """Trains twice, tests, samples twice with a tiny model; ``trims()`` (the heap trims counted
     so far) after the first training step, after the test step and after sampling."""
