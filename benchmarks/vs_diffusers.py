@@ -90,8 +90,8 @@ def parse_args(argv=None):
                         "(layers.SUBPIXEL_UPSAMPLE = False); 'jax@xla:<xla_flag>=<value>' "
                         "adds one XLA flag (kept over the library's start-up flags); "
                         "'jax@train_opt_level=N' (0-3) sets LLVM's optimization level for the "
-                        "training step (KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL; default: the library's "
-                        "per-ISA choice, cpu_tuning.jax_train_compiler_options); "
+                        "training step (KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL; default: XLA's, 3; "
+                        "cpu_tuning.jax_train_compiler_options); "
                         "'<backend>@hugetlb=0' (or =1) forces glibc's huge-page tunable; "
                         "'<backend>@winograd_training=0' (or =1, or =N ≥ 8: up to N×N) sets "
                         "winograd.IN_TRAINING (0: training steps keep the direct 3×3 "
@@ -456,7 +456,7 @@ def start_worker(args, kind, backend, name, peer="eager"):
             # glibc's huge-page tunable forced off / on; the start-up adds the rest of its tuning
             env["GLIBC_TUNABLES"] = f"glibc.malloc.{option}"
         elif backend == "jax" and re.fullmatch(r"train_opt_level=[0-3]", option):
-            # LLVM's optimization level for the training step (cpu_tuning's per-ISA default)
+            # LLVM's optimization level for the training step (default: XLA's, 3)
             env["KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL"] = option.partition("=")[2]
         elif backend == "jax" and re.fullmatch(r"xla:xla_[a-z0-9_]+=\S+", option):
             # one XLA flag beside the library's start-up flags (which keep a flag set here)

@@ -218,8 +218,9 @@ def release_build_memory():
 
 
 def with_train_compiler_options(jitted, train_step):
-    """Keras's ``jax.jit``-ed training step, jitted again with the CPU's training compiler
-    options (``cpu_tuning.jax_train_compiler_options``), or ``jitted`` unchanged.
+    """Keras's ``jax.jit``-ed training step, jitted again with the training step's compiler
+    options (``cpu_tuning.jax_train_compiler_options``: ``$KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL``), or
+    ``jitted`` unchanged (the default: no options).
 
     Why here: XLA flags are per process, so a lower LLVM optimization level set in ``XLA_FLAGS``
     would also slow the samplers; ``jax.jit``'s ``compiler_options`` confine it to this step.

@@ -539,26 +539,25 @@ TRAIN_OPT_LEVEL_VARIABLE = "KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL"
 OPT_LEVEL_OPTION = "xla_backend_optimization_level"  # XLA's default: 3
 
 
-def jax_train_compiler_options(environ=None, cpu_flags=None):
-    """XLA compiler options for JAX's compiled training step on this CPU (a dict for
-    ``jax.jit(..., compiler_options=...)``; empty: XLA's defaults).
+def jax_train_compiler_options(environ=None):
+    """XLA compiler options for JAX's compiled training step on the CPU (a dict for
+    ``jax.jit(..., compiler_options=...)``; empty: XLA's defaults, the library's choice).
 
-    ``{"xla_backend_optimization_level": 1}`` on x86 CPUs with AVX2 and without AVX-512: LLVM
-    optimizes the step's ~430 kernels (elementwise fusions: the optimizer's and EMA's updates,
-    normalizations, the Winograd form's transforms) at level 1 instead of 3, which shortens
-    the step's compile at the step's speed. Measured on an AMD EPYC of family 25 model 1 (avx2
-    / fma, no AVX-512; ``benchmarks/results/avx2/train_opt_level``), DDPM CIFAR-10 U-Net,
-    batch 8, bin/train's clipped Adam, the Winograd form: see that folder's README for the
-    compile and speed figures. Only the training step gets it: as a process-wide XLA flag it
-    made DDIM sampling ~11 % slower there (``benchmarks/results/avx2/jax_compile``). Other CPUs
-    (AVX-512 not measured) keep XLA's default.
+    ``$KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL`` = ``0``–``3`` compiles the training step's kernels with
+    that LLVM optimization level (XLA's default is 3); unset or ``auto``: XLA's defaults. Only
+    the training step gets it: samplers and the test step keep XLA's default (as a process-wide
+    XLA flag, level 1 had made DDIM sampling ~11 % slower, ``benchmarks/results/avx2/jax_compile``).
 
-    ``$KERAS_ETSDM_JAX_TRAIN_OPT_LEVEL`` = ``0``–``3`` forces that level on any CPU (``3``:
-    XLA's default); unset or ``auto``: as above.
+    Level 1 is a switch for short runs, not the default: measured on an AMD EPYC of family 25
+    model 1 (avx2 / fma, no AVX-512; ``benchmarks/results/avx2/train_opt_level``), DDPM CIFAR-10
+    U-Net, batch 8, bin/train's clipped Adam, the Winograd form, it shortened the training
+    step's XLA compile to ~0.75–0.86× and the cold first call by ~3 s (22.6 vs 25.0 s, 31.7 vs
+    35.0 s; fresh processes alternated 0.90× [0.89, 0.93]) but ran the step 2–3 % slower
+    (paired img/s level 1 ÷ level 3: 0.98× [0.97, 0.99] over 15 rounds, 0.97× [0.95, 0.98] over
+    20), which costs more than those seconds after ~100 steps. AVX-512 not measured.
 
     Args:
       environ: the environment to read (default ``os.environ``).
-      cpu_flags: a set of ISA flags (default: :func:`cpu_isa_flags` of this machine).
     """
     environ = os.environ if environ is None else environ
     value = environ.get(TRAIN_OPT_LEVEL_VARIABLE, "auto").strip().lower()
@@ -567,9 +566,6 @@ def jax_train_compiler_options(environ=None, cpu_flags=None):
     if value != "auto":
         raise ValueError(f"{TRAIN_OPT_LEVEL_VARIABLE} must be 0, 1, 2, 3 or auto (LLVM's "
                          f"optimization level for JAX's training step); got {value!r}.")
-    cpu_flags = cpu_isa_flags() if cpu_flags is None else set(cpu_flags)
-    if "avx2" in cpu_flags and "avx512f" not in cpu_flags:
-        return {OPT_LEVEL_OPTION: 1}
     return {}
 
 

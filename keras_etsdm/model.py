@@ -432,7 +432,7 @@ class DiffusionModel(keras.Model):
         # jitted step compiles it, gives the compiler's freed memory back, then runs
         # (backend.compile_then_release). TensorFlow traces and compiles inside the first
         # call, so the freed memory is given back after it (backend.run_then_release). JAX's
-        # training step on the CPU is compiled with the CPU's compiler options
+        # training step on the CPU takes its own compiler options where the user set them
         # (backend.with_train_compiler_options).
         step_function = etsdm_backend.with_train_compiler_options(step_function, self.train_step)
         function = super()._make_function(etsdm_backend.compile_then_release(step_function),
