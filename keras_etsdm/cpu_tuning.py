@@ -554,7 +554,9 @@ def jax_train_compiler_options(environ=None):
     step's XLA compile to ~0.75–0.86× and the cold first call by ~3 s (22.6 vs 25.0 s, 31.7 vs
     35.0 s; fresh processes alternated 0.90× [0.89, 0.93]) but ran the step 2–3 % slower
     (paired img/s level 1 ÷ level 3: 0.98× [0.97, 0.99] over 15 rounds, 0.97× [0.95, 0.98] over
-    20), which costs more than those seconds after ~100 steps. AVX-512 not measured.
+    20), which costs more than those seconds after ~100 steps. Level 2: no speed cost
+    established (1.01× [0.98, 1.03]) and no shorter first call beside diffusers (28.9 vs 27.5
+    s, one run). AVX-512 not measured.
 
     Args:
       environ: the environment to read (default ``os.environ``).

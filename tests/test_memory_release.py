@@ -176,7 +176,7 @@ def _one_training_step(seed=0):
 
 
 @jax_only
-def test_training_step_is_jitted_with_the_cpu_compiler_options(monkeypatch):
+def test_training_step_is_jitted_with_the_chosen_compiler_options(monkeypatch):
     import jax
     import numpy as np
 
@@ -188,7 +188,11 @@ def test_training_step_is_jitted_with_the_cpu_compiler_options(monkeypatch):
         return real_jit(fun, **kwargs)
 
     monkeypatch.setattr(jax, "jit", spy)  # Keras's trainer holds its own reference to jax.jit
+    monkeypatch.delenv(cpu_tuning.TRAIN_OPT_LEVEL_VARIABLE, raising=False)
+    _one_training_step()
+    assert not [kwargs for _, kwargs in jits if "compiler_options" in kwargs]  # default: XLA's
     monkeypatch.setenv(cpu_tuning.TRAIN_OPT_LEVEL_VARIABLE, "1")
+    jits.clear()
     model, loss_1, weights_1 = _one_training_step()
     ours = [(fun, kwargs) for fun, kwargs in jits if "compiler_options" in kwargs]
     assert len(ours) == 1  # the training step only (not the test step, not the samplers)
