@@ -551,7 +551,7 @@ def jax_train_compiler_options(environ=None):
     Level 1 is a switch for short runs, not the default: measured on an AMD EPYC of family 25
     model 1 (avx2 / fma, no AVX-512; ``benchmarks/results/avx2/train_opt_level``), DDPM CIFAR-10
     U-Net, batch 8, bin/train's clipped Adam, the Winograd form, it shortened the training
-    step's XLA compile to ~0.75–0.86× and the cold first call by ~3 s (22.6 vs 25.0 s, 31.7 vs
+    step's XLA compile to ~0.74–0.90× and the cold first call by ~3 s (22.6 vs 25.0 s, 31.7 vs
     35.0 s; fresh processes alternated 0.90× [0.89, 0.93]) but ran the step 2–3 % slower
     (paired img/s level 1 ÷ level 3: 0.98× [0.97, 0.99] over 15 rounds, 0.97× [0.95, 0.98] over
     20), which costs more than those seconds after ~100 steps. Level 2: no speed cost
